@@ -1,0 +1,5 @@
+import sys
+
+from medim.cli import main
+
+sys.exit(main())

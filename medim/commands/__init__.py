@@ -1,0 +1,1 @@
+"""Command modules for `medim` (see medim/cli.py)."""

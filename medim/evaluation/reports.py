@@ -1,0 +1,370 @@
+"""Report metrics: the MeDiM paper's protocol and the COCO caption protocol.
+
+"medim" reproduces the released `report_metric.py` (FORMATS.md section 6): per-report NLTK BLEU-1..4
+(smoothing method1), ROUGE-1/2/L F of the `rouge` package (re-implemented here exactly, see
+`rouge_paper`), NLTK METEOR; all averaged over reports. One deliberate change: the release skipped
+empty predictions, here they score zero (the count is in the result), so a model cannot gain by
+staying silent.
+
+"coco" is the captioning toolkit's corpus-level protocol: BLEU-1..4 and METEOR 1.5 from
+pycocoevalcap when it is installed (METEOR also needs Java), ROUGE-L (beta 1.2) and CIDEr-D
+implemented here (equal to pycocoevalcap's on the same tokens).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from medim.evaluation.wordnet import import_nltk, load_wordnet
+
+__all__ = [
+    "ReportMetrics",
+    "report_metrics",
+    "tokenize_medim",
+    "tokenize_coco",
+    "rouge_paper",
+    "rouge_l_coco",
+    "cider_d",
+]
+
+logger = logging.getLogger(__name__)
+
+PROTOCOLS = ("medim", "coco")
+_BLEU_WEIGHTS = ((1.0,), (0.5, 0.5), (1 / 3, 1 / 3, 1 / 3), (0.25, 0.25, 0.25, 0.25))
+
+
+@dataclass
+class ReportMetrics:
+    """What `report_metrics` returns.
+
+    Attributes:
+        scores: metric name -> value (BLEU/ROUGE/METEOR in [0, 1], CIDEr-D in [0, 10]).
+        implementations: metric name -> what computed it (e.g. "nltk 3.9.1 sentence_bleu").
+        protocol: "medim" or "coco".
+        num_reports: number of prediction/reference pairs scored.
+        num_empty: empty predictions, each scored zero (never dropped).
+        notes: anything the reader must know to compare numbers (skipped metrics, deviations).
+    """
+
+    scores: dict[str, float]
+    implementations: dict[str, str]
+    protocol: str
+    num_reports: int
+    num_empty: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def tokenize_medim(text: str) -> list[str]:
+    """The release's tokenisation: lower-case, "." split off as its own token, split on single
+    spaces (as `str.split(" ")`: tabs and newlines stay inside tokens), empty tokens dropped."""
+    return [t for t in text.lower().replace(".", " .").split(" ") if t != ""]
+
+
+# Tokens pycocoevalcap's PTBTokenizer removes after tokenising.
+_COCO_PUNCT = re.compile(r"[\"'`()\[\]{}.?!,:;\-_/\\|@#$%^&*+=<>~]")
+
+
+def tokenize_coco(text: str) -> list[str]:
+    """Lower-case words with punctuation removed: an approximation of pycocoevalcap's Java
+    PTBTokenizer (which also splits clitics such as "n't"), used so the protocol runs without Java."""
+    return _COCO_PUNCT.sub(" ", text.lower()).split()
+
+
+# ---------------------------------------------------------------- ROUGE of the `rouge` package
+def _rouge_sentences(text: str) -> list[str]:
+    # `rouge` splits on "." and keeps every non-empty piece, even one that is only spaces.
+    return [" ".join(piece.split()) for piece in text.split(".") if len(piece) > 0]
+
+
+def _rouge_words(sentences: Sequence[str]) -> list[str]:
+    return [w for s in sentences for w in s.split(" ")]
+
+
+def _lcs_table(x: Sequence[str], y: Sequence[str]) -> list[list[int]]:
+    table = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
+    for i in range(1, len(x) + 1):
+        for j in range(1, len(y) + 1):
+            if x[i - 1] == y[j - 1]:
+                table[i][j] = table[i - 1][j - 1] + 1
+            else:
+                table[i][j] = max(table[i - 1][j], table[i][j - 1])
+    return table
+
+
+def _lcs_words(x: Sequence[str], y: Sequence[str]) -> set[str]:
+    """The words of one LCS of x and y, traced back with the `rouge` package's tie rule (the
+    union of these sets is what its summary-level ROUGE-L counts, so the choice matters)."""
+    table, words = _lcs_table(x, y), set()
+    i, j = len(x), len(y)
+    while i > 0 and j > 0:
+        if x[i - 1] == y[j - 1]:
+            words.add(x[i - 1])
+            i, j = i - 1, j - 1
+        elif table[i - 1][j] > table[i][j - 1]:
+            i -= 1
+        else:
+            j -= 1
+    return words
+
+
+def _f1(overlap: int, hyp_count: int, ref_count: int) -> float:
+    p = overlap / hyp_count if hyp_count else 0.0
+    r = overlap / ref_count if ref_count else 0.0
+    return 2.0 * (p * r) / (p + r + 1e-8)
+
+
+def rouge_paper(hypothesis: str, reference: str) -> dict[str, float]:
+    """ROUGE-1/2/L F exactly as `rouge==1.0.1` (`Rouge().get_scores(hyp, ref)`) computes them.
+
+    Sentences are split on "."; ROUGE-N counts *distinct* n-grams (sets, spanning sentence
+    boundaries); ROUGE-L is summary level: the union of the LCS words of every reference sentence
+    against every hypothesis sentence, over the distinct words of each side. Returns zeros where
+    `rouge` raises (a side with no sentence, e.g. "" or "...").
+
+    Example:
+        >>> rouge_paper("the heart is normal.", "heart size is normal.")["rouge-1"]  # doctest: +ELLIPSIS
+        0.749...
+    """
+    hyp, ref = _rouge_sentences(hypothesis), _rouge_sentences(reference)
+    if not hyp or not ref:
+        return {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
+    hyp_words, ref_words = _rouge_words(hyp), _rouge_words(ref)
+    out = {}
+    for n in (1, 2):
+        h = {tuple(hyp_words[i : i + n]) for i in range(len(hyp_words) - n + 1)}
+        r = {tuple(ref_words[i : i + n]) for i in range(len(ref_words) - n + 1)}
+        out[f"rouge-{n}"] = _f1(len(h & r), len(h), len(r))
+    union: set[str] = set()
+    hyp_split = [s.split(" ") for s in hyp]
+    for ref_sentence in ref:
+        ref_sentence_words = ref_sentence.split(" ")
+        for hyp_sentence_words in hyp_split:
+            union |= _lcs_words(ref_sentence_words, hyp_sentence_words)
+    out["rouge-l"] = _f1(len(union), len(set(hyp_words)), len(set(ref_words)))
+    return out
+
+
+# ---------------------------------------------------------------- COCO ROUGE-L and CIDEr-D
+def rouge_l_coco(hypothesis: Sequence[str], reference: Sequence[str], beta: float = 1.2) -> float:
+    """ROUGE-L of the COCO toolkit for one tokenised pair: LCS precision/recall, F with beta 1.2."""
+    if not hypothesis or not reference:
+        return 0.0
+    lcs = _lcs_table(reference, hypothesis)[-1][-1]
+    p, r = lcs / len(hypothesis), lcs / len(reference)
+    if p == 0 or r == 0:
+        return 0.0
+    return (1 + beta**2) * p * r / (r + beta**2 * p)
+
+
+def _ngram_counts(tokens: Sequence[str], n: int = 4) -> Counter:
+    return Counter(tuple(tokens[i : i + k]) for k in range(1, n + 1) for i in range(len(tokens) - k + 1))
+
+
+def cider_d(
+    hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], sigma: float = 6.0
+) -> tuple[float, list[float]]:
+    """CIDEr-D over a corpus of tokenised hypotheses, each with one or more references.
+
+    TF-IDF n-gram vectors (n = 1..4, IDF from the references of the whole corpus), hypothesis
+    weights clipped at the reference's, a Gaussian penalty on the length difference, mean over n,
+    mean over references, times 10. As in the COCO toolkit, the "length" in the penalty is the
+    number of bigrams. Returns (corpus mean, per-item scores).
+    """
+    n = 4
+    refs_counts = [[_ngram_counts(r, n) for r in refs] for refs in references]
+    doc_freq: Counter = Counter()
+    for counts in refs_counts:
+        doc_freq.update(set().union(*counts))
+    log_num_docs = math.log(float(len(references)))
+
+    def vectorise(counts: Counter):
+        vec = [{} for _ in range(n)]
+        norm = [0.0] * n
+        for gram, tf in counts.items():
+            k = len(gram) - 1
+            vec[k][gram] = tf * (log_num_docs - math.log(max(1.0, doc_freq[gram])))
+            norm[k] += vec[k][gram] ** 2
+        bigrams = sum(tf for gram, tf in counts.items() if len(gram) == 2)
+        return vec, [math.sqrt(x) for x in norm], bigrams
+
+    scores = []
+    for hyp, ref_counts in zip(hypotheses, refs_counts):
+        vec_h, norm_h, len_h = vectorise(_ngram_counts(hyp, n))
+        total = 0.0
+        for counts in ref_counts:
+            vec_r, norm_r, len_r = vectorise(counts)
+            penalty = math.exp(-((len_h - len_r) ** 2) / (2 * sigma**2))
+            for k in range(n):
+                val = sum(min(w, vec_r[k].get(g, 0.0)) * vec_r[k].get(g, 0.0) for g, w in vec_h[k].items())
+                if norm_h[k] != 0 and norm_r[k] != 0:
+                    val /= norm_h[k] * norm_r[k]
+                total += val * penalty / n
+        scores.append(10.0 * total / len(ref_counts))
+    return sum(scores) / len(scores), scores
+
+
+# ---------------------------------------------------------------- the two protocols
+def _check_inputs(predictions, references, protocol) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    for name, seq in (("predictions", predictions), ("references", references)):
+        if isinstance(seq, str) or not isinstance(seq, Sequence):
+            raise TypeError(f"{name} must be a list of strings, got {type(seq).__name__}")
+        bad = [i for i, s in enumerate(seq) if not isinstance(s, str)]
+        if bad:
+            raise TypeError(f"{name}[{bad[0]}] is {type(seq[bad[0]]).__name__}, expected str")
+    if len(predictions) != len(references):
+        raise ValueError(
+            f"predictions and references must have the same length, got {len(predictions)} and "
+            f"{len(references)}"
+        )
+    if not predictions:
+        raise ValueError("predictions is empty: nothing to score")
+    empty_refs = [i for i, r in enumerate(references) if not r.strip()]
+    if empty_refs:
+        raise ValueError(f"references[{empty_refs[0]}] is empty ({len(empty_refs)} empty references)")
+
+
+def _medim(predictions, references, wordnet, progress) -> tuple[dict, dict, list[str]]:
+    nltk = import_nltk()
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    from nltk.translate.meteor_score import single_meteor_score
+
+    wn = None if wordnet is False else load_wordnet(wordnet)
+    smoothing = SmoothingFunction().method1
+    names = ["bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL"] + (["meteor"] if wn else [])
+    totals = dict.fromkeys(names, 0.0)
+    for pred, ref in tqdm(zip(predictions, references), total=len(predictions), disable=not progress):
+        hyp_tokens = tokenize_medim(pred.strip())
+        if not hyp_tokens:
+            continue  # an empty report scores zero on every metric
+        ref_tokens = tokenize_medim(ref.strip())
+        for k, weights in enumerate(_BLEU_WEIGHTS, 1):
+            totals[f"bleu{k}"] += sentence_bleu(
+                [ref_tokens], hyp_tokens, weights=weights, smoothing_function=smoothing
+            )
+        rouge = rouge_paper(pred.strip().lower(), ref.strip().lower())
+        totals["rouge1"] += rouge["rouge-1"]
+        totals["rouge2"] += rouge["rouge-2"]
+        totals["rougeL"] += rouge["rouge-l"]
+        if wn:
+            totals["meteor"] += single_meteor_score(ref_tokens, hyp_tokens, wordnet=wn)
+    scores = {k: v / len(predictions) for k, v in totals.items()}
+    version = nltk.__version__
+    impl = {
+        f"bleu{k}": f"nltk {version} sentence_bleu (smoothing method1), mean over reports"
+        for k in range(1, 5)
+    }
+    impl.update(dict.fromkeys(["rouge1", "rouge2", "rougeL"], "medim re-implementation of rouge==1.0.1 (F)"))
+    notes = []
+    if wn:
+        impl["meteor"] = (
+            f"nltk {version} single_meteor_score, WordNet {wn.get_version()} ({wn.root}); "
+            "about 1.9x the Java METEOR 1.5 of the COCO toolkit"
+        )
+    else:
+        notes.append("METEOR skipped (wordnet=False)")
+    return scores, impl, notes
+
+
+def _pycocoevalcap():
+    try:
+        import pycocoevalcap
+    except ImportError:
+        return None
+    return pycocoevalcap
+
+
+def _coco(predictions, references) -> tuple[dict, dict, list[str]]:
+    hyps = [tokenize_coco(p) for p in predictions]
+    refs = [tokenize_coco(r) for r in references]
+    gts = {i: [" ".join(r)] for i, r in enumerate(refs)}
+    res = {i: [" ".join(h)] for i, h in enumerate(hyps)}
+    scores, impl, notes = {}, {}, []
+    coco = _pycocoevalcap()
+    if coco is not None:
+        from pycocoevalcap.bleu.bleu import Bleu
+
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        where = "pycocoevalcap Bleu (corpus, 'closest' reference length)"
+    else:
+        nltk = import_nltk()
+        from nltk.translate.bleu_score import corpus_bleu
+
+        bleu = [corpus_bleu([[r] for r in refs], hyps, weights=w) for w in _BLEU_WEIGHTS]
+        where = f"nltk {nltk.__version__} corpus_bleu (pycocoevalcap not installed)"
+        notes.append("BLEU from NLTK's corpus_bleu: pycocoevalcap is not installed")
+    for k in range(4):
+        scores[f"bleu{k + 1}"] = float(bleu[k])
+        impl[f"bleu{k + 1}"] = where
+    if coco is not None and shutil.which("java"):
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        scores["meteor"] = float(Meteor().compute_score(gts, res)[0])  # the Java process ends with it
+        impl["meteor"] = "pycocoevalcap Meteor (Java METEOR 1.5)"
+    else:
+        notes.append("METEOR 1.5 skipped: needs pycocoevalcap and Java (`java` on PATH)")
+    scores["rougeL"] = sum(rouge_l_coco(h, r) for h, r in zip(hyps, refs)) / len(hyps)
+    impl["rougeL"] = "medim (COCO ROUGE-L, beta 1.2)"
+    scores["cider_d"] = cider_d(hyps, [[r] for r in refs])[0]
+    impl["cider_d"] = "medim (COCO CIDEr-D, sigma 6, x10)"
+    notes.append("tokens: lower-case, punctuation removed (approximates the Java PTBTokenizer)")
+    return scores, impl, notes
+
+
+def report_metrics(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    protocol: str = "medim",
+    wordnet: str | os.PathLike | Any | None = None,
+    progress: bool = True,
+) -> ReportMetrics:
+    """Score generated reports against references.
+
+    Args:
+        predictions: generated reports, one string each.
+        references: the ground-truth reports, in the same order.
+        protocol: "medim" (the paper: per-report NLTK BLEU-1..4, ROUGE-1/2/L, NLTK METEOR) or
+            "coco" (corpus BLEU-1..4, METEOR 1.5, ROUGE-L, CIDEr-D).
+        wordnet: for "medim" METEOR: None finds a local WordNet 3.0 (see `load_wordnet`), a path
+            names one, False skips METEOR. Never downloads.
+        progress: show a tqdm bar.
+
+    Returns:
+        `ReportMetrics`. Empty predictions score zero and are counted in `num_empty`.
+
+    Example:
+        >>> from medim.evaluation import report_metrics
+        >>> out = report_metrics(["the heart is normal."], ["heart size is normal."], wordnet=False)
+        >>> round(out.scores["bleu1"], 3), out.implementations["rougeL"]  # doctest: +SKIP
+    """
+    _check_inputs(predictions, references, protocol)
+    num_empty = sum(not p.strip() for p in predictions)
+    if protocol == "medim":
+        scores, impl, notes = _medim(predictions, references, wordnet, progress)
+    else:
+        scores, impl, notes = _coco(predictions, references)
+    if num_empty:
+        notes.append(f"{num_empty} empty prediction(s) scored zero (the release skipped them)")
+        logger.warning("%d of %d predictions are empty; they score zero", num_empty, len(predictions))
+    return ReportMetrics(
+        scores=scores,
+        implementations=impl,
+        protocol=protocol,
+        num_reports=len(predictions),
+        num_empty=num_empty,
+        notes=notes,
+    )

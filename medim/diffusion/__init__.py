@@ -1,1 +1,48 @@
+"""Discrete (masked) diffusion core: noise schedules, the training loss, the sampler, task masks.
 
+Everything here works with any denoiser callable (docs/internals.md) and knows nothing of the
+backbone or the layout beyond `layout.segments` and `layout.mask_id`.
+"""
+
+from .loss import LossOutput, diffusion_loss, sample_times
+from .sampler import COMMIT_SCHEDULES, GUIDANCE_SCHEDULES, STRATEGIES, SampleOutput, commit_counts, sample
+from .schedule import (
+    SCHEDULES,
+    CosineSchedule,
+    LinearSchedule,
+    LogLinearSchedule,
+    NoiseSchedule,
+    get_schedule,
+)
+from .tasks import (
+    TaskInputs,
+    image_to_report,
+    inpainting,
+    pair_from_prompt,
+    text_to_image,
+    unconditional,
+)
+
+__all__ = [
+    "COMMIT_SCHEDULES",
+    "GUIDANCE_SCHEDULES",
+    "SCHEDULES",
+    "STRATEGIES",
+    "CosineSchedule",
+    "LinearSchedule",
+    "LogLinearSchedule",
+    "LossOutput",
+    "NoiseSchedule",
+    "SampleOutput",
+    "TaskInputs",
+    "commit_counts",
+    "diffusion_loss",
+    "get_schedule",
+    "image_to_report",
+    "inpainting",
+    "pair_from_prompt",
+    "sample",
+    "sample_times",
+    "text_to_image",
+    "unconditional",
+]

@@ -1,0 +1,200 @@
+"""Forward masking q(x_t | x_0) and the MDLM (SUBS) training loss.
+
+Recipe (FORMATS.md section 5): one time t per sample, drawn by stratified antithetic sampling in
+[eps, 1]; every token masked independently with the schedule's move chance 1 - exp(-sigma(t));
+the loss is -log p(x_0) at masked positions, weighted by dsigma / expm1(sigma) (exactly 1/t for the
+log-linear schedule). Unmasked positions contribute nothing (SUBS: the model copies them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .schedule import NoiseSchedule, get_schedule
+from .tasks import check_segments, check_tokens
+
+__all__ = ["LossOutput", "sample_times", "diffusion_loss"]
+
+
+@dataclass
+class LossOutput:
+    """Result of `diffusion_loss`.
+
+    loss: scalar to back-propagate. per_modality: detached per-token loss of each segment (its
+    weighted NLL sum over its counted tokens). num_tokens / num_masked: counted tokens and those of
+    them that were masked (long scalars, kept on device so logging needs no sync). t: the times [B].
+    """
+
+    loss: torch.Tensor
+    per_modality: dict[str, torch.Tensor] = field(default_factory=dict)
+    num_tokens: torch.Tensor | None = None
+    num_masked: torch.Tensor | None = None
+    t: torch.Tensor | None = None
+
+
+def _rand(shape: tuple, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+
+
+def sample_times(
+    batch_size: int,
+    *,
+    eps: float = 1e-3,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Stratified (antithetic) times in [eps, 1]: row i gets one draw from stratum [i/B, (i+1)/B),
+    so every batch covers the whole time range (lower variance than i.i.d. times)."""
+    u = _rand((batch_size,), generator, torch.device(device or "cpu"))
+    u = (u + torch.arange(batch_size, device=u.device)) / batch_size
+    return (1 - eps) * u + eps
+
+
+def _as_mask(m: torch.Tensor | None, shape: torch.Size, name: str, default: bool, device) -> torch.Tensor:
+    if m is None:
+        return torch.full(shape, default, dtype=torch.bool, device=device)
+    if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != shape:
+        got = f"{m.dtype} {list(m.shape)}" if isinstance(m, torch.Tensor) else type(m).__name__
+        raise ValueError(f"{name}: expected a bool tensor of shape {list(shape)}, got {got}")
+    return m
+
+
+def _check_prob(p: float, name: str) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name}: expected a probability in [0, 1], got {p!r}")
+
+
+def diffusion_loss(
+    denoiser: Callable[..., Mapping[str, torch.Tensor]],
+    x0: torch.LongTensor,
+    segments: Sequence[Any] | Any,
+    mask_id: int | None = None,
+    *,
+    schedule: str | NoiseSchedule = "loglinear",
+    known: torch.BoolTensor | None = None,
+    loss_mask: torch.BoolTensor | None = None,
+    keep_prefix_prob: float = 0.0,
+    prefix_len: torch.Tensor | Sequence[int] | int | None = None,
+    cond_drop_prob: float = 0.0,
+    modality_weights: Mapping[str, float] | None = None,
+    snr_cap: float | None = None,
+    time_eps: float = 1e-3,
+    generator: torch.Generator | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> LossOutput:
+    """Mask `x0` at random times and return the weighted masked-token cross-entropy.
+
+    Args:
+        denoiser: `denoiser(x, sigma, positions, **model_kwargs) -> {segment: log-probs [B, L, V]}`
+            (docs/internals.md); called once with `positions=None` (every position).
+        x0: clean states `[B, N]` of backbone ids.
+        segments: `layout.segments` (or a layout: then `mask_id` defaults to `layout.mask_id`).
+        known: positions that are never masked and never counted (e.g. fixed conditioning).
+        loss_mask: positions that count (default all). medim-v1 passes "not padding"; the native
+            layout supervises padding and end-of-report, so it passes None.
+        keep_prefix_prob, prefix_len: with this probability per row, state positions
+            `[0, prefix_len[r])` (the report's first sentence; the state starts with the text) stay
+            unmasked. Release: 0.1.
+        cond_drop_prob: with this probability per row, one whole segment (chosen uniformly) is
+            masked and excluded from the loss, so the model learns the unconditional prediction of
+            the other one (classifier-free guidance).
+        modality_weights: multiplies each segment's summed loss (default 1).
+        snr_cap: if set, the weight w = dsigma/expm1(sigma) becomes the soft minimum
+            w * cap / (w + cap) (about min(w, cap)), which tames the 1/t blow-up near t = 0.
+        time_eps: t is drawn in [time_eps, 1].
+        generator: makes t and every mask reproducible. Draw order: t [B]; mask uniforms [B, N];
+            then [B] for prefix keeping if keep_prefix_prob > 0; then [B] and [B] for the dropout
+            decision and the dropped segment if cond_drop_prob > 0.
+
+    Averaging: loss = sum_s weight_s * S_s / sum_s N_s, where S_s is the sum of w(t) * -log p(x0)
+    over masked counted tokens of segment s and N_s the number of its counted tokens (masked or
+    not). With unit weights this is the release's loss (masked NLL summed, divided by non-padding
+    tokens), an unbiased estimate of the per-token negative ELBO.
+
+    Example:
+        >>> out = diffusion_loss(lambda x, s, p: model(x, s, positions=p).logprobs, x0,
+        ...                      layout.segments, layout.mask_id, loss_mask=x0 != layout.pad_id)
+        >>> out.loss.backward()
+    """
+    if hasattr(segments, "segments"):
+        mask_id = segments.mask_id if mask_id is None else mask_id
+        segments = segments.segments
+    if mask_id is None:
+        raise ValueError("mask_id: required when `segments` is a sequence of Segments")
+    if not isinstance(x0, torch.Tensor) or x0.dtype != torch.long or x0.dim() != 2 or x0.shape[0] < 1:
+        raise ValueError(f"x0: expected a LongTensor [batch, state_len], got {x0!r:.80}")
+    B, N = x0.shape
+    device = x0.device
+    segments = check_segments(segments, N, mask_id)
+    check_tokens(x0, None, segments, "x0")
+    sched = get_schedule(schedule)
+    known = _as_mask(known, x0.shape, "known", False, device)
+    counted = _as_mask(loss_mask, x0.shape, "loss_mask", True, device) & ~known
+    _check_prob(keep_prefix_prob, "keep_prefix_prob")
+    _check_prob(cond_drop_prob, "cond_drop_prob")
+    if not 0.0 < time_eps < 1.0:
+        raise ValueError(f"time_eps: expected a value in (0, 1), got {time_eps!r}")
+    if snr_cap is not None and not snr_cap > 0:
+        raise ValueError(f"snr_cap: expected None or a positive number, got {snr_cap!r}")
+    names = [seg.name for seg in segments]
+    weights = dict.fromkeys(names, 1.0)
+    for name, value in (modality_weights or {}).items():
+        if name not in weights:
+            raise ValueError(f"modality_weights: unknown segment {name!r}; accepted: {names}")
+        weights[name] = float(value)
+    if keep_prefix_prob > 0:
+        if prefix_len is None:
+            raise ValueError("prefix_len: required (int or one length per row) when keep_prefix_prob > 0")
+        prefix_len = torch.as_tensor(prefix_len, dtype=torch.long, device=device).expand(B)
+
+    # Forward process q(x_t | x_0).
+    t = sample_times(B, eps=time_eps, generator=generator, device=device)
+    sigma = sched.sigma(t)
+    masked = (_rand((B, N), generator, device) < sched.move_chance(t)[:, None]) & ~known
+    pos = torch.arange(N, device=device)
+    if keep_prefix_prob > 0:
+        keep = _rand((B,), generator, device) < keep_prefix_prob
+        masked &= ~(keep[:, None] & (pos[None] < prefix_len[:, None]))
+    if cond_drop_prob > 0:
+        drop = _rand((B,), generator, device) < cond_drop_prob
+        which = (_rand((B,), generator, device) * len(segments)).long().clamp(max=len(segments) - 1)
+        seg_of_pos = torch.cat([torch.full((s.length,), i, device=device) for i, s in enumerate(segments)])
+        dropped = drop[:, None] & (seg_of_pos[None] == which[:, None])
+        masked |= dropped & ~known
+        counted &= ~dropped
+    xt = torch.where(masked, mask_id, x0)
+
+    weight = sched.loss_weight(t)
+    if snr_cap is not None:
+        weight = weight * snr_cap / (weight + snr_cap)
+
+    logprobs = denoiser(xt, sigma, None, **(model_kwargs or {}))
+    total = x0.new_zeros((), dtype=torch.float32)
+    per_modality = {}
+    for seg in segments:
+        sl = slice(seg.start, seg.start + seg.length)
+        lp = logprobs.get(seg.name) if isinstance(logprobs, Mapping) else None
+        if lp is None or lp.shape[:2] != (B, seg.length) or lp.shape[2] != seg.vocab_size:
+            got = list(lp.shape) if isinstance(lp, torch.Tensor) else type(lp).__name__
+            raise ValueError(
+                f"denoiser: expected log-probs {[B, seg.length, seg.vocab_size]} for segment "
+                f"{seg.name!r}, got {got}"
+            )
+        nll = -lp.float().gather(-1, (x0[:, sl] - seg.vocab_start)[..., None]).squeeze(-1)
+        # where(), not a product: a masked-out position may hold -inf log-probs (0 * inf = nan).
+        seg_sum = torch.where(masked[:, sl] & counted[:, sl], nll * weight[:, None], 0.0).sum()
+        total = total + weights[seg.name] * seg_sum
+        per_modality[seg.name] = (seg_sum / counted[:, sl].sum().clamp(min=1)).detach()
+    num_tokens = counted.sum()
+    return LossOutput(
+        loss=total / num_tokens.clamp(min=1),
+        per_modality=per_modality,
+        num_tokens=num_tokens,
+        num_masked=(masked & counted).sum(),
+        t=t,
+    )

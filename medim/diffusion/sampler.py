@@ -1,0 +1,348 @@
+"""The one sampling loop: every task, every strategy, classifier-free guidance.
+
+What the release does (UCSC-VLAA/MeDiM, model_eval_inf.py `_sample`, `adap_sche`,
+`_maskgit_update`, `_ddpm_forward`, `get_cfg_weight`) and where medim matches it:
+- Time grid t_i = linspace(1, 1e-5, steps + 1)[i] for step i; the model gets sigma(t_i) of the
+  log-linear schedule. medim: same (`time_eps=1e-5`, `noise_schedule="loglinear"`).
+- Commit counts ("arccos"): r = linspace(1, 0, steps), f = arccos(r) / (pi / 2), per row
+  round(f / sum(f) * num_masked), zeros raised to 1, the last step takes the remainder (at
+  least 0), and each step commits min(count, still masked). medim: `commit_counts`, identical,
+  computed on the host before the loop. The release also shrinks `steps` for the whole batch to
+  the smallest row's number of masked tokens; medim instead lets such a row commit one token per
+  step until it is done, so a row's result does not depend on its batch. A step where no row
+  commits anything runs no forward, as in the release.
+- Guidance: w = cfg * (1 - t) ("linear"); when w > 0 and something is known, one batched forward
+  of [x, x with the known positions set to the mask id], mixed (1 + w) * cond - w * uncond, then
+  re-normalised (the release re-applies its log-softmax). medim: same, on log-probs (identical
+  after re-normalisation). At t = 1 the ramp gives w = 0 and the step is unguided, as in the release.
+- MaskGIT update: sample each masked token from p, confidence = log p(sample) + r_temp * t *
+  Gumbel (r_temp 10), commit the k highest-confidence masked tokens. medim: same in float32, with
+  ties broken by position instead of committing every tied token.
+- Final pass: argmax of an unguided forward at t = 1e-5 for anything still masked. medim: same;
+  with maskgit and threshold the counts already commit everything, so it only runs for ddpm.
+- Not copied: without guidance the release exponentiates raw logits (unnormalised confidences);
+  medim always works with normalised log-probs. Random numbers come from torch generators, not
+  numpy's global state.
+
+Random numbers: each step draws one uniform tensor [B, 2, N] (N = state length; one [2, N] draw
+per row when `generator` is a list): plane 0 drives the categorical sample (inverse CDF), plane 1
+the Gumbel confidence (maskgit) or the unmasking coin (ddpm). The shape does not depend on the
+batch, so with one generator per row, row r's tokens are the same alone or inside any batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .schedule import NoiseSchedule, get_schedule
+from .tasks import check_segments, check_tokens
+
+__all__ = ["SampleOutput", "sample", "commit_counts", "STRATEGIES", "COMMIT_SCHEDULES", "GUIDANCE_SCHEDULES"]
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("maskgit", "threshold", "ddpm")
+COMMIT_SCHEDULES = ("arccos", "cosine", "linear")
+GUIDANCE_SCHEDULES = ("constant", "linear")
+
+
+@dataclass
+class SampleOutput:
+    """tokens: the final state [B, N] (no mask id left). nfe: network evaluations (a guided step's
+    batched conditional + unconditional forward counts as one)."""
+
+    tokens: torch.LongTensor
+    nfe: int
+
+
+def commit_counts(
+    num_unknown: Sequence[int] | torch.Tensor, num_steps: int, schedule: str = "arccos"
+) -> torch.LongTensor:
+    """How many tokens each row commits at each step, `[B, num_steps]` (the release's `adap_sche`
+    followed by its per-step cap): at least one per step while a row has unknowns, all of them by
+    the last step.
+
+    Example:
+        >>> commit_counts([10], 4).tolist()
+        [[1, 2, 3, 4]]
+    """
+    if schedule not in COMMIT_SCHEDULES:
+        raise ValueError(f"schedule: unknown commit schedule {schedule!r}; accepted: {list(COMMIT_SCHEDULES)}")
+    m = torch.as_tensor(num_unknown, dtype=torch.long).reshape(-1, 1)
+    if num_steps == 1:
+        return m.clone()
+    r = torch.linspace(1, 0, num_steps)
+    frac = {
+        "arccos": lambda: torch.arccos(r) / (math.pi * 0.5),
+        "cosine": lambda: torch.cos(r * math.pi * 0.5),
+        "linear": lambda: 1 - r,
+    }[schedule]()
+    counts = ((frac / frac.sum()) * m).round()
+    counts[counts == 0] = 1
+    counts[:, -1] += m[:, 0] - counts.sum(-1)
+    counts[:, -1].clamp_(min=0)
+    done = counts.long().cumsum(-1).clamp(max=m)  # committed after each step, capped at num_unknown
+    return torch.diff(done, dim=-1, prepend=torch.zeros_like(m))
+
+
+def _filter_logprobs(logp: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None):
+    """Temperature, top-k and top-p on float32 log-probs; returns re-normalised log-probs."""
+    if temperature == 1.0 and top_k is None and top_p is None:
+        return logp
+    if temperature != 1.0:
+        logp = logp / temperature
+    if top_k is not None and top_k < logp.shape[-1]:
+        kth = logp.topk(top_k, dim=-1).values[..., -1:]
+        logp = logp.masked_fill(logp < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_lp, order = logp.sort(dim=-1, descending=True)
+        probs = sorted_lp.softmax(-1)
+        # Drop a token when the mass before it already reaches top_p (the best token always stays).
+        drop = probs.cumsum(-1) - probs >= top_p
+        logp = logp.scatter(-1, order, sorted_lp.masked_fill(drop, -math.inf))
+    return logp.log_softmax(-1)
+
+
+def _categorical(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sample from log-probs [..., V] with one uniform per row u [...]: needs one
+    random number per position instead of V (so per-row generators stay cheap)."""
+    cdf = logp.exp().cumsum(-1)
+    idx = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1).contiguous(), right=True)
+    return idx.squeeze(-1).clamp(max=logp.shape[-1] - 1)
+
+
+def _ranks(conf: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry within its row, 0 = highest; ties broken by position (stable sort)."""
+    order = conf.argsort(dim=-1, descending=True, stable=True)
+    ar = torch.arange(conf.shape[-1], device=conf.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ar)
+
+
+def _uniforms(generator, B: int, N: int, device: torch.device) -> torch.Tensor:
+    if generator is None:
+        return torch.rand(B, 2, N, device=device)
+    if isinstance(generator, torch.Generator):
+        return torch.rand(B, 2, N, generator=generator, device=generator.device).to(device)
+    # One small draw per row: the price of results that do not depend on the batch.
+    return torch.stack([torch.rand(2, N, generator=g, device=g.device).to(device) for g in generator])
+
+
+def _check_args(x, known, segments, mask_id, num_steps, strategy, schedule, guidance_scale,
+                guidance_schedule, confidence_temperature, threshold, min_per_step, temperature,
+                top_k, top_p, generator, model_kwargs):
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.long or x.dim() != 2 or x.shape[0] < 1:
+        raise ValueError(f"x: expected a LongTensor [batch, state_len], got {type(x).__name__}")
+    if not isinstance(known, torch.Tensor) or known.dtype != torch.bool or known.shape != x.shape:
+        raise ValueError(f"known: expected a bool tensor of shape {list(x.shape)}")
+    segments = check_segments(segments, x.shape[1], mask_id)
+    check_tokens(x, known, segments, "x (known positions)")
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps: expected an integer >= 1, got {num_steps!r}")
+    for name, value, accepted in (("strategy", strategy, STRATEGIES), ("schedule", schedule, COMMIT_SCHEDULES),
+                                  ("guidance_schedule", guidance_schedule, GUIDANCE_SCHEDULES)):
+        if value not in accepted:
+            raise ValueError(f"{name}: expected one of {list(accepted)}, got {value!r}")
+    for name, value in (("guidance_scale", guidance_scale), ("confidence_temperature", confidence_temperature),
+                        ("temperature", temperature)):
+        if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+            raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold: expected a probability in (0, 1], got {threshold!r}")
+    if not isinstance(min_per_step, int) or min_per_step < 1:
+        raise ValueError(f"min_per_step: expected an integer >= 1, got {min_per_step!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k: expected None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0] or not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError(f"generator: a list must hold one torch.Generator per row ({x.shape[0]})")
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator: expected None, a torch.Generator or a list of them, got {generator!r}")
+    for name, value in model_kwargs.items():
+        if isinstance(value, torch.Tensor) and (value.dim() == 0 or value.shape[0] != x.shape[0]):
+            raise ValueError(f"model_kwargs[{name!r}]: tensors must be per row, first dim {x.shape[0]}")
+    return segments
+
+
+@torch.no_grad()
+def sample(
+    denoiser: Callable[..., Mapping[str, torch.Tensor]],
+    x: torch.LongTensor,
+    known: torch.BoolTensor,
+    *,
+    segments: Sequence[Any],
+    mask_id: int,
+    num_steps: int = 128,
+    strategy: str = "maskgit",
+    schedule: str = "arccos",
+    noise_schedule: str | NoiseSchedule = "loglinear",
+    confidence_temperature: float = 10.0,
+    threshold: float = 0.9,
+    min_per_step: int = 1,
+    guidance_scale: float = 0.0,
+    guidance_schedule: str = "linear",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    time_eps: float = 1e-5,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    callback: Callable[[int, float, torch.Tensor], None] | None = None,
+    progress: bool = False,
+) -> SampleOutput:
+    """Fill every unknown position of `x` by iterative unmasking.
+
+    Args:
+        denoiser: `denoiser(x, sigma, positions, **model_kwargs) -> {segment: log-probs [B, K, V]}`
+            (docs/internals.md). It is only asked for positions unknown in some row, and never for
+            a segment that is fully known (text-to-image computes no text logits).
+        x, known: the state `[B, N]` and the bool mask of given positions (see `medim.diffusion.tasks`);
+            unknown positions may hold anything, known ones never change.
+        segments, mask_id: `layout.segments`, `layout.mask_id`.
+        num_steps: denoising steps (a guided step is one batched forward).
+        strategy: "maskgit" (commit the `commit_counts` most confident tokens per step; confidence
+            log p + confidence_temperature * t * Gumbel), "threshold" (commit every masked token
+            whose sampled probability exceeds `threshold`, at least `min_per_step`, everything at
+            the last step; stops early when done) or "ddpm" (MDLM ancestral update: a masked token
+            is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t)).
+        schedule: commit-count schedule for maskgit: "arccos" (release), "cosine", "linear".
+        noise_schedule: schedule giving the sigma fed to the model (and ddpm's reveal rate).
+        guidance_scale, guidance_schedule: CFG weight w; "linear" is the release's w * (1 - t),
+            "constant" keeps w. 0 (or nothing known) runs no unconditional half at all.
+        temperature, top_k, top_p: applied to the float32 (guided) log-probs; temperature 0 is
+            greedy (argmax).
+        generator: None, one torch.Generator, or one per row (row results independent of batching).
+        model_kwargs: extra per-row model inputs (tensors with first dim B, repeated for guidance).
+        callback: `callback(step, t, x)` after every step.
+        progress: show a tqdm bar.
+
+    Example:
+        >>> task = text_to_image(layout, report_ids)
+        >>> out = sample(denoiser, task.x, task.known, segments=layout.segments,
+        ...              mask_id=layout.mask_id, num_steps=64, guidance_scale=5.0,
+        ...              generator=torch.Generator().manual_seed(0))
+        >>> out.tokens.shape, out.nfe
+    """
+    model_kwargs = dict(model_kwargs or {})
+    segments = _check_args(x, known, segments, mask_id, num_steps, strategy, schedule, guidance_scale,
+                           guidance_schedule, confidence_temperature, threshold, min_per_step,
+                           temperature, top_k, top_p, generator, model_kwargs)
+    noise = get_schedule(noise_schedule)
+    B, N = x.shape
+    device = x.device
+    x = torch.where(known, x, mask_id)
+
+    # Everything static is decided here, on the host, once: which positions to ask for, how many
+    # tokens each row commits per step, the time grid and the guidance weight of each step.
+    unknown_any = (~known).any(0)
+    requested = []  # (segment, state positions [K_s], offset into the concatenated K)
+    offset = 0
+    for seg in segments:
+        pos = torch.nonzero(unknown_any[seg.start : seg.start + seg.length]).squeeze(-1) + seg.start
+        if pos.numel():
+            requested.append((seg, pos, offset))
+            offset += pos.numel()
+    if not requested:
+        return SampleOutput(tokens=x, nfe=0)
+    positions = {seg.name: pos for seg, pos, _ in requested}
+    pos_all = torch.cat([pos for _, pos, _ in requested])
+    vocab_start = torch.cat([torch.full((p.numel(),), s.vocab_start, device=device) for s, p, _ in requested])
+
+    num_unknown = (~known).sum(-1).cpu()
+    counts = commit_counts(num_unknown, num_steps, schedule)
+    active = (counts.sum(0) > 0).tolist() if strategy == "maskgit" else [True] * num_steps
+    counts = counts.to(device)
+    t_grid = torch.linspace(1, time_eps, num_steps + 1, dtype=torch.float32)
+    sigma_grid = noise.sigma(t_grid).to(device)
+    move = noise.move_chance(t_grid).tolist()
+    t_list = t_grid.tolist()
+    any_known = bool(known.any())
+    ramp = [guidance_scale * (1 - t) if guidance_schedule == "linear" else guidance_scale for t in t_list]
+    guided = [any_known and w > 0 for w in ramp]
+    kwargs2 = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in model_kwargs.items()}
+
+    def logprobs(i: int, w: float, use_guidance: bool) -> torch.Tensor:
+        """Per requested segment, float32 (guided, re-normalised) log-probs; concatenated over K."""
+        sigma = sigma_grid[i].expand(B)
+        if use_guidance:
+            xu = torch.where(known, mask_id, x)  # the condition hidden, everything else as is
+            out = denoiser(torch.cat([x, xu]), torch.cat([sigma, sigma]), positions, **kwargs2)
+        else:
+            out = denoiser(x, sigma, positions, **model_kwargs)
+        parts = []
+        for seg, pos, _ in requested:
+            lp = out[seg.name]
+            rows = 2 * B if use_guidance else B
+            if lp.shape != (rows, pos.numel(), seg.vocab_size):
+                raise ValueError(
+                    f"denoiser: expected log-probs {[rows, pos.numel(), seg.vocab_size]} for segment "
+                    f"{seg.name!r}, got {list(lp.shape)}"
+                )
+            lp = lp.float()
+            if use_guidance:
+                cond, uncond = lp.chunk(2)
+                lp = ((1 + w) * cond - w * uncond).log_softmax(-1)
+            parts.append(lp)
+        return parts
+
+    def draw(parts, u):
+        """Sample every requested position: returns candidate ids and their log-probs [B, K]."""
+        ids, lps = [], []
+        for (_, _, off), lp in zip(requested, parts):
+            if temperature == 0:
+                idx = lp.argmax(-1)
+            else:
+                lp = _filter_logprobs(lp, temperature, top_k, top_p)
+                idx = _categorical(lp, u[:, off : off + lp.shape[1]])
+            ids.append(idx)
+            lps.append(lp.gather(-1, idx[..., None]).squeeze(-1))
+        return torch.cat(ids, -1) + vocab_start, torch.cat(lps, -1)
+
+    nfe = 0
+    steps = tqdm(range(num_steps), desc="Sampling", disable=not progress)
+    for i in steps:
+        t = t_list[i]
+        u = _uniforms(generator, B, N, device)[:, :, pos_all]  # drawn every step: streams stay aligned
+        if active[i]:
+            parts = logprobs(i, ramp[i], guided[i])
+            nfe += 1
+            cand, lp = draw(parts, u[:, 0])
+            xs = x[:, pos_all]
+            masked = xs == mask_id
+            if strategy == "maskgit":
+                gumbel = -torch.log(-torch.log(u[:, 1].clamp(1e-20, 1 - 1e-7)))
+                conf = torch.where(masked, lp + (confidence_temperature * t) * gumbel, -math.inf)
+                commit = masked & (_ranks(conf) < counts[:, i : i + 1])
+            elif strategy == "threshold":
+                if i == num_steps - 1:
+                    commit = masked
+                else:
+                    rank = _ranks(torch.where(masked, lp, -math.inf))
+                    commit = masked & ((lp.exp() > threshold) | (rank < min_per_step))
+            else:
+                reveal = (move[i] - move[i + 1]) / move[i]
+                commit = masked & (u[:, 1] < reveal)
+            x[:, pos_all] = torch.where(commit, cand, xs)  # masked => unknown, so known never moves
+        if callback is not None:
+            callback(i, t, x)
+        # The threshold strategy's point is its adaptive length: one boolean read per step.
+        if strategy == "threshold" and not bool((x[:, pos_all] == mask_id).any()):
+            break
+
+    # Final pass (release: noise removal): argmax of an unguided forward for anything still masked.
+    still = x[:, pos_all] == mask_id
+    if bool(still.any()):
+        parts = logprobs(num_steps, 0.0, False)
+        nfe += 1
+        best = torch.cat([lp.argmax(-1) for lp in parts], -1) + vocab_start
+        x[:, pos_all] = torch.where(still, best, x[:, pos_all])
+    logger.debug("sampled %d rows in %d network evaluations", B, nfe)
+    return SampleOutput(tokens=x, nfe=nfe)

@@ -8,7 +8,29 @@ import importlib
 __version__ = "0.1.0.dev0"
 
 # Public names, imported lazily so `import medim` stays cheap: name -> module that defines it.
-_EXPORTS: dict[str, str] = {}
+_EXPORTS: dict[str, str] = {
+    "sample": "medim.diffusion",
+    "SampleOutput": "medim.diffusion",
+    "diffusion_loss": "medim.diffusion",
+    "LossOutput": "medim.diffusion",
+    "get_schedule": "medim.diffusion",
+    "report_metrics": "medim.evaluation",
+    "ReportMetrics": "medim.evaluation",
+    "fid": "medim.evaluation",
+    "FIDResult": "medim.evaluation",
+    "VQGAN": "medim.models.vqgan",
+    "VQGANConfig": "medim.models.vqgan",
+    "MeDiMPipeline": "medim.pipeline",
+    "MeDiMOutput": "medim.pipeline",
+    "Trainer": "medim.training",
+    "TrainConfig": "medim.training",
+    "load_config": "medim.training",
+    "TokenCacheDataset": "medim.data.cache",
+    "build_token_cache": "medim.data.cache",
+    "MeDiMConfig": "medim.models.medim",
+    "MeDiMModel": "medim.models.medim",
+    "SequenceLayout": "medim.layout",
+}
 
 
 def __getattr__(name: str):

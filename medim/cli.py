@@ -12,7 +12,7 @@ import logging
 import sys
 
 # name -> module under medim.commands; each module documents its own options.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {"evaluate": "evaluate", "generate": "generate", "train": "train", "cache": "cache"}
 
 
 def build_parser() -> argparse.ArgumentParser:

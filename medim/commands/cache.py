@@ -1,0 +1,96 @@
+"""`medim cache`: encode a paired dataset once into a token cache for training.
+
+Images go through the VQGAN once (batched, on the GPU when there is one) and reports through the
+tokenizer for the layout; the result is safetensors shards + index.json, resumable after an
+interruption (finished shards are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+HELP = "encode images and reports once into a token cache (resumable)"
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.add_argument(
+        "--dataset", required=True, help="dataset kind: folder, jsonl, pathgen, mimic-cxr or phantom"
+    )
+    parser.add_argument(
+        "--data-root", default=None,
+        help="the dataset's main path: folder root, jsonl manifest, pathgen records file, "
+        "mimic-cxr jpg root (other arguments go in --dataset-args)",
+    )
+    parser.add_argument(
+        "--dataset-args", default="{}",
+        help='JSON object of further build_dataset arguments, e.g. \'{"split": "train"}\'',
+    )
+    parser.add_argument(
+        "--model", default=None,
+        help="a saved MeDiMPipeline (directory or Hub repo): its vqgan/, tokenizer/ and layout are used",
+    )
+    parser.add_argument("--vqgan", default=None, help="VQGAN directory or repo (instead of --model)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or repo (instead of --model)")
+    parser.add_argument(
+        "--layout", default=None, help="layout JSON file (SequenceLayout.to_dict()) (instead of --model)"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="cache directory (resumed if it exists)")
+    parser.add_argument("--shard-size", type=int, default=1024, help="items per shard")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per VQGAN forward")
+    parser.add_argument("--resize", choices=("pad", "crop"), default="pad", help="how images become square")
+    parser.add_argument("--device", default=None, help="VQGAN device (default: cuda if available)")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild an existing cache from scratch")
+
+
+# The main path argument of each dataset kind.
+_ROOT_ARG = {"folder": "root", "jsonl": "manifest", "pathgen": "records", "mimic-cxr": "jpg_root"}
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from medim.data.cache import build_token_cache
+    from medim.data.datasets import build_dataset
+    from medim.hub import resolve_file, resolve_snapshot
+    from medim.layout import SequenceLayout
+    from medim.models.vqgan import VQGAN
+
+    parts = [p is not None for p in (args.vqgan, args.tokenizer, args.layout)]
+    if (args.model is None and not all(parts)) or (args.model is not None and any(parts)):
+        raise SystemExit("medim cache: pass either --model, or all of --vqgan, --tokenizer and --layout")
+    try:
+        dataset_kwargs = json.loads(args.dataset_args)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"medim cache: --dataset-args is not valid JSON: {e}") from e
+    if args.data_root is not None:
+        if args.dataset not in _ROOT_ARG:
+            raise SystemExit(f"medim cache: --data-root does not apply to --dataset {args.dataset}")
+        dataset_kwargs[_ROOT_ARG[args.dataset]] = args.data_root
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    if args.model is not None:
+        root = resolve_snapshot(args.model, ["model_index.json", "vqgan/*", "tokenizer/*"])
+        layout = SequenceLayout.from_dict(json.loads(resolve_file(root, "model_index.json").read_text())["layout"])
+        vqgan = VQGAN.from_pretrained(root, subfolder="vqgan", device=device)
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+        tokenizer_name = str(args.model)
+    else:
+        layout = SequenceLayout.from_dict(json.loads(Path(args.layout).read_text()))
+        vqgan = VQGAN.from_pretrained(args.vqgan, device=device)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer_name = str(args.tokenizer)
+    summary = build_token_cache(
+        build_dataset(args.dataset, **dataset_kwargs), args.out, vqgan=vqgan, tokenizer=tokenizer,
+        layout=layout, tokenizer_name=tokenizer_name, shard_size=args.shard_size,
+        batch_size=args.batch_size, resize=args.resize, overwrite=args.overwrite,
+    )
+    print(f"{summary.path}: {summary.num_items} items cached, skipped {summary.skipped or 'none'} "
+          f"({summary.shards_written} shards written, {summary.shards_reused} reused)")
+    return 0

@@ -1,0 +1,39 @@
+"""`medim train --config cfg.yaml [section.key=value ...]`: train or fine-tune MeDiM.
+
+Runs in one process, or one process per GPU under torchrun (`python -m medim.training` is the same
+command). Every option lives in the YAML config (see configs/medim_paper.yaml and docs/training.md);
+overrides use dotted keys, e.g. `optim.lr=1e-4 train.max_steps=500`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+HELP = "train MeDiM on a token cache (one process, or torchrun for DDP / FSDP)"
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML config file (omit to start from the defaults)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="section.key=value",
+        help="config overrides, e.g. model.init=runs/base data.cache=cache/train optim.lr=1e-4",
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from medim.training import load_config, train
+
+    config = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+    out = train(config)
+    if out.final_dir is not None:
+        logger.info("finished at step %d; pipeline saved to %s", out.step, out.final_dir)
+    return 0

@@ -1,0 +1,235 @@
+"""Training checkpoints: written atomically, found again by `resume="latest"`, pruned to the last k.
+
+A checkpoint is a directory `checkpoint_<step:08d>/` holding only safetensors and JSON/YAML:
+  model.safetensors      full (unsharded) weights; tied tensors stored once (aliases in metadata)
+  ema.safetensors        the EMA weights, when EMA is on
+  optimizer.safetensors  AdamW state keyed "<param fqn>/<name>", param groups in metadata
+  rng.safetensors        python / numpy / torch / cuda / loss-generator RNG states of every rank
+  trainer_state.json     step, samples seen, LR-scheduler state
+  config.yaml            the run's full config
+It is written into a temporary sibling folder and renamed (medim.hub.atomic_directory); only then
+is the `latest` pointer file replaced, so a crash at any moment leaves the previous checkpoint whole
+and `latest` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from medim.hub import atomic_directory, atomic_file
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "find_checkpoint",
+    "list_checkpoints",
+    "capture_rng",
+    "restore_rng",
+    "save_state_dict",
+    "load_state_dict_file",
+]
+
+_NAME = re.compile(r"^checkpoint_(\d+)$")
+LATEST = "latest"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Finished checkpoints under `root`, oldest first (temporary folders start with '.')."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def find_checkpoint(root: str | os.PathLike, resume: str) -> Path | None:
+    """Resolve `resume`: "latest" -> the checkpoint `root/latest` names (or the highest step when the
+    pointer is missing; None when there is none yet), or an explicit checkpoint directory."""
+    root = Path(root)
+    if resume != LATEST:
+        path = Path(resume).expanduser()
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"resume={resume!r} is not a checkpoint directory (no trainer_state.json)")
+        return path
+    pointer = root / LATEST
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if (path / "trainer_state.json").is_file():
+            return path
+        logger.warning("%s names %s, which is gone; using the newest checkpoint instead", pointer, path)
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """safetensors refuses shared storage: store tied tensors once and record which keys alias it."""
+    seen: dict[tuple, str] = {}
+    tensors, aliases = {}, {}
+    for key, t in state.items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        tensors[key] = t.detach().contiguous().cpu()
+    meta = {"aliases": json.dumps(aliases), **(metadata or {})}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_state_dict_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    for key, src in json.loads(meta.get("aliases", "{}")).items():
+        tensors[key] = tensors[src]
+    return tensors, meta
+
+
+def _flatten_optimizer(optim_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {}
+    for fqn, values in optim_state["state"].items():
+        for name, v in values.items():
+            tensors[f"{fqn}/{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, {"param_groups": json.dumps(optim_state["param_groups"])}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[str, dict] = {}
+    for key, t in tensors.items():
+        fqn, name = key.rsplit("/", 1)
+        state.setdefault(fqn, {})[name] = t
+    groups = json.loads(meta["param_groups"])
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+def capture_rng(generator: torch.Generator | None = None) -> dict:
+    """This process's RNG states as tensors + JSON-able values (no pickle)."""
+    version, py_state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    tensors = {
+        "python": torch.tensor(py_state, dtype=torch.int64),
+        "numpy": torch.from_numpy(np_keys.astype(np.int64)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    if generator is not None:
+        tensors["generator"] = generator.get_state()
+    meta = {"python": [version, gauss], "numpy": [np_name, int(np_pos), int(np_has_gauss), float(np_gauss)]}
+    return {"tensors": tensors, "meta": meta}
+
+
+def restore_rng(state: dict, generator: torch.Generator | None = None) -> None:
+    t, meta = state["tensors"], state["meta"]
+    version, gauss = meta["python"]
+    random.setstate((version, tuple(t["python"].tolist()), gauss))
+    name, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, t["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(t["torch"])
+    if "cuda" in t and torch.cuda.is_available():
+        torch.cuda.set_rng_state(t["cuda"])
+    if generator is not None and "generator" in t:
+        generator.set_state(t["generator"])
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    *,
+    model_state: dict[str, torch.Tensor],
+    optim_state: dict,
+    trainer_state: dict,
+    rng_states: list[dict],
+    config_yaml: str,
+    ema_state: dict[str, torch.Tensor] | None = None,
+    keep_last: int = 0,
+) -> Path:
+    """Write `root/checkpoint_<step>` atomically, point `root/latest` at it, prune to `keep_last`.
+
+    Call on the main rank only, with full (gathered) state dicts and every rank's RNG state.
+    """
+    root = Path(root)
+    name = checkpoint_name(step)
+    with atomic_directory(root / name, overwrite=True) as tmp:
+        save_state_dict(model_state, tmp / "model.safetensors", {"step": str(step)})
+        if ema_state is not None:
+            save_state_dict(ema_state, tmp / "ema.safetensors")
+        tensors, meta = _flatten_optimizer(optim_state)
+        save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
+        rng_tensors = {f"rank{r}.{k}": v for r, s in enumerate(rng_states) for k, v in s["tensors"].items()}
+        rng_meta = {"ranks": json.dumps([s["meta"] for s in rng_states])}
+        save_file(rng_tensors, str(tmp / "rng.safetensors"), metadata=rng_meta)
+        (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    with atomic_file(root / LATEST) as f:
+        f.write(name)
+    _prune(root, keep_last, keep=root / name)
+    return root / name
+
+
+def _prune(root: Path, keep_last: int, keep: Path) -> None:
+    # Leftovers of a killed writer: atomic_directory's temporary folders start with ".checkpoint_".
+    for p in root.glob(".checkpoint_*.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    if keep_last <= 0:
+        return
+    found = [p for _, p in list_checkpoints(root)]
+    for p in found[:-keep_last]:
+        if p != keep:
+            shutil.rmtree(p, ignore_errors=True)
+            logger.info("pruned old checkpoint %s", p)
+
+
+def load_checkpoint(path: str | os.PathLike, rank: int = 0) -> dict:
+    """Read a checkpoint written by `save_checkpoint`. Returns model/ema/optimizer state dicts, the
+    trainer state and this rank's RNG state (None when the checkpoint had fewer ranks)."""
+    path = Path(path)
+    needed = ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer_state.json"]
+    missing = [n for n in needed if not (path / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {missing}")
+    model_state, _ = load_state_dict_file(path / "model.safetensors")
+    ema_state = load_state_dict_file(path / "ema.safetensors")[0] if (path / "ema.safetensors").is_file() else None
+    optim_tensors = load_file(str(path / "optimizer.safetensors"))
+    with safe_open(str(path / "optimizer.safetensors"), framework="pt") as f:
+        optim_state = _unflatten_optimizer(optim_tensors, f.metadata())
+    rng_tensors = load_file(str(path / "rng.safetensors"))
+    with safe_open(str(path / "rng.safetensors"), framework="pt") as f:
+        rng_meta = json.loads(f.metadata()["ranks"])
+    rng = None
+    if rank < len(rng_meta):
+        prefix = f"rank{rank}."
+        own = {k[len(prefix):]: v for k, v in rng_tensors.items() if k.startswith(prefix)}
+        rng = {"tensors": own, "meta": rng_meta[rank]}
+    return {
+        "model": model_state,
+        "ema": ema_state,
+        "optimizer": optim_state,
+        "trainer_state": json.loads((path / "trainer_state.json").read_text()),
+        "rng": rng,
+        "path": path,
+    }

@@ -1,0 +1,217 @@
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from medim.models.vqgan import VQGAN, VQGANConfig
+
+TINY = dict(ch=32, ch_mult=(1, 2), resolution=32, n_embed=64, embed_dim=8, z_channels=8, num_res_blocks=1)
+
+
+def tiny_model(seed: int = 0, **overrides) -> VQGAN:
+    torch.manual_seed(seed)
+    return VQGAN(VQGANConfig(**{**TINY, **overrides})).eval()
+
+
+def pixels(batch: int = 2, size: int = 32, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, size, size, generator=g) * 2 - 1
+
+
+def taming_yaml(config: VQGANConfig) -> dict:
+    """The layout of the upstream vqgan.yaml (taming-transformers)."""
+    dd = config.to_dict()
+    params = {"embed_dim": dd.pop("embed_dim"), "n_embed": dd.pop("n_embed"), "ddconfig": dd,
+              "lossconfig": {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+                             "params": {"disc_start": 0, "codebook_weight": 1.0}}}
+    return {"model": {"base_learning_rate": 4.5e-06, "target": "taming.models.vqgan.VQModel", "params": params}}
+
+
+def write_taming(model: VQGAN, folder: Path, state: dict | None = None) -> Path:
+    """Write vqgan.ckpt + vqgan.yaml like the release: {"state_dict": ...} with loss entries."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        state = dict(model.state_dict())
+        state["loss.discriminator.main.0.weight"] = torch.randn(4, 3, 4, 4)
+        state["loss.perceptual_loss.net.slice1.0.weight"] = torch.randn(4, 3, 3, 3)
+        state["loss.logvar"] = torch.zeros(())
+    torch.save({"state_dict": state}, folder / "vqgan.ckpt")
+    (folder / "vqgan.yaml").write_text(yaml.safe_dump(taming_yaml(model.config)))
+    return folder / "vqgan.ckpt"
+
+
+@pytest.mark.parametrize("attn_resolutions", [(), (32, 16)])
+def test_encode_matches_transformers_chameleon_vqvae(attn_resolutions):
+    from transformers import ChameleonVQVAE, ChameleonVQVAEConfig
+
+    ours = tiny_model(attn_resolutions=attn_resolutions)
+    # Our nn.Embedding init is N(0, 1), far from the encoder's outputs; pull codes near them so
+    # that many different codes are chosen and the comparison means something.
+    with torch.no_grad():
+        ours.quantize.embedding.weight.mul_(0.3)
+    c = ours.config
+    hf_config = ChameleonVQVAEConfig(
+        embed_dim=c.embed_dim, num_embeddings=c.n_embed, double_latent=c.double_z, latent_channels=c.z_channels,
+        resolution=c.resolution, in_channels=c.in_channels, base_channels=c.ch, channel_multiplier=list(c.ch_mult),
+        num_res_blocks=c.num_res_blocks, attn_resolutions=list(c.attn_resolutions), dropout=c.dropout,
+    )
+    hf = ChameleonVQVAE(hf_config).eval()
+    encoder_only = {k: v for k, v in ours.state_dict().items() if not k.startswith("decoder.")}
+    hf.load_state_dict(encoder_only, strict=True)  # same names, nothing left over on either side
+
+    x = pixels(batch=3)
+    codes = ours.encode(x)
+    with torch.no_grad():
+        ref = hf.encode(x)
+    assert codes.shape == (3, 16 * 16) and codes.dtype == torch.long
+    assert torch.equal(codes, ref.image_tokens.view(3, -1))
+    assert codes.unique().numel() > 4
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encoder(x), ref.last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_shapes_and_raster_order():
+    model = tiny_model()
+    codes = model.encode(pixels(batch=2))
+    out = model.decode(codes)
+    assert out.shape == (2, 3, 32, 32) and out.abs().max() <= 1
+    # Non-square: 8x32 codes -> 16x64 pixels, code t at grid (t // 32, t % 32) (raster order).
+    wide = torch.randint(0, 64, (1, 8 * 32))
+    seen = []
+    model.post_quant_conv.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    assert model.decode(wide, height=16, width=64).shape == (1, 3, 16, 64)
+    assert model.decode(wide, width=64).shape == (1, 3, 16, 64)
+    grid = seen[0][0]  # [C, 8, 32]
+    table = model.quantize.embedding.weight
+    for t in (0, 31, 32, 100, 255):
+        assert torch.equal(grid[:, t // 32, t % 32], table[wide[0, t]])
+
+
+def test_bad_inputs_fail_clearly():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        model.encode(pixels() * 127.5 + 127.5)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        model.encode(pixels(size=31))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        model.encode(pixels()[:, :1])
+    with pytest.raises(TypeError, match="float tensor"):
+        model.encode(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        model.decode(torch.full((1, 256), 64))
+    with pytest.raises(TypeError, match="integer tensor"):
+        model.decode(torch.zeros(1, 256))
+    with pytest.raises(ValueError, match="not a square grid"):
+        model.decode(torch.zeros(1, 200, dtype=torch.long))
+    with pytest.raises(ValueError, match="does not hold"):
+        model.decode(torch.zeros(1, 256, dtype=torch.long), height=32, width=64)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        model.decode(torch.zeros(1, 256, dtype=torch.long), height=33)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        VQGANConfig(ch=48)
+    with pytest.raises(ValueError, match="double_z"):
+        VQGANConfig(double_z=True)
+
+
+def test_from_taming_local(tmp_path: Path, caplog):
+    model = tiny_model()
+    ckpt = write_taming(model, tmp_path / "chameleon")
+    x = pixels()
+    codes = model.encode(x)
+    decoded = model.decode(codes)
+    loaded = VQGAN.from_taming(tmp_path, subfolder="chameleon")  # folder + subfolder
+    assert loaded.config == model.config
+    assert torch.equal(loaded.encode(x), codes) and torch.equal(loaded.decode(codes), decoded)
+    for other in (VQGAN.from_taming(ckpt),                                  # the file; yaml beside it
+                  VQGAN.from_taming(ckpt, tmp_path / "chameleon" / "vqgan.yaml"),
+                  VQGAN.from_taming(ckpt, model.config)):
+        assert other.config == model.config
+        assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), loaded.state_dict().values()))
+
+    half = VQGAN.from_taming(ckpt, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.quantize.embedding.weight.dtype == torch.float32
+    assert half.encode(x).shape == (2, 256) and half.decode(codes).dtype == torch.bfloat16
+
+
+def test_from_taming_reports_bad_keys(tmp_path: Path):
+    model = tiny_model()
+    state = dict(model.state_dict())
+    del state["decoder.up.0.block.1.conv2.weight"]
+    state["quant_conv.weight"] = torch.zeros(8, 8, 3, 3)
+    state["encoder.extra.weight"] = torch.zeros(1)
+    ckpt = write_taming(model, tmp_path / "bad", state=state)
+    with pytest.raises(ValueError) as info:
+        VQGAN.from_taming(ckpt)
+    message = str(info.value)
+    assert "missing keys 1: decoder.up.0.block.1.conv2.weight" in message
+    assert "unexpected keys 1: encoder.extra.weight" in message
+    assert "quant_conv.weight (8, 8, 3, 3) (expected (8, 8, 1, 1))" in message
+
+    # A checkpoint that does not fit the config (the default Chameleon one) lists the mismatch.
+    with pytest.raises(ValueError, match="wrong shapes"):
+        VQGAN.from_taming(write_taming(model, tmp_path / "good"), VQGANConfig(ch=32, ch_mult=(1, 2)))
+    (tmp_path / "corrupt.ckpt").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="could not read"):
+        VQGAN.from_taming(tmp_path / "corrupt.ckpt", model.config)
+    with pytest.raises(FileNotFoundError):
+        VQGAN.from_taming(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="dtype"):
+        VQGAN.from_taming(ckpt, dtype=torch.int8)
+
+
+def test_from_taming_hub_id_goes_through_huggingface_hub(tmp_path: Path, monkeypatch):
+    model = tiny_model()
+    write_taming(model, tmp_path / "space" / "chameleon")
+    calls = []
+
+    def fake_hf_hub_download(repo_id, filename, *, subfolder=None, repo_type=None, revision=None, **kwargs):
+        calls.append((repo_id, subfolder, filename, repo_type, revision))
+        assert repo_id == "Junfeng5/Liquid_demo"
+        return str(tmp_path / "space" / subfolder / filename)
+
+    monkeypatch.setattr("medim.hub.hf_hub_download", fake_hf_hub_download)
+    loaded = VQGAN.from_taming("Junfeng5/Liquid_demo", repo_type="space", subfolder="chameleon", revision="main")
+    assert sorted(calls) == [("Junfeng5/Liquid_demo", "chameleon", name, "space", "main")
+                             for name in ("vqgan.ckpt", "vqgan.yaml")]
+    x = pixels()
+    assert torch.equal(loaded.encode(x), model.encode(x))
+
+
+def test_save_pretrained_round_trip(tmp_path: Path):
+    model = tiny_model(attn_resolutions=(16,))
+    out = model.save_pretrained(tmp_path / "pipe" / "vqgan")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = VQGAN.from_pretrained(tmp_path / "pipe", subfolder="vqgan")
+    assert loaded.config == model.config
+    x = pixels()
+    codes = model.encode(x)
+    assert torch.equal(loaded.encode(x), codes)
+    assert torch.equal(loaded.decode(codes), model.decode(codes))
+
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        model.save_pretrained(out)
+    tiny_model(seed=5).save_pretrained(out, overwrite=True)
+    assert not torch.equal(VQGAN.from_pretrained(out).decode(codes), model.decode(codes))
+    assert [p.name for p in (tmp_path / "pipe").iterdir()] == ["vqgan"]  # no temp folders left
+
+    (out / "model.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match="could not read"):
+        VQGAN.from_pretrained(out)
+
+
+def test_chameleon_config_512px():
+    config = VQGANConfig()  # the released vqgan.yaml values
+    with torch.device("meta"):
+        count = VQGAN(config).num_parameters()
+    print(f"Chameleon VQGAN parameters: {count:,} ({count / 1e6:.1f} M)")
+    assert round(count / 1e6, 1) == 68.7
+    assert config.downsample_factor == 16
+
+    torch.manual_seed(0)
+    model = VQGAN(config).eval().to(memory_format=torch.channels_last)  # ~2x faster convs on CPU
+    image = pixels(batch=1, size=512).contiguous(memory_format=torch.channels_last)
+    codes = model.encode(image)
+    assert codes.shape == (1, 1024) and int(codes.max()) < 8192
+    out = model.decode(codes)
+    assert out.shape == (1, 3, 512, 512) and out.abs().max() <= 1

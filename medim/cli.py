@@ -12,7 +12,8 @@ import logging
 import sys
 
 # name -> module under medim.commands; each module documents its own options.
-COMMANDS: dict[str, str] = {"evaluate": "evaluate", "generate": "generate", "train": "train", "cache": "cache"}
+COMMANDS: dict[str, str] = {"evaluate": "evaluate", "generate": "generate", "train": "train", "cache": "cache",
+                           "convert": "convert", "demo": "demo"}
 
 
 def build_parser() -> argparse.ArgumentParser:

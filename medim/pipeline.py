@@ -32,10 +32,12 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from medim.data.images import ImageInput, load_image, postprocess, preprocess
+from medim.demo import DEMO_NAME, demo_path
 from medim.diffusion import tasks
 from medim.diffusion.sampler import STRATEGIES, sample
 from medim.hub import atomic_directory, resolve_file, resolve_snapshot
 from medim.layout import MeDiMV1Layout, SequenceLayout
+from medim.models.convert import fix_liquid_activation
 from medim.models.medim import MeDiMModel
 from medim.models.vqgan import VQGAN
 
@@ -213,9 +215,14 @@ class MeDiMPipeline:
         """Load a pipeline written by `save_pretrained` from a folder or a Hub repo (only
         model_index.json, model/, vqgan/ and tokenizer/ are downloaded).
 
+        The name "medim-demo" loads the tiny phantom model that ships inside medim (no network;
+        see `medim.demo`); write "./medim-demo" for a local folder of that name.
+
         Example:
             >>> pipe = MeDiMPipeline.from_pretrained("org/medim-cxr", dtype=torch.bfloat16, device="cuda")
         """
+        if str(repo_or_dir) == DEMO_NAME:
+            repo_or_dir = demo_path()
         hub = _hub_kwargs(revision, cache_dir, local_files_only, token)
         root = resolve_snapshot(repo_or_dir, PIPELINE_PATTERNS, **hub)
         index_path = root / MODEL_INDEX
@@ -289,10 +296,7 @@ class MeDiMPipeline:
             config = None
             if backbone is not None:
                 if isinstance(backbone, (str, os.PathLike)):
-                    params = json.loads(resolve_file(backbone, "config.json", **hub).read_text())
-                    if params.get("model_type") == "gemma":
-                        # Liquid's config says "gelu" but the model was trained with the tanh GELU.
-                        params["hidden_act"] = params["hidden_activation"] = "gelu_pytorch_tanh"
+                    params = fix_liquid_activation(json.loads(resolve_file(backbone, "config.json", **hub).read_text()))
                     config = AutoConfig.for_model(**params)
                 else:
                     config = backbone.__class__.from_dict(backbone.to_dict())

@@ -1,7 +1,7 @@
 """Tiny upstream-format artefacts for end-to-end pipeline tests (nothing touches the network).
 
 Built on the other helpers: tests/helpers_backbone.py (tiny Liquid, tiny release checkpoint, tiny
-word-level tokenizer) and tests/test_vqgan.py (tiny taming VQGAN writer). Sizes: text_len 16,
+word-level tokenizer) and tests/helpers_vqgan.py (tiny taming VQGAN writer). Sizes: text_len 16,
 16x16-pixel images -> 4x4 = 16 VQ codes out of 64.
 """
 
@@ -18,7 +18,7 @@ from helpers_backbone import (
     write_tiny_liquid,
     write_tiny_release_checkpoint,
 )
-from test_vqgan import tiny_model, write_taming
+from helpers_vqgan import tiny_model, write_taming
 
 TEXT_LEN, IMAGE_LEN, IMAGE_PX = 16, 16, 16
 # ch_mult of length 3 -> downsample 4: 16 px -> 4x4 codes.

@@ -110,12 +110,25 @@ def _filter_logprobs(logp: torch.Tensor, temperature: float, top_k: int | None, 
     return logp.log_softmax(-1)
 
 
-def _categorical(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sample from log-probs [..., V] with one uniform per row u [...]: needs one
-    random number per position instead of V (so per-row generators stay cheap)."""
-    cdf = logp.exp().cumsum(-1)
-    idx = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1).contiguous(), right=True)
-    return idx.squeeze(-1).clamp(max=logp.shape[-1] - 1)
+def _categorical(weights: torch.Tensor, u: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse-CDF sample from non-negative, unnormalised `weights` [..., V] with one uniform per
+    row u [...] (one random number per position instead of V, so per-row generators stay cheap).
+    Returns the index and the row totals. Two levels (block sums, then one block's entries), so
+    no [..., V] cumulative sum is ever allocated: on CPU that allocation cost more than the maths."""
+    V = weights.shape[-1]
+    full = V - V % block
+    sums = weights[..., :full].unflatten(-1, (full // block, block)).sum(-1)
+    if full < V:
+        sums = torch.cat([sums, weights[..., full:].sum(-1, keepdim=True)], -1)
+    cum = sums.cumsum(-1)
+    total = cum[..., -1]
+    target = (u * total).unsqueeze(-1)
+    blk = torch.searchsorted(cum, target, right=True).clamp(max=cum.shape[-1] - 1)
+    before = torch.where(blk > 0, cum.gather(-1, (blk - 1).clamp(min=0)), 0.0)
+    cols = blk * block + torch.arange(block, device=weights.device)
+    inside = weights.gather(-1, cols.clamp(max=V - 1)).masked_fill(cols >= V, 0.0).cumsum(-1)
+    j = torch.searchsorted(inside, (target - before).contiguous(), right=True).clamp(max=block - 1)
+    return (blk * block + j).squeeze(-1).clamp(max=V - 1), total
 
 
 def _ranks(conf: torch.Tensor) -> torch.Tensor:
@@ -203,7 +216,8 @@ def sample(
     Args:
         denoiser: `denoiser(x, sigma, positions, **model_kwargs) -> {segment: log-probs [B, K, V]}`
             (docs/internals.md). It is only asked for positions unknown in some row, and never for
-            a segment that is fully known (text-to-image computes no text logits).
+            a segment that is fully known (text-to-image computes no text logits). The tensors it
+            returns belong to the sampler, which overwrites them (no per-step copies).
         x, known: the state `[B, N]` and the bool mask of given positions (see `medim.diffusion.tasks`);
             unknown positions may hold anything, known ones never change.
         segments, mask_id: `layout.segments`, `layout.mask_id`.
@@ -288,22 +302,34 @@ def sample(
                 )
             lp = lp.float()
             if use_guidance:
+                # (1 + w) cond - w uncond, written over the unconditional half (no new [B, K, V]
+                # tensor); left unnormalised: `draw` normalises it on the way.
                 cond, uncond = lp.chunk(2)
-                lp = ((1 + w) * cond - w * uncond).log_softmax(-1)
+                lp = uncond.lerp_(cond, 1 + w)
             parts.append(lp)
         return parts
 
+    plain = temperature == 1.0 and top_k is None and top_p is None
+
     def draw(parts, u):
-        """Sample every requested position: returns candidate ids and their log-probs [B, K]."""
+        """Sample every requested position: returns candidate ids and their log-probs [B, K].
+        `parts` hold unnormalised log-weights and are overwritten."""
         ids, lps = [], []
-        for (_, _, off), lp in zip(requested, parts):
-            if temperature == 0:
-                idx = lp.argmax(-1)
+        for (_, _, off), z in zip(requested, parts):
+            if plain:
+                # exp(z - max) in place, sampled without normalising; log p(sample) from it.
+                weights = z.sub_(z.amax(-1, keepdim=True)).exp_()
+                idx, total = _categorical(weights, u[:, off : off + z.shape[1]])
+                lps.append(weights.gather(-1, idx[..., None]).squeeze(-1).log() - total.log())
             else:
-                lp = _filter_logprobs(lp, temperature, top_k, top_p)
-                idx = _categorical(lp, u[:, off : off + lp.shape[1]])
+                lp = z.log_softmax(-1)
+                if temperature == 0:
+                    idx = lp.argmax(-1)
+                else:
+                    lp = _filter_logprobs(lp, temperature, top_k, top_p)
+                    idx = _categorical(lp.exp(), u[:, off : off + lp.shape[1]])[0]
+                lps.append(lp.gather(-1, idx[..., None]).squeeze(-1))
             ids.append(idx)
-            lps.append(lp.gather(-1, idx[..., None]).squeeze(-1))
         return torch.cat(ids, -1) + vocab_start, torch.cat(lps, -1)
 
     nfe = 0

@@ -28,7 +28,7 @@ from medim.hub import resolve_file, resolve_snapshot
 from medim.layout import MeDiMV1Layout, NativeLayout, SequenceLayout
 from medim.models.medim import AdaLNModulation, MeDiMConfig, MeDiMModel
 
-__all__ = ["load_liquid", "load_original", "liquid_backbone_config", "native_layout_for"]
+__all__ = ["load_liquid", "load_original", "liquid_backbone_config", "native_layout_for", "fix_liquid_activation"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,23 @@ def liquid_backbone_config(num_layers: int = 10, vocab_size: int = 264192) -> Ge
         eos_token_id=1,
         tie_word_embeddings=True,
     )
+
+
+def fix_liquid_activation(params: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a backbone's config.json dict with Gemma's activation made explicit.
+
+    Liquid (like Gemma-7B) says `hidden_act: "gelu"` with `hidden_activation: null` but was trained
+    with the tanh-approximate GELU; transformers 5 maps the legacy value itself (with a warning),
+    older lines read "gelu" literally. Other families are returned unchanged.
+
+    Example:
+        >>> fix_liquid_activation({"model_type": "gemma", "hidden_act": "gelu"})["hidden_act"]
+        'gelu_pytorch_tanh'
+    """
+    params = dict(params)
+    if params.get("model_type") == "gemma":
+        params["hidden_act"] = params["hidden_activation"] = "gelu_pytorch_tanh"
+    return params
 
 
 def native_layout_for(
@@ -101,13 +118,17 @@ def _hub(revision, cache_dir, local_files_only, token) -> dict[str, Any]:
 
 def _assign(model: MeDiMModel, state: dict[str, torch.Tensor], device: torch.device) -> MeDiMModel:
     """Assign `state` into a meta-device model (strict), then materialise the non-persistent
-    buffers (rotary frequencies, embedding scale) with the model's own init on `device`."""
+    buffers (rotary frequencies, embedding scale) on `device`."""
     if model.config.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
     for p in model.parameters():
         p._is_hf_initialized = True  # the guarded transformers init functions leave these alone
+    # Rotary frequencies are computed from the config, never stored; transformers < 5 has no
+    # `_init_weights` rule for them, so rebuild the module (a few floats) on the target device.
+    with torch.device(device):
+        model.rotary_emb = type(model.rotary_emb)(model.config.backbone_config)
     for module in model.modules():
         meta = [name for name, buf in module.named_buffers(recurse=False) if buf is not None and buf.is_meta]
         for name in meta:
@@ -171,12 +192,9 @@ def load_liquid(
                          "the medim-v1 layout belongs to the released weights (MeDiMModel.from_original)")
     dtype, device = _check_device_dtype(dtype, device)
     hub = _hub(revision, cache_dir, local_files_only, token)
-    cfg = json.loads(resolve_file(repo_or_dir, "config.json", **hub).read_text())
+    cfg = fix_liquid_activation(json.loads(resolve_file(repo_or_dir, "config.json", **hub).read_text()))
     if "model_type" not in cfg:
         raise ValueError(f"{repo_or_dir}: config.json has no model_type")
-    if cfg["model_type"] == "gemma":
-        # Liquid says hidden_act "gelu" with hidden_activation null but was trained with tanh GELU.
-        cfg["hidden_act"] = cfg["hidden_activation"] = "gelu_pytorch_tanh"
     source_vocab = cfg["vocab_size"]
     backbone = AutoConfig.for_model(**cfg)
     if num_layers > backbone.num_hidden_layers:

@@ -28,7 +28,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from medim.hub import atomic_directory
 from medim.layout import BackboneInputs, SequenceLayout
 
-__all__ = ["MeDiMConfig", "MeDiMModel", "MeDiMOutput", "TimestepEmbedder", "AdaLNModulation"]
+__all__ = ["MeDiMConfig", "MeDiMModel", "MeDiMModelOutput", "TimestepEmbedder", "AdaLNModulation"]
 
 # The sub-modules our block drives; a family whose layers hold anything else (e.g. Gemma-2's extra
 # feed-forward norms) computes something our block would silently skip, so it is refused.
@@ -139,7 +139,7 @@ class AdaLNModulation(nn.Linear):
 
 
 @dataclass
-class MeDiMOutput:
+class MeDiMModelOutput:
     """`logprobs[segment name]`: float32 [B, K, V_segment], log-softmax over the segment's own
     vocabulary (raw logits when `return_logits=True`). A plain dataclass: transformers'
     ModelOutput would unpack a dict first field into its own keys."""
@@ -307,7 +307,7 @@ class MeDiMModel(PreTrainedModel):
         positions: dict[str, torch.LongTensor] | None = None,
         return_logits: bool = False,
         **condition: torch.Tensor,
-    ) -> MeDiMOutput:
+    ) -> MeDiMModelOutput:
         """Denoise: per-segment log-probabilities of the clean tokens.
 
         Args:
@@ -335,8 +335,12 @@ class MeDiMModel(PreTrainedModel):
             h = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
             weight = self.lm_head.weight[seg.vocab_start : seg.vocab_stop]
             logits = h.float() @ weight.float().T
-            out[seg.name] = logits if return_logits else logits.log_softmax(dim=-1)
-        return MeDiMOutput(logprobs=out)
+            if not return_logits:
+                # In place when no gradient is needed: on CPU a second [B, K, V] allocation cost
+                # more than the log-softmax itself.
+                logits = logits.log_softmax(-1) if logits.requires_grad else torch.log_softmax(logits, -1, out=logits)
+            out[seg.name] = logits
+        return MeDiMModelOutput(logprobs=out)
 
     def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, **kwargs: Any) -> None:
         """transformers' `save_pretrained` (sharded safetensors + config.json), written into a

@@ -317,10 +317,11 @@ def sample(
         ids, lps = [], []
         for (_, _, off), z in zip(requested, parts):
             if plain:
-                # exp(z - max) in place, sampled without normalising; log p(sample) from it.
-                weights = z.sub_(z.amax(-1, keepdim=True)).exp_()
-                idx, total = _categorical(weights, u[:, off : off + z.shape[1]])
-                lps.append(weights.gather(-1, idx[..., None]).squeeze(-1).log() - total.log())
+                # Probabilities in place (one fused pass over each row, no new [B, K, V] tensor);
+                # log p(sample) is read back from them.
+                probs = torch.softmax(z, -1, out=z)
+                idx, total = _categorical(probs, u[:, off : off + z.shape[1]])
+                lps.append(probs.gather(-1, idx[..., None]).squeeze(-1).log() - total.log())
             else:
                 lp = z.log_softmax(-1)
                 if temperature == 0:

@@ -1,0 +1,212 @@
+"""Sampling cost of a random-weight MeDiM in the medim-v1 shape (256 text + 1024 image tokens,
+40196-row vocabulary), text-to-image with classifier-free guidance.
+
+    python benchmarks/bench_sampler.py                                   # CPU, tiny width
+    python benchmarks/bench_sampler.py --size liquid --device cuda --dtype bfloat16 --steps 16
+    python benchmarks/bench_sampler.py --demo-model runs/demo            # + demo accuracies
+
+a) loop overhead = sampling time / (forwards x time of one bare model forward at the same batch
+   and positions): 1.0 means the loop costs nothing beyond the network.
+b) speed-up over the release-style loop (one sample at a time, guidance as a second forward,
+   full-vocabulary logits everywhere; `common.release_style_sample`), which draws the same random
+   numbers, so both give the same tokens up to float rounding (token_agreement).
+c) forwards (NFE) and time per pair for maskgit at 128 / 64 / 32 steps and for threshold; with
+   `--demo-model` also the phantom demo's accuracies at each setting (quality per cost).
+Results are printed and appended to benchmarks/RESULTS.md (`--no-record` to skip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    RESULTS,
+    SIZES,
+    machine_info,
+    medim_v1_model,
+    release_style_sample,
+    report,
+    text_to_image_batch,
+    timed,
+)
+
+from medim.diffusion.sampler import sample  # noqa: E402
+
+logger = logging.getLogger("bench_sampler")
+
+
+def make_denoiser(model):
+    def denoiser(x, sigma, positions, **kwargs):
+        return model(x, sigma, positions=positions, **kwargs).logprobs
+
+    return denoiser
+
+
+def run_sampler(model, x, known, cond, steps: int, guidance: float, strategy: str = "maskgit", seed: int = 0):
+    layout = model.layout
+    gens = [torch.Generator(x.device).manual_seed(seed + r) for r in range(x.shape[0])]
+    return sample(make_denoiser(model), x, known, segments=layout.segments, mask_id=layout.mask_id,
+                  num_steps=steps, strategy=strategy, guidance_scale=guidance, generator=gens, model_kwargs=cond)
+
+
+def best_of(fn, device, repeats: int) -> tuple[float, Any]:
+    """Fastest of `repeats` timed calls (the machine may be shared: the minimum is the least disturbed)."""
+    runs = [timed(fn, device) for _ in range(repeats)]
+    return min(t for t, _ in runs), runs[-1][1]
+
+
+@torch.inference_mode()
+def loop_overhead(model, batch: int, steps: int, guidance: float, repeats: int = 2) -> dict[str, Any]:
+    """(a) sampling time against NFE x the bare forward at the same batch and positions."""
+    device = model.device
+    x, known, cond = text_to_image_batch(model.layout, batch, device)
+    image = model.layout.image_segment
+    positions = {"image": torch.arange(image.start, image.stop, device=device)}
+    run_sampler(model, x, known, cond, 2, guidance)  # warm-up (allocator, kernels, compile)
+    t_sample, out = best_of(lambda: run_sampler(model, x, known, cond, steps, guidance), device, repeats)
+    # The first step (t = 1) is unguided (w = guidance * (1 - t) = 0): one forward of B rows.
+    guided = out.nfe - 1 if guidance > 0 else 0
+    sigma = torch.ones(batch, device=device)
+    doubled = {k: torch.cat([v, v]) for k, v in cond.items()}
+    fwd_b, _ = best_of(lambda: model(x, sigma, positions=positions, **cond), device, repeats + 1)
+    fwd_2b = 0.0
+    if guided:
+        fwd_2b, _ = best_of(lambda: model(torch.cat([x, x]), torch.cat([sigma, sigma]), positions=positions,
+                                          **doubled), device, repeats + 1)
+    bare = (out.nfe - guided) * fwd_b + guided * fwd_2b
+    return dict(batch=batch, steps=steps, nfe=out.nfe, sample_s=t_sample, forward_B_s=fwd_b, forward_2B_s=fwd_2b,
+                loop_overhead=t_sample / bare, tokens=out.tokens, x=x, known=known, cond=cond)
+
+
+@torch.inference_mode()
+def release_speedup(model, fast: dict[str, Any], rows: int, guidance: float) -> dict[str, Any]:
+    """(b) the release-style loop on the first `rows` rows of (a)'s batch, same seeds and steps."""
+    device = model.device
+    gens = [torch.Generator(device).manual_seed(r) for r in range(rows)]
+    x, known = fast["x"][:rows], fast["known"][:rows]
+    cond = {k: v[:rows] for k, v in fast["cond"].items()}
+    t_rel, tokens = timed(lambda: release_style_sample(model, x, known, cond, fast["steps"], guidance, gens), device)
+    fast_pair, rel_pair = fast["sample_s"] / fast["batch"], t_rel / rows
+    return dict(release_rows=rows, release_s_per_pair=rel_pair, fast_s_per_pair=fast_pair,
+                pairs_per_s_fast=1 / fast_pair, pairs_per_s_release=1 / rel_pair, speedup=rel_pair / fast_pair,
+                # Equal up to float rounding: a cumulative sum over 8192 probabilities can move a
+                # sampling boundary by ~1e-6, so at this size a rare flip (and what follows) is expected.
+                token_agreement=float((tokens == fast["tokens"][:rows]).float().mean()))
+
+
+@torch.inference_mode()
+def nfe_table(model, batch: int, guidance: float, settings) -> list[dict[str, Any]]:
+    """(c) NFE and time per pair for each (strategy, steps)."""
+    device = model.device
+    x, known, cond = text_to_image_batch(model.layout, batch, device, seed=1)
+    rows = []
+    for strategy, steps in settings:
+        t, out = timed(partial(run_sampler, model, x, known, cond, steps, guidance, strategy), device)
+        rows.append(dict(strategy=strategy, steps=steps, nfe=out.nfe, s_per_pair=t / batch))
+    return rows
+
+
+def demo_accuracy(path: str, settings, n: int, guidance: float, device: str, dtype: torch.dtype) -> list[dict[str, Any]]:
+    """Phantom-demo accuracies per setting: text-to-image read back by `read_image`, image-to-report
+    read back by `parse_report`, both scored by `compare` against the true phantoms."""
+    from medim.data.synthetic import compare, make_dataset, parse_report, read_image
+    from medim.pipeline import MeDiMPipeline
+
+    pipe = MeDiMPipeline.from_pretrained(path, dtype=dtype, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    data = make_dataset(n, seed=1234)
+    truth = [spec for _, _, spec in data]
+    rows = []
+    for strategy, steps in settings:
+        opts = dict(num_inference_steps=steps, strategy=strategy, guidance_scale=guidance,
+                    generator=torch.Generator().manual_seed(0))
+        images = pipe.text_to_image([report for _, report, _ in data], **opts)
+        reports = pipe.image_to_report([image for image, _, _ in data], **opts)
+        img = compare([read_image(im) for im in images.images], truth)
+        rep = compare([parse_report(r, strict=False) for r in reports.reports], truth)
+        rows.append(dict(strategy=strategy, steps=steps, nfe_per_pair=(images.nfe + reports.nfe) / (2 * n),
+                         image_exact=img.exact, image_presence=img.presence, report_exact=rep.exact,
+                         report_presence=rep.presence))
+    return rows
+
+
+def parse_settings(text: str) -> list[tuple[str, int]]:
+    """"maskgit:128,maskgit:64,threshold:128" -> [(strategy, steps), ...]."""
+    out = []
+    for item in text.split(","):
+        strategy, _, steps = item.partition(":")
+        if strategy not in ("maskgit", "threshold", "ddpm") or not steps.isdigit() or int(steps) < 1:
+            raise SystemExit(f"--settings: expected strategy:steps items (maskgit|threshold|ddpm), got {item!r}")
+        out.append((strategy, int(steps)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="tiny", choices=list(SIZES))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--steps", type=int, default=8, help="steps for (a) and (b)")
+    p.add_argument("--release-rows", type=int, default=None, help="rows the release loop runs (default: --batch)")
+    p.add_argument("--settings", default="maskgit:128,maskgit:64,maskgit:32,threshold:128", help="for (c)")
+    p.add_argument("--nfe-batch", type=int, default=2, help="batch for (c)")
+    p.add_argument("--skip-nfe", action="store_true")
+    p.add_argument("--demo-model", default=None, help="a trained demo pipeline directory (skipped if absent)")
+    p.add_argument("--demo-n", type=int, default=16)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (static shapes)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.steps < 1 or args.nfe_batch < 1:
+        raise SystemExit("--batch, --steps and --nfe-batch must be >= 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    dtype = getattr(torch, args.dtype)
+    record = None if args.no_record else RESULTS
+    model = medim_v1_model(args.size, dtype=dtype, device=args.device)
+    if args.compile:
+        model.compile(dynamic=False)
+    info = machine_info(args.device)
+    settings = dict(size=args.size, dtype=args.dtype, batch=args.batch, guidance=args.guidance, steps=args.steps,
+                    compile=args.compile, layout="medim-v1 256+1024", task="text-to-image")
+
+    logger.info("(a) loop overhead at batch %d", args.batch)
+    fast = loop_overhead(model, args.batch, args.steps, args.guidance, args.repeats)
+    logger.info("(b) release-style loop")
+    rel = release_speedup(model, fast, args.release_rows or args.batch, args.guidance)
+    row = {k: v for k, v in fast.items() if not isinstance(v, (torch.Tensor, dict))} | rel
+    info["load_average_end"] = machine_info()["load_average"]
+    notes = ["loop_overhead = sample_s / (NFE x bare forward); speedup = release s/pair / fast s/pair",
+             "release-style loop: one sample at a time, guidance as its own forward, full-vocabulary logits"]
+    report(f"Sampler: overhead and speed-up ({args.size}, {args.device})", settings, [row], info, notes,
+           results=record)
+
+    grid = parse_settings(args.settings)
+    if not args.skip_nfe:
+        logger.info("(c) NFE per setting at batch %d", args.nfe_batch)
+        rows = nfe_table(model, args.nfe_batch, args.guidance, grid)
+        report(f"Sampler: NFE and time per pair ({args.size}, {args.device})",
+               {**settings, "batch": args.nfe_batch}, rows, machine_info(args.device),
+               results=record)
+    if args.demo_model and Path(args.demo_model).exists():
+        logger.info("(c) demo accuracies from %s", args.demo_model)
+        rows = demo_accuracy(args.demo_model, grid, args.demo_n, args.guidance, args.device, dtype)
+        report("Sampler: demo quality per cost", {**settings, "demo_model": args.demo_model, "n": args.demo_n},
+               rows, machine_info(args.device),
+               results=record)
+    elif args.demo_model:
+        logger.info("--demo-model %s not found: demo accuracies skipped", args.demo_model)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""One-shot check on a CUDA machine (H100/H200), well under ten minutes:
+
+    pip install -e . && python benchmarks/gpu_check.py            # results in $OUT (default ./gpu_out)
+    python benchmarks/gpu_check.py --tiny                         # everything shrunk (CPU smoke test)
+
+Sections, each guarded so one failure does not lose the rest (results are rewritten after each):
+1. bf16 vs float32 log-probs of the Liquid-shaped random MeDiM (hidden 3072, 10 layers, 16 x 256
+   heads, intermediate 24576, vocab 40196, medim-v1 256 + 1024 tokens).
+2. Text-to-image with guidance at batch 8 and 32: 16 sampling steps measured; per-step time,
+   images/s extrapolated to 128 steps (stated as such), loop overhead, model FLOP utilisation.
+   Plus the release-style loop on 2 rows (speed-up, token agreement).
+3. The 3.5 B training step: bf16 autocast, gradient checkpointing, AdamW (tokens/s, peak memory).
+4. torch.compile of the model (static shapes): per-step time against eager, or the error.
+Writes $OUT/gpu_check.md and $OUT/gpu_check.json and prints progress with timestamps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sampler import loop_overhead, release_speedup, run_sampler  # noqa: E402
+from bench_train import train_rate  # noqa: E402
+from common import machine_info, markdown_table, medim_v1_model, text_to_image_batch, timed  # noqa: E402
+
+from medim.hub import atomic_file  # noqa: E402
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM
+START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - START:6.1f}s] {message}", flush=True)
+
+
+def forward_flops(model, rows: int, image_positions: int) -> float:
+    """Matmul FLOPs of one forward of `rows` sequences: 2 x weights x tokens for the blocks, the
+    attention scores and values (4 x L^2 x heads x head_dim per layer) and the image head."""
+    cfg = model.config.backbone_config
+    layout = model.layout
+    L = layout.text_len + layout.image_len + 3 + 24  # + <boi> <eoi> <eos> and the size string
+    block = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers."))
+    attn = 4 * L * L * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
+    head = 2 * image_positions * layout.image_vocab_size * cfg.hidden_size
+    return rows * (2 * block * L + attn + head)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def section_precision(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    model32 = medim_v1_model(a.size, device=device, **a.shape)
+    x, known, cond = text_to_image_batch(model32.layout, 2, device, cond_len=a.cond_len)
+    sigma = torch.tensor([1.0, 0.3], device=device)
+    with torch.inference_mode():
+        ref = model32(x, sigma, **cond).logprobs["image"]
+        model16 = model32.to(torch.bfloat16)  # in place: the float32 copy is no longer needed
+        got = model16(x, sigma, **cond).logprobs["image"]
+    diff = (got - ref).abs()
+    return dict(max_abs_logprob_diff=float(diff.max()), mean_abs_logprob_diff=float(diff.mean()),
+                argmax_agreement=float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
+                output_dtype=str(got.dtype))
+
+
+def section_sampling(a: argparse.Namespace, device: torch.device, model) -> list[dict[str, Any]]:
+    rows = []
+    for batch in a.batches:
+        log(f"  sampling: batch {batch}, {a.steps} steps, guidance {a.guidance}")
+        r = loop_overhead(model, batch, a.steps, a.guidance, repeats=1)
+        per_step = r["sample_s"] / a.steps
+        flops = (r["nfe"] - 1) * forward_flops(model, 2 * batch, model.layout.image_len) + forward_flops(
+            model, batch, model.layout.image_len)
+        peak = peak_flops(device)
+        row = dict(batch=batch, steps_measured=a.steps, s_per_step=per_step, loop_overhead=r["loop_overhead"],
+                   images_per_s_at_128_steps_extrapolated=batch / (per_step * 128),
+                   model_TFLOPs=flops / r["sample_s"] / 1e12,
+                   MFU=flops / r["sample_s"] / peak if peak else None)
+        if batch == a.batches[0]:
+            log("  release-style loop on 2 rows")
+            rel = release_speedup(model, r, min(2, batch), a.guidance)
+            row.update(speedup_vs_release=rel["speedup"], release_token_agreement=rel["token_agreement"])
+        rows.append(row)
+        del r
+        gc.collect()
+    return rows
+
+
+def section_training(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    model = medim_v1_model(a.size, device=device, **a.shape)
+    params = sum(p.numel() for p in model.parameters())
+    result = train_rate(model, a.train_batch, 2, bf16=True, checkpointing=True)
+    return dict(params_B=params / 1e9, **result)
+
+
+def section_compile(a: argparse.Namespace, device: torch.device, model) -> dict[str, Any]:
+    layout = model.layout
+    x, known, cond = text_to_image_batch(layout, a.batches[0], device, cond_len=a.cond_len)
+    with torch.inference_mode():
+        run_sampler(model, x, known, cond, 2, a.guidance)
+        eager, _ = timed(lambda: run_sampler(model, x, known, cond, a.compile_steps, a.guidance), device)
+    model.compile(dynamic=False)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        run_sampler(model, x, known, cond, 2, a.guidance)  # compiles the B and 2B graphs
+        compile_s = time.perf_counter() - start
+        compiled, out = timed(lambda: run_sampler(model, x, known, cond, a.compile_steps, a.guidance), device)
+    return dict(batch=a.batches[0], steps=a.compile_steps, compile_s=compile_s, eager_s_per_step=eager / a.compile_steps,
+                compiled_s_per_step=compiled / a.compile_steps, speedup=eager / compiled)
+
+
+def write(out_dir: Path, results: dict[str, Any]) -> None:
+    """Rewrite both files (atomically) with everything gathered so far."""
+    with atomic_file(out_dir / "gpu_check.json") as f:
+        json.dump(results, f, indent=2, default=str)
+    lines = ["# medim gpu_check\n", f"- machine: {json.dumps(results['machine'])}\n",
+             f"- settings: {json.dumps(results['settings'])}\n"]
+    for name, value in results["sections"].items():
+        lines.append(f"\n## {name}\n\n")
+        if isinstance(value, dict) and "error" in value:
+            lines.append(f"FAILED: {value['error']}\n\n```\n{value['traceback']}\n```\n")
+        else:
+            lines.append(markdown_table(value if isinstance(value, list) else [value]))
+    lines.append("\nimages/s at 128 steps are extrapolated from the measured per-step time "
+                 f"({results['settings']['steps']} steps measured).\n")
+    with atomic_file(out_dir / "gpu_check.md") as f:
+        f.write("".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="shrink everything (runs on CPU)")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: precision,sampling,training,compile")
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not a.tiny:
+        raise SystemExit("gpu_check needs a CUDA device (use --tiny for a CPU smoke test)")
+    if a.tiny:
+        a.size, a.shape, a.cond_len = "tiny", dict(text_len=16, image_len=64, base_vocab=120, image_vocab=64), 5
+        a.batches, a.steps, a.train_batch, a.compile_steps = [2, 4], 4, 2, 2
+    else:
+        a.size, a.shape, a.cond_len = "liquid", {}, 24
+        a.batches, a.steps, a.train_batch, a.compile_steps = [8, 32], 16, 4, 8
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 reference and head matmuls
+    a.guidance = 5.0
+    out_dir = Path(os.environ.get("OUT", "./gpu_out"))
+    skip = set(filter(None, a.skip.split(",")))
+    results: dict[str, Any] = dict(machine=machine_info(device), sections={},
+                                   settings=dict(size=a.size, batches=a.batches, steps=a.steps, guidance=a.guidance,
+                                                 train_batch=a.train_batch, layout="medim-v1", shape=a.shape))
+    log(f"device {results['machine'].get('gpu', 'cpu')}, torch {torch.__version__}, writing to {out_dir}")
+
+    def guarded(name: str, fn) -> None:
+        if name in skip:
+            return
+        log(f"{name} ...")
+        try:
+            results["sections"][name] = fn()
+            log(f"{name} done: {json.dumps(results['sections'][name], default=str)[:400]}")
+        except Exception as e:  # one failure must not lose the other sections
+            results["sections"][name] = dict(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-3000:])
+            log(f"{name} FAILED: {type(e).__name__}: {e}")
+        finally:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            write(out_dir, results)
+
+    def bf16_model():
+        return medim_v1_model(a.size, dtype=torch.bfloat16, device=device, **a.shape)
+
+    # Each section builds its own model and drops it, so the 3.5 B training state fits afterwards.
+    guarded("precision", lambda: section_precision(a, device))
+    guarded("sampling", lambda: section_sampling(a, device, bf16_model()))
+    guarded("training", lambda: section_training(a, device))
+    guarded("compile", lambda: section_compile(a, device, bf16_model()))
+    log(f"all done in {time.perf_counter() - START:.0f}s: {out_dir / 'gpu_check.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,9 @@
     python benchmarks/bench_sampler.py --demo-model runs/demo            # + demo accuracies
 
 a) loop overhead = sampling time / (forwards x time of one bare model forward at the same batch
-   and positions): 1.0 means the loop costs nothing beyond the network.
+   and positions): 1.0 means the loop costs nothing beyond the network. The bare forward is the
+   one a user calls (log-probs); the sampler, like the pipeline, asks for raw logits and
+   normalises them itself, so the log-softmax the denominator includes is work it never does.
 b) speed-up over the release-style loop (one sample at a time, guidance as a second forward,
    full-vocabulary logits everywhere; `common.release_style_sample`), which draws the same random
    numbers, so both give the same tokens up to float rounding (token_agreement).
@@ -44,8 +46,10 @@ logger = logging.getLogger("bench_sampler")
 
 
 def make_denoiser(model):
+    """The pipeline's denoiser: raw logits (the sampler normalises them; see `sample`)."""
+
     def denoiser(x, sigma, positions, **kwargs):
-        return model(x, sigma, positions=positions, **kwargs).logprobs
+        return model(x, sigma, positions=positions, return_logits=True, **kwargs).logprobs
 
     return denoiser
 
@@ -185,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     rel = release_speedup(model, fast, args.release_rows or args.batch, args.guidance)
     row = {k: v for k, v in fast.items() if not isinstance(v, (torch.Tensor, dict))} | rel
     info["load_average_end"] = machine_info()["load_average"]
-    notes = ["loop_overhead = sample_s / (NFE x bare forward); speedup = release s/pair / fast s/pair",
+    notes = ["loop_overhead = sample_s / (NFE x bare forward returning log-probs); the sampler's denoiser "
+             "asks for raw logits (as the pipeline's); speedup = release s/pair / fast s/pair",
              "release-style loop: one sample at a time, guidance as its own forward, full-vocabulary logits"]
     report(f"Sampler: overhead and speed-up ({args.size}, {args.device})", settings, [row], info, notes,
            results=record)

@@ -655,7 +655,9 @@ class MeDiMPipeline:
         bar = tqdm(total=len(chunks) * settings["num_steps"], desc="MeDiM", **self._progress_bar_config)
 
         def denoiser(xt, sigma, positions, **kwargs):
-            return self.model(xt, sigma, positions=positions, **kwargs).logprobs
+            # Raw logits: the sampler normalises them itself (it is invariant to a per-position
+            # constant), so the model's log-softmax over every row would be a wasted pass.
+            return self.model(xt, sigma, positions=positions, return_logits=True, **kwargs).logprobs
 
         def on_step(step: int, t: float, tokens: torch.Tensor) -> None:
             bar.update(1)

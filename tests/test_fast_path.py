@@ -22,8 +22,8 @@ def _fast(model, x, known, cond, steps, guidance, seeds):
     layout = model.layout
     gens = [torch.Generator().manual_seed(s) for s in seeds]
 
-    def denoiser(xt, sigma, positions, **kw):
-        return model(xt, sigma, positions=positions, **kw).logprobs
+    def denoiser(xt, sigma, positions, **kw):  # as the pipeline's: raw logits, normalised by the sampler
+        return model(xt, sigma, positions=positions, return_logits=True, **kw).logprobs
 
     return sample(denoiser, x, known, segments=layout.segments, mask_id=layout.mask_id, num_steps=steps,
                   guidance_scale=guidance, generator=gens, model_kwargs=cond)
@@ -47,7 +47,7 @@ def test_batched_guided_sampling_matches_release_style_loop():
 
 def test_blocked_categorical_is_the_inverse_cdf():
     g = torch.Generator().manual_seed(0)
-    for V in (64, 300, 1000):  # below, across and above the 128-wide blocks, with a ragged tail
+    for V in (64, 300, 1000, 1024):  # below, across, above the 128-wide blocks; ragged tail or whole
         weights = torch.rand(4, 50, V, generator=g) ** 4
         weights[0, :, V // 2 :] = 0.0  # zero-probability entries are never picked
         u = torch.rand(4, 50, generator=g)
@@ -94,3 +94,34 @@ def test_compiled_model_static_shapes_same_tokens():
     assert torch.equal(first, eager) and torch.equal(second, eager)
     # Positions and batch sizes are static across steps: nothing is traced again on a second run.
     assert compiled > 0 and len(graphs) == compiled
+
+
+def test_pipeline_asks_for_logits_and_its_tokens_are_unchanged(tmp_path, monkeypatch):
+    """The pipeline's denoiser skips the model's log-softmax (raw logits); forcing the log-prob
+    path back on gives the same tokens for every task."""
+    from helpers_pipeline import V1_LAYOUT, write_upstream
+
+    from medim import MeDiMPipeline
+
+    paths = write_upstream(tmp_path)
+    pipe = MeDiMPipeline.from_original(paths["release"], backbone=paths["liquid"], tokenizer=paths["llama_tokenizer"],
+                                       vqgan=paths["space"], num_layers=2, layout=V1_LAYOUT)
+    pipe.set_progress_bar_config(disable=True)
+    forward, seen = pipe.model.forward, []
+
+    def spy(*args, return_logits=False, **kwargs):
+        seen.append(return_logits)
+        return forward(*args, return_logits=return_logits, **kwargs)
+
+    def run():
+        opts = dict(num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(0))
+        image = pipe.text_to_image(["the heart", "no"], output_type="tokens", **opts).images
+        pairs = pipe.generate_pairs(["the"], num_pairs_per_prompt=2, **opts).tokens
+        return image, pairs
+
+    monkeypatch.setattr(pipe.model, "forward", spy)
+    fast = run()
+    assert seen and all(seen)
+    monkeypatch.setattr(pipe.model, "forward", lambda *a, return_logits=False, **kw: forward(*a, **kw))
+    slow = run()
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow))

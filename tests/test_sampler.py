@@ -256,3 +256,23 @@ def test_bad_inputs():
     bad[0, 0] = 15  # an image id in a known text slot
     with pytest.raises(ValueError, match="'text'"):
         sample(Toy(), bad, task.known, segments=SEGS, mask_id=M, num_steps=2)
+
+
+@pytest.mark.parametrize("opts", [dict(strategy="maskgit"), dict(strategy="threshold"), dict(strategy="ddpm"),
+                                  dict(strategy="maskgit", temperature=0.7, top_k=5, top_p=0.9)])
+def test_denoiser_outputs_matter_only_up_to_a_per_position_constant(opts):
+    """Raw logits (or log-probs shifted by any per-position constant) give the same tokens as
+    log-probs: what lets the pipeline skip the model's log-softmax (`return_logits=True`)."""
+    toy = Toy()
+    g = torch.Generator().manual_seed(9)
+    task = pair_from_prompt(LAYOUT, torch.arange(6).repeat(3, 1), [0, 2, 5])
+
+    def shifted(x, sigma, positions, **kw):
+        # A different constant per row and position, varying from call to call (as logits do).
+        return {n: lp + 20 * torch.rand(*lp.shape[:2], 1, generator=g) - 10
+                for n, lp in toy(x, sigma, positions, **kw).items()}
+
+    kw = dict(guidance_scale=3.0, **opts)
+    ref = run(toy, task, generator=torch.Generator().manual_seed(1), **kw)
+    out = run(shifted, task, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(out.tokens, ref.tokens) and out.nfe == ref.nfe

@@ -126,7 +126,10 @@ def _categorical(weights: torch.Tensor, u: torch.Tensor, block: int = 128) -> tu
     blk = torch.searchsorted(cum, target, right=True).clamp(max=cum.shape[-1] - 1)
     before = torch.where(blk > 0, cum.gather(-1, (blk - 1).clamp(min=0)), 0.0)
     cols = blk * block + torch.arange(block, device=weights.device)
-    inside = weights.gather(-1, cols.clamp(max=V - 1)).masked_fill(cols >= V, 0.0).cumsum(-1)
+    if full < V:  # a ragged last block: read its missing columns as zeros
+        inside = weights.gather(-1, cols.clamp(max=V - 1)).masked_fill(cols >= V, 0.0).cumsum(-1)
+    else:  # every block is whole (8192 image codes): two [..., block] passes fewer
+        inside = weights.gather(-1, cols).cumsum(-1)
     j = torch.searchsorted(inside, (target - before).contiguous(), right=True).clamp(max=block - 1)
     return (blk * block + j).squeeze(-1).clamp(max=V - 1), total
 
@@ -217,7 +220,10 @@ def sample(
         denoiser: `denoiser(x, sigma, positions, **model_kwargs) -> {segment: log-probs [B, K, V]}`
             (docs/internals.md). It is only asked for positions unknown in some row, and never for
             a segment that is fully known (text-to-image computes no text logits). The tensors it
-            returns belong to the sampler, which overwrites them (no per-step copies).
+            returns belong to the sampler, which overwrites them (no per-step copies). Raw logits
+            work as well and save the model a log-softmax pass (`model(..., return_logits=True)`):
+            the sampler only uses its input up to a per-position additive constant (the guidance
+            mix (1 + w) a - w b keeps a constant a constant, then softmax, log-softmax or argmax).
         x, known: the state `[B, N]` and the bool mask of given positions (see `medim.diffusion.tasks`);
             unknown positions may hold anything, known ones never change.
         segments, mask_id: `layout.segments`, `layout.mask_id`.
@@ -284,7 +290,8 @@ def sample(
     kwargs2 = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in model_kwargs.items()}
 
     def logprobs(i: int, w: float, use_guidance: bool) -> torch.Tensor:
-        """Per requested segment, float32 (guided, re-normalised) log-probs; concatenated over K."""
+        """Per requested segment, float32 (guided) log-weights [B, K_s, V_s]: log-probs up to a
+        per-position constant (raw logits in, or the unnormalised guidance mix)."""
         sigma = sigma_grid[i].expand(B)
         if use_guidance:
             xu = torch.where(known, mask_id, x)  # the condition hidden, everything else as is
@@ -297,7 +304,7 @@ def sample(
             rows = 2 * B if use_guidance else B
             if lp.shape != (rows, pos.numel(), seg.vocab_size):
                 raise ValueError(
-                    f"denoiser: expected log-probs {[rows, pos.numel(), seg.vocab_size]} for segment "
+                    f"denoiser: expected log-probs or logits {[rows, pos.numel(), seg.vocab_size]} for segment "
                     f"{seg.name!r}, got {list(lp.shape)}"
                 )
             lp = lp.float()

@@ -362,7 +362,7 @@ def run_demo(out: str | os.PathLike = "medim-demo", num_inference_steps: int = 1
     pipe = MeDiMPipeline.from_pretrained(model)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace its files")
+        raise FileExistsError(f"{out} is not empty; pass overwrite=True (--overwrite) to replace its files")
     out.mkdir(parents=True, exist_ok=True)
     common = dict(num_inference_steps=num_inference_steps)
 

@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medim import demo
+    from medim.pipeline import MeDiMPipeline
 
     for name in ("steps", "n", "num_train", "vqgan_steps", "model_steps"):
         if getattr(args, name) < 1:
@@ -45,17 +46,15 @@ def run(args: argparse.Namespace) -> int:
         path = demo.build_demo(args.retrain, settings, device=args.device, overwrite=args.overwrite)
         print(f"demo pipeline saved to {path}; load it with MeDiMPipeline.from_pretrained({str(path)!r})")
         return 0
-    if args.evaluate:
-        from medim.pipeline import MeDiMPipeline
-
-        pipe = MeDiMPipeline.from_pretrained(args.model)
-        scores = demo.evaluate_demo(pipe, n=args.n, num_inference_steps=args.steps, seed=args.seed)
-        print(demo.scores_table(scores))
-        return 0
     try:
+        if args.evaluate:
+            pipe = MeDiMPipeline.from_pretrained(args.model)
+            print(demo.scores_table(demo.evaluate_demo(pipe, n=args.n, num_inference_steps=args.steps,
+                                                       seed=args.seed)))
+            return 0
         summary = demo.run_demo(args.out, num_inference_steps=args.steps, seed=args.seed, overwrite=args.overwrite,
-                                 model=args.model)
-    except FileExistsError as e:
-        raise SystemExit(f"medim demo: {e} (use --overwrite, or --out DIR)") from None
+                                model=args.model)
+    except (FileNotFoundError, FileExistsError) as e:  # no model / a non-empty --out
+        raise SystemExit(f"medim demo: {e}") from None
     print(json.dumps(summary, indent=1))
     return 0

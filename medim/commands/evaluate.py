@@ -12,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+from medim.data.datasets import iter_jsonl
 from medim.hub import atomic_file
 
 HELP = "score generated reports (BLEU/ROUGE/METEOR/CIDEr-D) or images (FID) against references"
@@ -55,13 +56,7 @@ def read_reports(source: str | Path) -> dict[str, str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is not a folder or a manifest.jsonl")
     reports = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n} is not JSON: {e}") from e
+    for n, row in iter_jsonl(path):
         name = next((k for k in _NAME_KEYS if isinstance(row, dict) and row.get(k) is not None), None)
         if name is None or not isinstance(row.get("report"), str):
             raise ValueError(f"{path}:{n} needs a 'report' string and one of {_NAME_KEYS}")

@@ -36,6 +36,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,6 +99,19 @@ def _clean(text: str) -> str:
     return " ".join(text.split())
 
 
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a JSONL file; a line that is not JSON
+    raises ValueError naming the file and line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+
+
 class PairedDataset(torch.utils.data.Dataset):
     """Image-report pairs from a list of `PairedRecord`s.
 
@@ -149,29 +163,22 @@ class PairedDataset(torch.utils.data.Dataset):
         if not manifest.is_file():
             raise FileNotFoundError(f"manifest {manifest} does not exist")
         records, skipped = [], Counter()
-        with open(manifest, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{manifest}:{lineno}: not valid JSON ({e.msg})") from e
-                if not isinstance(row, dict) or not isinstance(row.get("image"), str):
-                    raise ValueError(f'{manifest}:{lineno}: each line must be an object with an "image" path')
-                report = row.get("report")
-                if not isinstance(report, str) or not report.strip():
-                    skipped["empty_report"] += 1
-                    continue
-                image = manifest.parent / row["image"]
-                if not image.is_file():
-                    skipped["missing_image"] += 1
-                    continue
-                meta = {
-                    "source": "jsonl",
-                    **{k: v for k, v in row.items() if k not in ("image", "report", "id")},
-                }
-                records.append(PairedRecord(str(row.get("id", row["image"])), image, _clean(report), meta))
+        for lineno, row in iter_jsonl(manifest):
+            if not isinstance(row, dict) or not isinstance(row.get("image"), str):
+                raise ValueError(f'{manifest}:{lineno}: each line must be an object with an "image" path')
+            report = row.get("report")
+            if not isinstance(report, str) or not report.strip():
+                skipped["empty_report"] += 1
+                continue
+            image = manifest.parent / row["image"]
+            if not image.is_file():
+                skipped["missing_image"] += 1
+                continue
+            meta = {
+                "source": "jsonl",
+                **{k: v for k, v in row.items() if k not in ("image", "report", "id")},
+            }
+            records.append(PairedRecord(str(row.get("id", row["image"])), image, _clean(report), meta))
         return cls._indexed(records, skipped, f"manifest {manifest}")
 
     @classmethod

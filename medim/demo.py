@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -57,25 +58,58 @@ def demo_path() -> Path:
 # ---------------------------------------------------------------------------------------- build
 
 
-def _phantom_pixels(n: int, seed: int) -> torch.Tensor:
-    images = [image for image, _, _ in synthetic.make_dataset(n, seed=seed, size=IMAGE_SIZE)]
+def _lesion_rich_pixels(n: int, seed: int, lesion_prob: float = 0.75) -> torch.Tensor:
+    """Phantoms with a lesion in each quadrant with probability `lesion_prob` (VQGAN training only).
+
+    In report-distributed phantoms lesions cover ~5% of the pixels, less than the tissue-level
+    jitter costs in MSE, so a VQGAN trained on them spends its codes on tissue first and erases
+    every lesion for thousands of steps (seen on CPU builds). Lesion-rich images make lesions a
+    large share of the loss: reconstructions read back right after a few hundred steps.
+    """
+    rng = np.random.default_rng([seed, 1])
+    images = []
+    for _ in range(n):
+        lesions = tuple(synthetic.Lesion(side, level, synthetic.SIZES[rng.integers(2)],
+                                         synthetic.DENSITIES[rng.integers(2)])
+                        for side in synthetic.SIDES for level in synthetic.LEVELS if rng.random() < lesion_prob)
+        images.append(synthetic.make_pair(rng, IMAGE_SIZE, spec=synthetic.PhantomSpec(lesions))[0])
     return preprocess(images, size=IMAGE_SIZE)
 
 
+def _kmeans(pool: torch.Tensor, k: int, iters: int = 10) -> torch.Tensor:
+    """k centres of `pool`: k-means++ seeding (each new centre drawn far from those already drawn,
+    so rare vectors such as a lesion's get centres of their own) refined by Lloyd iterations."""
+    idx = [int(torch.randint(0, len(pool), (1,)))]
+    dist = (pool - pool[idx[0]]).pow(2).sum(1)
+    for _ in range(k - 1):
+        idx.append(int(torch.multinomial(dist + 1e-12, 1)))
+        dist = torch.minimum(dist, (pool - pool[idx[-1]]).pow(2).sum(1))
+    centres = pool[idx].clone()
+    for _ in range(iters):
+        assign = torch.cdist(pool, centres).argmin(1)
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(centres).index_add_(0, assign, pool)
+        filled = counts > 0  # an empty cluster keeps its centre
+        centres[filled] = sums[filled] / counts[filled, None]
+    return centres
+
+
 def train_vqgan(pixels: torch.Tensor, steps: int, device: torch.device, batch_size: int = 64, seed: int = 0,
-                crop: int | None = None):
+                n_embed: int = 128):
     """Train a small VQGAN (the real `VQGAN` class) on phantom pixels.
 
     Plain VQ-VAE training is enough for phantoms (flat regions and round lesions): MSE
     reconstruction, codebook and commitment losses with a straight-through estimator, no GAN.
-    The codebook is seeded from encoder outputs after a short autoencoder warm-up, and unused codes
-    are re-seeded periodically, because a 64-code book on such simple images collapses otherwise.
-    `crop` trains on random crops of that side (the VQGAN is convolutional; 4x cheaper on CPU).
+    The first quarter of the steps trains a plain autoencoder; the codebook is then set by k-means
+    on the encoder outputs of up to 1024 images, and later unused codes are re-seeded from the
+    worst-quantised vectors. Quantising earlier, or seeding from one batch, sometimes leaves the
+    lesions without codes of their own: the encoder then learns to drop them and never recovers
+    (seen on CPU builds, where a run either reads lesions back or erases all of them).
     """
     from medim.models.vqgan import VQGAN, VQGANConfig
 
     torch.manual_seed(seed)
-    config = VQGANConfig(embed_dim=16, n_embed=64, z_channels=64, resolution=IMAGE_SIZE, ch=32,
+    config = VQGANConfig(embed_dim=16, n_embed=n_embed, z_channels=64, resolution=IMAGE_SIZE, ch=32,
                          ch_mult=(1, 1, 2, 2), num_res_blocks=1)
     vq = VQGAN(config).to(device).train()
     pixels = pixels.to(device)
@@ -83,14 +117,10 @@ def train_vqgan(pixels: torch.Tensor, steps: int, device: torch.device, batch_si
     opt = torch.optim.Adam(vq.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     book = vq.quantize.embedding.weight
-    warmup, refresh = max(steps // 10, 1), max(steps // 20, 1)
+    warmup, refresh = max(steps // 4, 1), max(steps // 20, 1)
     usage = torch.zeros(config.n_embed, device=device)
     for step in range(steps):
         x = pixels[torch.randint(0, len(pixels), (batch_size,), device=device)]
-        if crop:  # offsets on the code grid, so crops see the same patch alignment as whole images
-            f = vq.downsample_factor
-            top, left = (torch.randint(0, (IMAGE_SIZE - crop) // f + 1, (2,)) * f).tolist()
-            x = x[:, :, top:top + crop, left:left + crop]
         z = vq.quant_conv(vq.encoder(x))
         flat = z.permute(0, 2, 3, 1).reshape(-1, config.embed_dim)
         if step < warmup:  # autoencoder warm-up: the codebook is seeded from what it learns
@@ -107,13 +137,19 @@ def train_vqgan(pixels: torch.Tensor, steps: int, device: torch.device, batch_si
         loss.backward()
         opt.step()
         sched.step()
-        reseed = step + 1 == warmup or (step >= warmup and (step + 1) % refresh == 0 and step < steps * 0.8)
-        if reseed:
-            with torch.no_grad():
-                dead = usage == 0 if step + 1 > warmup else torch.ones_like(usage, dtype=torch.bool)
-                pool = flat.detach()
-                book[dead] = pool[torch.randint(0, len(pool), (int(dead.sum()),), device=device)]
-            usage.zero_()
+        with torch.no_grad():
+            pool = flat.detach()
+            if step + 1 == warmup:
+                sample = pixels[torch.randperm(len(pixels), device=device)[:1024]]
+                latents = torch.cat([vq.quant_conv(vq.encoder(chunk)) for chunk in sample.split(128)])
+                book.copy_(_kmeans(latents.permute(0, 2, 3, 1).reshape(-1, config.embed_dim), config.n_embed))
+                usage.zero_()
+            elif step >= warmup and (step + 1) % refresh == 0 and step < steps * 0.8:
+                dead = (usage == 0).nonzero().flatten()
+                if len(dead):
+                    error = (pool - book[vq._nearest_code(pool)]).pow(2).sum(1)
+                    book[dead] = pool[torch.multinomial(error + 1e-12, len(dead), replacement=len(dead) > len(pool))]
+                usage.zero_()
         if (step + 1) % max(steps // 10, 1) == 0:
             logger.info("vqgan step %d/%d loss %.4f", step + 1, steps, loss.item())
     return vq.eval()
@@ -148,25 +184,35 @@ def _write_backbone(directory: Path, vocab_size: int, hidden: int, layers: int, 
 
 @dataclass
 class BuildSettings:
-    """Everything `build_demo` trains with (saved next to the model as build.json)."""
+    """Everything `build_demo` trains with (saved next to the model as build.json).
+
+    The defaults are a 2-core CPU recipe (about 12 minutes of VQGAN + 30 of MeDiM): its VQGAN
+    keeps every lesion, but 3000 MeDiM steps of 32 pairs are too few for the model to tie report
+    words to image quadrants (README, "The demo"); on a GPU raise `model_steps` and `batch_size`.
+    """
 
     seed: int = 0
-    num_train: int = 20_000
-    vqgan_steps: int = 3000
-    model_steps: int = 8000
-    batch_size: int = 128
+    num_train: int = 20_000  # phantom pairs in the token cache
+    vqgan_steps: int = 600
+    vqgan_batch_size: int = 16
+    vqgan_codes: int = 128
+    model_steps: int = 3000
+    batch_size: int = 32
     lr: float = 1e-3
     hidden: int = 128
-    layers: int = 6
-    cond_drop_prob: float = 0.1
-    vqgan_crop: int | None = None  # train the VQGAN on crops of this side (CPU builds: 32)
+    layers: int = 4
+    cond_drop_prob: float = 0.1  # for classifier-free guidance
+    cond_keep_prob: float = 0.5  # pure conditional rows: see medim.diffusion.diffusion_loss
 
 
 def build_demo(out: str | os.PathLike, settings: BuildSettings | None = None, device: str | None = None,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, vqgan: str | os.PathLike | None = None) -> Path:
     """Retrain the demo pipeline from scratch and save it to `out` (atomically).
 
-    Takes about 3 minutes on one GPU with the default settings; on CPU use smaller settings.
+    `vqgan`: a VQGAN folder to reuse (e.g. the `vqgan/` of an earlier build) instead of training
+    one, to retrain only the MeDiM part; build.json records it.
+
+    Takes about 45 minutes on 2 CPU cores with the default settings.
 
     Example:
         >>> build_demo("my-demo", BuildSettings(num_train=2000, vqgan_steps=300, model_steps=500))
@@ -195,8 +241,13 @@ def build_demo(out: str | os.PathLike, settings: BuildSettings | None = None, de
         tmp = Path(tmp_name)
         logger.info("phantoms: %d training pairs", s.num_train)
         data = PhantomDataset(s.num_train, seed=s.seed, size=IMAGE_SIZE)
-        vq = train_vqgan(_phantom_pixels(min(s.num_train, 4000), s.seed), s.vqgan_steps, dev, seed=s.seed,
-                         crop=s.vqgan_crop)
+        if vqgan is None:
+            vq = train_vqgan(_lesion_rich_pixels(min(s.num_train, 4000), s.seed), s.vqgan_steps, dev,
+                             batch_size=s.vqgan_batch_size, seed=s.seed, n_embed=s.vqgan_codes)
+        else:
+            from medim.models.vqgan import VQGAN
+
+            vq = VQGAN.from_pretrained(vqgan).to(dev)
         vq.cpu().save_pretrained(tmp / "vqgan")
         tokenizer = train_tokenizer([data[i]["report"] for i in range(min(s.num_train, 4000))])
         tokenizer.save_pretrained(tmp / "tokenizer")
@@ -213,7 +264,7 @@ def build_demo(out: str | os.PathLike, settings: BuildSettings | None = None, de
             model=ModelConfig(init=str(tmp / "init")),
             data=DataConfig(cache=str(tmp / "cache"), val_size=min(256, s.num_train // 10)),
             optim=OptimConfig(lr=s.lr, scheduler="cosine", warmup_steps=min(200, s.model_steps // 10)),
-            diffusion=DiffusionConfig(cond_drop_prob=s.cond_drop_prob),
+            diffusion=DiffusionConfig(cond_drop_prob=s.cond_drop_prob, cond_keep_prob=s.cond_keep_prob),
             train=TrainSection(output_dir=str(tmp / "run"), max_steps=s.model_steps, seed=s.seed,
                                global_batch_size=s.batch_size, micro_batch_size=s.batch_size,
                                precision="fp32", device=str(dev)),
@@ -225,7 +276,7 @@ def build_demo(out: str | os.PathLike, settings: BuildSettings | None = None, de
         trained.save_pretrained(final, overwrite=True)
         history = [{k: r[k] for k in ("step", "loss") if k in r} for r in result.history]
         (final / "build.json").write_text(json.dumps(
-            {"settings": asdict(s), "device": str(dev), "seconds": round(time.perf_counter() - start, 1),
+            {"settings": asdict(s), "vqgan": None if vqgan is None else str(vqgan), "device": str(dev), "seconds": round(time.perf_counter() - start, 1),
              "torch": torch.__version__, "loss_history": history}, indent=1))
     logger.info("demo built in %.0f s -> %s", time.perf_counter() - start, out)
     return out

@@ -1,59 +1,19 @@
-"""Token cache: contents equal direct encoding, resume without redoing shards, bad files counted.
-
-The tiny tokenizer/VQGAN/layout built here are reused by tests/test_trainer.py and
-tests/test_distributed.py.
-"""
+"""Token cache: contents equal direct encoding, resume without redoing shards, bad files counted."""
 
 from __future__ import annotations
 
 import json
-import re
-from pathlib import Path
 
 import pytest
 import torch
+from helpers_training import TEXT_VOCAB, make_cache, tiny_layout, tiny_tokenizer, tiny_vqgan
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from medim.data.cache import TokenCacheDataset, build_token_cache, first_sentence_length
 from medim.data.datasets import build_dataset
 from medim.data.images import preprocess
 from medim.data.synthetic import make_dataset
-from medim.layout import NativeLayout
-from medim.models.vqgan import VQGAN, VQGANConfig
-
-TEXT_VOCAB, IMAGE_VOCAB = 200, 64  # as tests/helpers_backbone.py's tiny Liquid
-TINY_VQGAN = dict(ch=32, ch_mult=(1, 2), resolution=16, n_embed=IMAGE_VOCAB, embed_dim=8, z_channels=8,
-                  num_res_blocks=1)
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level fast tokenizer over the phantom reports' words: <pad>=0 <eos>=1 <bos>=2 <unk>=3."""
-    words = sorted({w for _, report, _ in make_dataset(64, seed=0) for w in re.findall(r"\w+|[^\w\s]", report)})
-    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", *words])}
-    assert len(vocab) <= TEXT_VOCAB
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                   bos_token="<bos>", unk_token="<unk>")
-
-
-def tiny_layout(text_len: int = 40) -> NativeLayout:
-    # 8x8 codes -> 16 px images with the tiny VQGAN (downsample 2).
-    return NativeLayout(text_vocab_size=TEXT_VOCAB, image_offset=TEXT_VOCAB, image_vocab_size=IMAGE_VOCAB,
-                        mask_id=TEXT_VOCAB + IMAGE_VOCAB, text_len=text_len, image_len=64)
-
-
-def tiny_vqgan(seed: int = 0) -> VQGAN:
-    torch.manual_seed(seed)
-    return VQGAN(VQGANConfig(**TINY_VQGAN)).eval()
-
-
-def make_cache(out: Path, n: int = 12, shard_size: int = 5, **kwargs):
-    return build_token_cache(build_dataset("phantom", n=n, seed=0, size=32), out, vqgan=tiny_vqgan(),
-                             tokenizer=tiny_tokenizer(), layout=tiny_layout(), shard_size=shard_size,
-                             batch_size=3, show_progress=False, **kwargs)
+from medim.models.vqgan import VQGAN
 
 
 def test_cache_equals_direct_encoding(tmp_path):

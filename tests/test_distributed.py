@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-from test_trainer import tiny_config
+from helpers_training import tiny_config
 
 WORLD = 2
 

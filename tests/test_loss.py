@@ -109,6 +109,27 @@ def test_condition_dropout_rate_and_exclusion():
     assert out.num_tokens.item() == 4000 * 7 - 3 * text_dropped.sum().item() - 4 * image_dropped.sum().item()
 
 
+def test_condition_keeping_rate_and_exclusion():
+    # sigma huge: everything is masked except a kept modality, which stays clean whole.
+    x0 = X0[:1].expand(4000, -1).contiguous()
+    seen = []
+    out = diffusion_loss(_recording(seen), x0, SEGS, MASK, schedule=LinearSchedule(50.0, 50.0), cond_keep_prob=0.4,
+                         generator=torch.Generator().manual_seed(0))
+    xt = seen[0]
+    text_kept, image_kept = (xt[:, :3] == x0[:, :3]).all(-1), (xt[:, 3:] == x0[:, 3:]).all(-1)
+    assert not (text_kept & image_kept).any()
+    assert not ((xt != MASK).any(-1) & ~(text_kept | image_kept)).any()
+    kept = text_kept | image_kept
+    assert abs(kept.float().mean().item() - 0.4) < 0.025
+    assert abs(text_kept.float().sum().item() / kept.sum().item() - 0.5) < 0.08
+    # Kept positions are conditioning: they do not count.
+    assert out.num_tokens.item() == 4000 * 7 - 3 * text_kept.sum().item() - 4 * image_kept.sum().item()
+    # Off by default: the release's masks, draw for draw.
+    same = diffusion_loss(_recording(seen), x0, SEGS, MASK, schedule=LinearSchedule(50.0, 50.0),
+                          cond_keep_prob=0.0, generator=torch.Generator().manual_seed(0))
+    assert (seen[-1] == MASK).all() and same.num_tokens.item() == 4000 * 7
+
+
 def test_gradient_reaches_the_model():
     logits = torch.zeros(7, 10, requires_grad=True)
 

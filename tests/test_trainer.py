@@ -11,14 +11,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from test_cache import make_cache, tiny_layout, tiny_tokenizer, tiny_vqgan
+from helpers_training import REPO, tiny_config, tiny_layout, tiny_run, tiny_tokenizer, tiny_vqgan
 
 from medim.training import checkpoint as ckpt
 from medim.training.config import load_config
 from medim.training.distributed import sample_indices
 from medim.training.optim import EMA, build_optimizer, build_scheduler
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- config
@@ -195,29 +193,6 @@ def test_build_optimizer_uses_config():
 
 
 # ---------------------------------------------------------------- training end to end
-def tiny_run(tmp_path: Path, n: int = 24) -> tuple[Path, Path]:
-    """A tiny saved pipeline (2-layer Gemma, native layout) and a phantom token cache for it."""
-    from helpers_backbone import tiny_gemma_config
-
-    from medim.models.medim import MeDiMConfig, MeDiMModel
-    from medim.pipeline import MeDiMPipeline
-
-    base, cache = tmp_path / "base", tmp_path / "cache"
-    if not base.exists():
-        torch.manual_seed(0)
-        layout = tiny_layout()
-        model = MeDiMModel(MeDiMConfig(tiny_gemma_config(vocab_size=layout.min_vocab_size), layout=layout.to_dict()))
-        MeDiMPipeline(model, tiny_vqgan(), tiny_tokenizer()).save_pretrained(base)
-        make_cache(cache, n=n, shard_size=8)
-    return base, cache
-
-
-def tiny_config(tmp_path: Path, out: str, *overrides: str):
-    base, cache = tiny_run(tmp_path)
-    return load_config(REPO / "configs/tiny.yaml", [
-        f"model.init={base}", f"data.cache={cache}", f"train.output_dir={tmp_path / out}", *overrides])
-
-
 def test_one_process_training_lowers_loss_and_exports(tmp_path):
     from medim.pipeline import MeDiMPipeline
     from medim.training import Trainer

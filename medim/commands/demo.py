@@ -26,24 +26,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=200, help="held-out phantoms for --evaluate (default: 200)")
     parser.add_argument("--retrain", metavar="DIR",
                         help="instead, retrain the demo pipeline from scratch and save it to DIR "
-                             "(about 3 minutes on one GPU; slow on CPU unless the step counts are reduced)")
+                             "(about 45 minutes on 2 CPU cores at the default sizes)")
     parser.add_argument("--device", default=None, help="device for --retrain (default: cuda if available, else cpu)")
-    parser.add_argument("--num-train", type=int, default=20_000, help="--retrain: training phantoms")
-    parser.add_argument("--vqgan-steps", type=int, default=3000, help="--retrain: VQGAN optimizer steps")
-    parser.add_argument("--model-steps", type=int, default=8000, help="--retrain: MeDiM optimizer steps")
+    # --retrain sizes default to None = medim.demo.BuildSettings (the help repeats its values).
+    parser.add_argument("--num-train", type=int, help="--retrain: training phantoms (default: 20000)")
+    parser.add_argument("--vqgan-steps", type=int, help="--retrain: VQGAN optimizer steps (default: 600)")
+    parser.add_argument("--model-steps", type=int, help="--retrain: MeDiM optimizer steps (default: 3000)")
+    parser.add_argument("--batch-size", type=int, help="--retrain: MeDiM batch size (default: 32)")
+    parser.add_argument("--vqgan", metavar="DIR",
+                        help="--retrain: reuse this VQGAN folder (e.g. DIR/vqgan of an earlier build) "
+                             "instead of training one, so only the MeDiM part is retrained")
 
 
 def run(args: argparse.Namespace) -> int:
     from medim import demo
     from medim.pipeline import MeDiMPipeline
 
-    for name in ("steps", "n", "num_train", "vqgan_steps", "model_steps"):
-        if getattr(args, name) < 1:
+    sizes = ("num_train", "vqgan_steps", "model_steps", "batch_size")
+    for name in ("steps", "n", *sizes):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"medim demo: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.retrain:
-        settings = demo.BuildSettings(seed=args.seed, num_train=args.num_train, vqgan_steps=args.vqgan_steps,
-                                      model_steps=args.model_steps)
-        path = demo.build_demo(args.retrain, settings, device=args.device, overwrite=args.overwrite)
+        chosen = {name: getattr(args, name) for name in sizes if getattr(args, name) is not None}
+        settings = demo.BuildSettings(seed=args.seed, **chosen)
+        path = demo.build_demo(args.retrain, settings, device=args.device, overwrite=args.overwrite,
+                               vqgan=args.vqgan)
         print(f"demo pipeline saved to {path}; load it with MeDiMPipeline.from_pretrained({str(path)!r})")
         return 0
     try:

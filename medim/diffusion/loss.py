@@ -81,6 +81,7 @@ def diffusion_loss(
     keep_prefix_prob: float = 0.0,
     prefix_len: torch.Tensor | Sequence[int] | int | None = None,
     cond_drop_prob: float = 0.0,
+    cond_keep_prob: float = 0.0,
     modality_weights: Mapping[str, float] | None = None,
     snr_cap: float | None = None,
     time_eps: float = 1e-3,
@@ -103,13 +104,20 @@ def diffusion_loss(
         cond_drop_prob: with this probability per row, one whole segment (chosen uniformly) is
             masked and excluded from the loss, so the model learns the unconditional prediction of
             the other one (classifier-free guidance).
+        cond_keep_prob: with this probability per row, one whole segment (chosen uniformly) stays
+            clean and is not scored, so the row is a pure conditional task (text-to-image or
+            image-to-report). Under one shared t a masked image mostly comes with a masked report,
+            and a small model learns to copy from visible neighbours long before it learns to
+            read the other modality; kept rows teach that directly (default 0: the release).
         modality_weights: multiplies each segment's summed loss (default 1).
         snr_cap: if set, the weight w = dsigma/expm1(sigma) becomes the soft minimum
             w * cap / (w + cap) (about min(w, cap)), which tames the 1/t blow-up near t = 0.
         time_eps: t is drawn in [time_eps, 1].
         generator: makes t and every mask reproducible. Draw order: t [B]; mask uniforms [B, N];
             then [B] for prefix keeping if keep_prefix_prob > 0; then [B] and [B] for the dropout
-            decision and the dropped segment if cond_drop_prob > 0.
+            decision and the dropped segment if cond_drop_prob > 0; then [B] and [B] for the
+            keeping decision and the kept segment if cond_keep_prob > 0. A row both dropped and
+            kept keeps the one segment and drops the other (same segment: kept).
 
     Averaging: loss = sum_s weight_s * S_s / sum_s N_s, where S_s is the sum of w(t) * -log p(x0)
     over masked counted tokens of segment s and N_s the number of its counted tokens (masked or
@@ -137,6 +145,7 @@ def diffusion_loss(
     counted = _as_mask(loss_mask, x0.shape, "loss_mask", True, device) & ~known
     _check_prob(keep_prefix_prob, "keep_prefix_prob")
     _check_prob(cond_drop_prob, "cond_drop_prob")
+    _check_prob(cond_keep_prob, "cond_keep_prob")
     if not 0.0 < time_eps < 1.0:
         raise ValueError(f"time_eps: expected a value in (0, 1), got {time_eps!r}")
     if snr_cap is not None and not snr_cap > 0:
@@ -160,13 +169,21 @@ def diffusion_loss(
     if keep_prefix_prob > 0:
         keep = _rand((B,), generator, device) < keep_prefix_prob
         masked &= ~(keep[:, None] & (pos[None] < prefix_len[:, None]))
-    if cond_drop_prob > 0:
-        drop = _rand((B,), generator, device) < cond_drop_prob
+    seg_of_pos = torch.cat([torch.full((s.length,), i, device=device) for i, s in enumerate(segments)])
+
+    def whole_segments(prob: float) -> torch.Tensor:  # [B, N]: one uniformly chosen segment of chosen rows
+        chosen = _rand((B,), generator, device) < prob
         which = (_rand((B,), generator, device) * len(segments)).long().clamp(max=len(segments) - 1)
-        seg_of_pos = torch.cat([torch.full((s.length,), i, device=device) for i, s in enumerate(segments)])
-        dropped = drop[:, None] & (seg_of_pos[None] == which[:, None])
+        return chosen[:, None] & (seg_of_pos[None] == which[:, None])
+
+    if cond_drop_prob > 0:
+        dropped = whole_segments(cond_drop_prob)
         masked |= dropped & ~known
         counted &= ~dropped
+    if cond_keep_prob > 0:
+        kept = whole_segments(cond_keep_prob)
+        masked &= ~kept
+        counted &= ~kept
     xt = torch.where(masked, mask_id, x0)
 
     weight = sched.loss_weight(t)

@@ -55,6 +55,7 @@ class DiffusionConfig:
     schedule: str = "loglinear"  # noise schedule name understood by medim.diffusion.schedule
     keep_prefix_prob: float = 0.1  # chance that a report's first sentence stays unmasked
     cond_drop_prob: float = 0.0  # chance that one whole modality is masked and not scored (for CFG)
+    cond_keep_prob: float = 0.0  # chance that one whole modality stays clean and is not scored
 
 
 @dataclass

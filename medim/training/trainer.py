@@ -175,6 +175,7 @@ class Trainer:
                 keep_prefix_prob=d.keep_prefix_prob,
                 prefix_len=batch["prefix_len"].to(self.info.device),
                 cond_drop_prob=d.cond_drop_prob,
+                cond_keep_prob=d.cond_keep_prob,
                 generator=generator,
                 model_kwargs=condition,
             )

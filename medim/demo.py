@@ -138,14 +138,13 @@ def train_vqgan(pixels: torch.Tensor, steps: int, device: torch.device, batch_si
         opt.step()
         sched.step()
         with torch.no_grad():
-            pool = flat.detach()
             if step + 1 == warmup:
                 sample = pixels[torch.randperm(len(pixels), device=device)[:1024]]
                 latents = torch.cat([vq.quant_conv(vq.encoder(chunk)) for chunk in sample.split(128)])
                 book.copy_(_kmeans(latents.permute(0, 2, 3, 1).reshape(-1, config.embed_dim), config.n_embed))
                 usage.zero_()
             elif step >= warmup and (step + 1) % refresh == 0 and step < steps * 0.8:
-                dead = (usage == 0).nonzero().flatten()
+                dead, pool = (usage == 0).nonzero().flatten(), flat.detach()
                 if len(dead):
                     error = (pool - book[vq._nearest_code(pool)]).pow(2).sum(1)
                     book[dead] = pool[torch.multinomial(error + 1e-12, len(dead), replacement=len(dead) > len(pool))]

@@ -233,6 +233,11 @@ def build_demo(out: str | os.PathLike, settings: BuildSettings | None = None, de
     )
 
     s = settings or BuildSettings()
+    reused = None
+    if vqgan is not None:  # a bad folder fails here, before any phantom is drawn
+        from medim.models.vqgan import VQGAN
+
+        reused = VQGAN.from_pretrained(vqgan)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(out)
     start = time.perf_counter()
@@ -240,13 +245,11 @@ def build_demo(out: str | os.PathLike, settings: BuildSettings | None = None, de
         tmp = Path(tmp_name)
         logger.info("phantoms: %d training pairs", s.num_train)
         data = PhantomDataset(s.num_train, seed=s.seed, size=IMAGE_SIZE)
-        if vqgan is None:
+        if reused is None:
             vq = train_vqgan(_lesion_rich_pixels(min(s.num_train, 4000), s.seed), s.vqgan_steps, dev,
                              batch_size=s.vqgan_batch_size, seed=s.seed, n_embed=s.vqgan_codes)
         else:
-            from medim.models.vqgan import VQGAN
-
-            vq = VQGAN.from_pretrained(vqgan).to(dev)
+            vq = reused.to(dev)
         vq.cpu().save_pretrained(tmp / "vqgan")
         tokenizer = train_tokenizer([data[i]["report"] for i in range(min(s.num_train, 4000))])
         tokenizer.save_pretrained(tmp / "tokenizer")

@@ -14,7 +14,7 @@ its report says.
 Example:
     >>> from medim import MeDiMPipeline
     >>> pipe = MeDiMPipeline.from_pretrained("medim-demo")   # no network: it ships with medim
-    >>> pipe.text_to_image(["A large dense opacity in the right upper zone."]).images[0]
+    >>> pipe.text_to_image(["A large dense nodule in the right upper zone."]).images[0]
 """
 
 from __future__ import annotations
@@ -44,8 +44,11 @@ __all__ = ["DEMO_NAME", "demo_path", "build_demo", "evaluate_demo", "run_demo", 
 DEMO_NAME = "medim-demo"
 IMAGE_SIZE = 64  # phantom side in pixels; the VQGAN turns it into an 8 x 8 grid of codes
 TEXT_LEN = 40  # report slots: the longest phantom report is about 35 tokens with its end mark
-# Sampler settings saved with the demo (64 image codes need far fewer steps than 1024).
-DEMO_SAMPLER = {"num_steps": 16}
+# Sampler settings saved with the demo, chosen on held-out phantoms: 64 image codes need far
+# fewer steps than 1024; this small model reads best unguided (guidance 5 drops image-to-report
+# from ~0.85 to ~0.75); a low confidence noise orders commits by confidence, but at 0 every
+# generated pair collapses to "no lesion", while 3 keeps about the data's share of lesions.
+DEMO_SAMPLER = {"num_steps": 32, "guidance_scale": 0.0, "confidence_temperature": 3.0}
 # Held-out phantoms are drawn with this seed; training uses `seed` (0 by default), never this one.
 EVAL_SEED = 10_000
 
@@ -169,14 +172,15 @@ def train_tokenizer(reports: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
 
 
-def _write_backbone(directory: Path, vocab_size: int, hidden: int, layers: int, seed: int) -> None:
+def _write_backbone(directory: Path, vocab_size: int, hidden: int, layers: int, seed: int,
+                    rope_theta: float = 10_000.0) -> None:
     """A randomly initialised tiny Llama in the usual transformers format (config + safetensors)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 3,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=128, tie_word_embeddings=True,
+                         max_position_embeddings=128, rope_theta=rope_theta, tie_word_embeddings=True,
                          pad_token_id=0, eos_token_id=1, bos_token_id=2)
     LlamaForCausalLM(config).save_pretrained(directory)
 
@@ -202,6 +206,7 @@ class BuildSettings:
     layers: int = 4
     cond_drop_prob: float = 0.1  # for classifier-free guidance
     cond_keep_prob: float = 0.5  # pure conditional rows: see medim.diffusion.diffusion_loss
+    rope_theta: float = 10_000.0  # the backbone's RoPE base
 
 
 def build_demo(out: str | os.PathLike, settings: BuildSettings | None = None, device: str | None = None,
@@ -253,7 +258,7 @@ def build_demo(out: str | os.PathLike, settings: BuildSettings | None = None, de
         vq.cpu().save_pretrained(tmp / "vqgan")
         tokenizer = train_tokenizer([data[i]["report"] for i in range(min(s.num_train, 4000))])
         tokenizer.save_pretrained(tmp / "tokenizer")
-        _write_backbone(tmp / "backbone", len(tokenizer), s.hidden, s.layers, s.seed)
+        _write_backbone(tmp / "backbone", len(tokenizer), s.hidden, s.layers, s.seed, s.rope_theta)
         pipe = MeDiMPipeline.from_base_models(
             tmp / "backbone", vqgan=tmp / "vqgan", tokenizer=tmp / "tokenizer", num_layers=s.layers,
             layout="native", vqgan_subfolder=None, vqgan_repo_type=None, text_len=TEXT_LEN,
@@ -296,10 +301,12 @@ class DemoScores:
     """
 
     n: int
-    num_inference_steps: int
+    num_inference_steps: int  # as run: the pipeline's saved default when none was given
     image_to_report: float  # report written for a phantom vs the phantom's truth
     text_to_image: float  # image generated from a held-out report vs that report's truth
     pairs: float  # generated image vs its generated report
+    pairs_with_lesions: float  # generated reports that describe a lesion (phantoms: 2/3); a model
+    # that always answers "no lesion" has fully consistent pairs, this shows it
     exact: dict  # per task: fraction of images whose every quadrant matches
     nfe: dict
     seconds: dict
@@ -326,9 +333,10 @@ def _read_report(text: str) -> synthetic.PhantomSpec:
 PAIR_PROMPTS = ("Frontal view of the chest.", "Frontal chest radiograph.")
 
 
-def evaluate_demo(pipe=None, n: int = 200, num_inference_steps: int = 16, seed: int = 0,
+def evaluate_demo(pipe=None, n: int = 200, num_inference_steps: int | None = None, seed: int = 0,
                   batch_size: int = 50) -> DemoScores:
-    """Score the demo (or any phantom-trained pipeline) on `n` held-out phantoms (fixed seed).
+    """Score the demo (or any phantom-trained pipeline) on `n` held-out phantoms (fixed seed), with
+    the pipeline's saved sampler settings (`num_inference_steps` overrides their step count).
 
     Example:
         >>> evaluate_demo(n=50).image_to_report
@@ -338,6 +346,7 @@ def evaluate_demo(pipe=None, n: int = 200, num_inference_steps: int = 16, seed: 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n!r}")
     pipe = pipe or MeDiMPipeline.from_pretrained(DEMO_NAME)
+    num_inference_steps = num_inference_steps or pipe.sampler_defaults["num_steps"]
     held_out = synthetic.make_dataset(n, seed=EVAL_SEED, size=IMAGE_SIZE)
     images, reports, truth = zip(*held_out)
     truth = list(truth)
@@ -365,17 +374,21 @@ def evaluate_demo(pipe=None, n: int = 200, num_inference_steps: int = 16, seed: 
     seconds["pairs"], nfe["pairs"] = time.perf_counter() - t, out.nfe
     read, said = [synthetic.read_image(im) for im in out.images], [_read_report(r) for r in out.reports]
     pairs, exact["pairs"] = quadrant_accuracy(read, said), _exact(read, said)
+    with_lesions = sum(bool(spec.lesions) for spec in said) / n
     return DemoScores(n=n, num_inference_steps=num_inference_steps, image_to_report=i2r, text_to_image=t2i,
-                      pairs=pairs, exact=exact, nfe=nfe, seconds={k: round(v, 2) for k, v in seconds.items()})
+                      pairs=pairs, pairs_with_lesions=with_lesions, exact=exact, nfe=nfe,
+                      seconds={k: round(v, 2) for k, v in seconds.items()})
 
 
 # ------------------------------------------------------------------------------------------ run
 
+# Phrased like the training reports (their words, findings in reading order): the tiny model
+# knows no other wording.
 DEMO_PROMPTS = (
-    "A large dense opacity in the right upper zone.",
+    "A large dense nodule in the right upper zone.",
     "A small lucent lesion in the left lower zone.",
     "No focal lesion.",
-    "A large dark nodule in the left upper zone. A small bright focus in the right lower zone.",
+    "The right lower zone shows a small bright focus. A large dark nodule in the left upper zone.",
 )
 
 
@@ -404,15 +417,17 @@ def _wrap(text: str, width: int) -> list[str]:
     return [*lines, line] if line else lines or [""]
 
 
-def run_demo(out: str | os.PathLike = "medim-demo", num_inference_steps: int = 16, seed: int = 0,
+def run_demo(out: str | os.PathLike = "medim-demo", num_inference_steps: int | None = None, seed: int = 0,
              overwrite: bool = False, model: str | os.PathLike = DEMO_NAME) -> dict:
     """Load the shipped model and write a few results of each task to `out`:
     text_to_image.png, image_to_report.png (+ reports.txt) and pairs.png, plus summary.json.
+    Sampling uses the model's saved settings (`num_inference_steps` overrides their step count).
     Returns the summary (also printed by `medim demo`)."""
     from medim.pipeline import MeDiMPipeline
 
     start = time.perf_counter()
     pipe = MeDiMPipeline.from_pretrained(model)
+    num_inference_steps = num_inference_steps or pipe.sampler_defaults["num_steps"]
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; pass overwrite=True (--overwrite) to replace its files")
@@ -460,5 +475,6 @@ def scores_table(scores: DemoScores) -> str:
     keys = ("image_to_report", "text_to_image", "pairs")
     lines = [f"{'task':<18}{'attribute acc.':>15}{'target':>8}{'all 4 right':>13}", "-" * 54]
     lines += [f"{name:<18}{_finite(v):>15.3f}{t:>8.2f}{scores.exact[k]:>13.3f}" for (name, v, t), k in zip(rows, keys)]
+    lines.append(f"generated pairs describing a lesion: {scores.pairs_with_lesions:.3f} (phantoms: 0.667)")
     lines.append(f"n={scores.n} held-out phantoms, {scores.num_inference_steps} steps, nfe={scores.nfe}")
     return "\n".join(lines)

@@ -95,6 +95,18 @@ def _hub_kwargs(revision, cache_dir, local_files_only, token) -> dict[str, Any]:
     return dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
 
 
+def _portable_tokenizer_class(folder: Path) -> None:
+    """transformers 5 saves a plain fast tokenizer as class "TokenizersBackend", a name 4.57 does not
+    know; "PreTrainedTokenizerFast" names the same tokenizer and loads on both lines."""
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def _load_tokenizer(source: Any, hub: dict[str, Any]) -> PreTrainedTokenizerBase:
     """A tokenizer object as is, or the fast tokenizer files of a folder or Hub repo (no weights)."""
     if isinstance(source, PreTrainedTokenizerBase):
@@ -380,6 +392,7 @@ class MeDiMPipeline:
             self.model.save_pretrained(tmp / "model", max_shard_size=max_shard_size, safe_serialization=True)
             self.vqgan.save_pretrained(tmp / "vqgan")
             self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            _portable_tokenizer_class(tmp / "tokenizer")
             index = {
                 "_class_name": type(self).__name__,
                 "_medim_version": __version__,

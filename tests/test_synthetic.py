@@ -86,6 +86,7 @@ def test_reports_describe_each_lesion_once():
         report = write_report(spec, np.random.default_rng(seed))
         words = re.findall(r"[a-z]+", report.lower())
         assert words.count("left") == 1 and words.count("right") == 1
+        assert words.index("right") < words.index("left")  # fixed reading order, whatever the seed
         assert parse_report(report) == spec
     normal = write_report(PhantomSpec(), np.random.default_rng(0))
     assert parse_report(normal) == PhantomSpec()

@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", default="medim-demo", help="folder for the demo outputs (default: ./medim-demo)")
     parser.add_argument("--overwrite", action="store_true", help="replace files already in --out")
-    parser.add_argument("--steps", type=int, default=16, help="sampling steps per generation (default: 16)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps per generation (default: the model's saved sampler settings)")
     parser.add_argument("--seed", type=int, default=0, help="base seed; output i uses seed * 1000003 + i")
     parser.add_argument("--model", default="medim-demo",
                         help="pipeline to run or evaluate (default: the shipped 'medim-demo'; a folder "

@@ -211,11 +211,12 @@ _TEMPLATES = (
 def write_report(spec: PhantomSpec, rng: np.random.Generator) -> str:
     """A short report stating exactly the lesions of `spec` (sides are the patient's)."""
     sentences = [_OPENERS[rng.integers(len(_OPENERS))]] if rng.random() < 0.5 else []
-    lesions = list(spec.lesions)
-    if not lesions:
+    if not spec.lesions:
         sentences.append(_NORMAL[rng.integers(len(_NORMAL))])
-    for i in rng.permutation(len(lesions)):
-        lesion = lesions[i]
+    # Findings in a fixed reading order (right before left, upper before lower), as a systematic
+    # report would list them: a small generative model then only has to bind each sentence to
+    # its quadrant, not also guess the order.
+    for lesion in spec.lesions:
         if lesion.size is None or lesion.density is None:
             raise ValueError(f"spec: lesion {lesion} has no size or density to report")
         size = _SIZE_WORDS[lesion.size][rng.integers(2)]

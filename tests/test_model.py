@@ -13,7 +13,7 @@ from transformers import GemmaForCausalLM, LlamaForCausalLM
 from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaRMSNorm, GemmaRotaryEmbedding
 
 from medim import MeDiMConfig, MeDiMModel
-from medim.layout import MeDiMV1Layout
+from medim.layout import MeDiMV1Layout, NativeLayout
 from medim.models.convert import liquid_backbone_config
 
 NATIVE = {"name": "native", "text_vocab_size": 100, "image_offset": 100, "image_vocab_size": 64, "mask_id": 164,
@@ -227,3 +227,16 @@ def test_release_checkpoint_matches_reference_per_row(tmp_path):
                           cond_mask=cond["cond_mask"][b : b + 1, :c]).logprobs
             assert (alone["text"][0] - out["text"][b]).abs().max() < 1e-4
             assert (alone["image"][0] - out["image"][b]).abs().max() < 1e-4
+
+
+def test_rope_base_saved_by_transformers_5_loads_on_any_line():
+    # transformers 5 writes RoPE settings only as `rope_parameters`; 4.57 must not fall back to its
+    # default base (10000), or the model computes something else.
+    layout = NativeLayout(text_vocab_size=40, image_offset=40, image_vocab_size=16, mask_id=56, text_len=4, image_len=4)
+    backbone = {"model_type": "llama", "vocab_size": 57, "hidden_size": 32, "intermediate_size": 64,
+                "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+                "rope_parameters": {"rope_theta": 48.0, "rope_type": "default"}}
+    model = MeDiMModel(MeDiMConfig(backbone_config=backbone, layout=layout.to_dict()))
+    head_dim = 16
+    expected = 48.0 ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+    torch.testing.assert_close(model.rotary_emb.inv_freq, expected)

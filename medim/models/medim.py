@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
@@ -35,6 +36,19 @@ __all__ = ["MeDiMConfig", "MeDiMModel", "MeDiMModelOutput", "TimestepEmbedder", 
 _LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 # transformers < 5 scaled Gemma embeddings inside the model's forward, not in the embedding module.
 _SCALED_EMBEDDING_FAMILIES = {"gemma", "gemma3_text"}
+
+
+def _rope_for_4x(params: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5 saves RoPE settings only as `rope_parameters`; 4.x reads `rope_theta` and
+    `rope_scaling` and would silently use its defaults, so a 5.x-saved model with another base
+    computed differently on 4.57. Copies a flat `rope_parameters` into the 4.x keys."""
+    rope = params.get("rope_parameters")
+    if int(transformers.__version__.split(".")[0]) >= 5 or not isinstance(rope, dict) or "rope_theta" not in rope:
+        return params
+    legacy = {"rope_theta": rope["rope_theta"]}
+    if rope.get("rope_type", "default") != "default":
+        legacy["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return {**legacy, **params}
 
 
 class MeDiMConfig(PretrainedConfig):
@@ -72,7 +86,7 @@ class MeDiMConfig(PretrainedConfig):
             params = dict(backbone_config)
             if "model_type" not in params:
                 raise ValueError("backbone_config dict must hold 'model_type' (e.g. 'gemma', 'llama')")
-            backbone_config = AutoConfig.for_model(params.pop("model_type"), **params)
+            backbone_config = AutoConfig.for_model(params.pop("model_type"), **_rope_for_4x(params))
         if backbone_config is not None and not isinstance(backbone_config, PretrainedConfig):
             raise ValueError(f"backbone_config must be a PretrainedConfig or dict, got {type(backbone_config).__name__}")
         if isinstance(layout, SequenceLayout):

@@ -189,8 +189,8 @@ def _write_backbone(directory: Path, vocab_size: int, hidden: int, layers: int, 
 class BuildSettings:
     """Everything `build_demo` trains with (saved next to the model as build.json).
 
-    The defaults are the shipped model's 2-core CPU recipe (about 12 minutes of VQGAN + 55 of
-    MeDiM). It is short of the demo's targets (README, "The demo"): more samples are what it
+    The defaults are the shipped model's CPU recipe (on one core about 12 minutes of VQGAN + 55
+    of MeDiM). It is short of the demo's targets (README, "The demo"): more samples are what it
     lacks, so on a GPU raise `model_steps` and `batch_size`.
     """
 
@@ -216,7 +216,7 @@ def build_demo(out: str | os.PathLike, settings: BuildSettings | None = None, de
     `vqgan`: a VQGAN folder to reuse (e.g. the `vqgan/` of an earlier build) instead of training
     one, to retrain only the MeDiM part; build.json records it.
 
-    Takes about 70 minutes on 2 CPU cores with the default settings.
+    Takes about 70 minutes on one CPU core with the default settings (MeDiM trains ~1.8x faster on two).
 
     Example:
         >>> build_demo("my-demo", BuildSettings(num_train=2000, vqgan_steps=300, model_steps=500))

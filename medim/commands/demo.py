@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=200, help="held-out phantoms for --evaluate (default: 200)")
     parser.add_argument("--retrain", metavar="DIR",
                         help="instead, retrain the demo pipeline from scratch and save it to DIR "
-                             "(about 70 minutes on 2 CPU cores at the default sizes)")
+                             "(about 70 minutes on one CPU core at the default sizes)")
     parser.add_argument("--device", default=None, help="device for --retrain (default: cuda if available, else cpu)")
     # --retrain sizes default to None = medim.demo.BuildSettings (the help repeats its values).
     parser.add_argument("--num-train", type=int, help="--retrain: training phantoms (default: 20000)")

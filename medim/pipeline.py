@@ -38,7 +38,7 @@ from medim.diffusion.sampler import STRATEGIES, sample
 from medim.hub import atomic_directory, resolve_file, resolve_snapshot
 from medim.layout import MeDiMV1Layout, SequenceLayout
 from medim.models.convert import fix_liquid_activation
-from medim.models.medim import MeDiMModel
+from medim.models.medim import MeDiMModel, backbone_config_from_dict
 from medim.models.vqgan import VQGAN
 
 __all__ = ["MeDiMPipeline", "MeDiMOutput", "SAMPLER_DEFAULTS"]
@@ -314,7 +314,7 @@ class MeDiMPipeline:
             if backbone is not None:
                 if isinstance(backbone, (str, os.PathLike)):
                     params = fix_liquid_activation(json.loads(resolve_file(backbone, "config.json", **hub).read_text()))
-                    config = AutoConfig.for_model(**params)
+                    config = backbone_config_from_dict(params)
                 else:
                     config = backbone.__class__.from_dict(backbone.to_dict())
                 config.num_hidden_layers = num_layers

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from huggingface_hub import HfApi
 from safetensors import safe_open
-from transformers import AutoConfig, GemmaConfig, PretrainedConfig
+from transformers import GemmaConfig, PretrainedConfig
 
 from medim.hub import resolve_file, resolve_snapshot
 from medim.layout import MeDiMV1Layout, NativeLayout, SequenceLayout
-from medim.models.medim import AdaLNModulation, MeDiMConfig, MeDiMModel
+from medim.models.medim import AdaLNModulation, MeDiMConfig, MeDiMModel, backbone_config_from_dict
 
 __all__ = ["load_liquid", "load_original", "liquid_backbone_config", "native_layout_for", "fix_liquid_activation"]
 
@@ -196,7 +196,7 @@ def load_liquid(
     if "model_type" not in cfg:
         raise ValueError(f"{repo_or_dir}: config.json has no model_type")
     source_vocab = cfg["vocab_size"]
-    backbone = AutoConfig.for_model(**cfg)
+    backbone = backbone_config_from_dict(cfg)
     if num_layers > backbone.num_hidden_layers:
         raise ValueError(f"num_layers={num_layers} but the checkpoint has only {backbone.num_hidden_layers} layers")
     tied = getattr(backbone, "tie_word_embeddings", True)

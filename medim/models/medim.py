@@ -51,6 +51,13 @@ def _rope_for_4x(params: dict[str, Any]) -> dict[str, Any]:
     return {**legacy, **params}
 
 
+def backbone_config_from_dict(params: dict[str, Any]) -> PretrainedConfig:
+    """A decoder's config.json dict (with `model_type`) -> its transformers config, read the same
+    on transformers 4.57 and 5.x."""
+    params = dict(params)
+    return AutoConfig.for_model(params.pop("model_type"), **_rope_for_4x(params))
+
+
 class MeDiMConfig(PretrainedConfig):
     """Configuration of a MeDiM denoiser.
 
@@ -83,10 +90,9 @@ class MeDiMConfig(PretrainedConfig):
         **kwargs: Any,
     ):
         if isinstance(backbone_config, dict):
-            params = dict(backbone_config)
-            if "model_type" not in params:
+            if "model_type" not in backbone_config:
                 raise ValueError("backbone_config dict must hold 'model_type' (e.g. 'gemma', 'llama')")
-            backbone_config = AutoConfig.for_model(params.pop("model_type"), **_rope_for_4x(params))
+            backbone_config = backbone_config_from_dict(backbone_config)
         if backbone_config is not None and not isinstance(backbone_config, PretrainedConfig):
             raise ValueError(f"backbone_config must be a PretrainedConfig or dict, got {type(backbone_config).__name__}")
         if isinstance(layout, SequenceLayout):

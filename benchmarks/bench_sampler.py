@@ -3,7 +3,7 @@
 
     python benchmarks/bench_sampler.py                                   # CPU, tiny width
     python benchmarks/bench_sampler.py --size liquid --device cuda --dtype bfloat16 --steps 16
-    python benchmarks/bench_sampler.py --demo-model runs/demo            # + demo accuracies
+    python benchmarks/bench_sampler.py --demo-model medim-demo           # + demo accuracies
 
 a) loop overhead = sampling time / (forwards x time of one bare model forward at the same batch
    and positions): 1.0 means the loop costs nothing beyond the network. The bare forward is the
@@ -118,27 +118,23 @@ def nfe_table(model, batch: int, guidance: float, settings) -> list[dict[str, An
     return rows
 
 
-def demo_accuracy(path: str, settings, n: int, guidance: float, device: str, dtype: torch.dtype) -> list[dict[str, Any]]:
-    """Phantom-demo accuracies per setting: text-to-image read back by `read_image`, image-to-report
-    read back by `parse_report`, both scored by `compare` against the true phantoms."""
-    from medim.data.synthetic import compare, make_dataset, parse_report, read_image
+def demo_accuracy(model: str, settings, n: int, device: str, dtype: torch.dtype) -> list[dict[str, Any]]:
+    """The phantom demo's scores (`medim.demo.evaluate_demo`: all three tasks, read back by the
+    phantom readers) per (strategy, steps); every other sampler option is the model's saved one."""
+    from medim.demo import evaluate_demo
     from medim.pipeline import MeDiMPipeline
 
-    pipe = MeDiMPipeline.from_pretrained(path, dtype=dtype, device=device)
+    pipe = MeDiMPipeline.from_pretrained(model, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
-    data = make_dataset(n, seed=1234)
-    truth = [spec for _, _, spec in data]
-    rows = []
+    saved, rows = dict(pipe.sampler_defaults), []
     for strategy, steps in settings:
-        opts = dict(num_inference_steps=steps, strategy=strategy, guidance_scale=guidance,
-                    generator=torch.Generator().manual_seed(0))
-        images = pipe.text_to_image([report for _, report, _ in data], **opts)
-        reports = pipe.image_to_report([image for image, _, _ in data], **opts)
-        img = compare([read_image(im) for im in images.images], truth)
-        rep = compare([parse_report(r, strict=False) for r in reports.reports], truth)
-        rows.append(dict(strategy=strategy, steps=steps, nfe_per_pair=(images.nfe + reports.nfe) / (2 * n),
-                         image_exact=img.exact, image_presence=img.presence, report_exact=rep.exact,
-                         report_presence=rep.presence))
+        pipe.sampler_defaults = {**saved, "strategy": strategy}
+        scores = evaluate_demo(pipe, n=n, num_inference_steps=steps)
+        # nfe: forwards summed over evaluate_demo's chunks of 50 rows
+        rows.append(dict(strategy=strategy, steps=steps, nfe_text_to_image=scores.nfe["text_to_image"],
+                         s_per_sample=sum(scores.seconds.values()) / (3 * n),
+                         image_to_report=scores.image_to_report, text_to_image=scores.text_to_image,
+                         pairs=scores.pairs, pairs_with_lesions=scores.pairs_with_lesions))
     return rows
 
 
@@ -165,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", default="maskgit:128,maskgit:64,maskgit:32,threshold:128", help="for (c)")
     p.add_argument("--nfe-batch", type=int, default=2, help="batch for (c)")
     p.add_argument("--skip-nfe", action="store_true")
-    p.add_argument("--demo-model", default=None, help="a trained demo pipeline directory (skipped if absent)")
-    p.add_argument("--demo-n", type=int, default=16)
+    p.add_argument("--demo-model", default=None,
+                   help="also score a phantom demo pipeline per setting of --settings: 'medim-demo' (shipped) or a "
+                        "folder written by `medim demo --retrain`; its saved sampler options apply, not --guidance")
+    p.add_argument("--demo-n", type=int, default=16, help="held-out phantoms per setting for --demo-model")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (static shapes)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
@@ -202,14 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         report(f"Sampler: NFE and time per pair ({args.size}, {args.device})",
                {**settings, "batch": args.nfe_batch}, rows, machine_info(args.device),
                results=record)
-    if args.demo_model and Path(args.demo_model).exists():
-        logger.info("(c) demo accuracies from %s", args.demo_model)
-        rows = demo_accuracy(args.demo_model, grid, args.demo_n, args.guidance, args.device, dtype)
+    if args.demo_model:
+        logger.info("(c) demo accuracies of %s", args.demo_model)
+        rows = demo_accuracy(args.demo_model, grid, args.demo_n, args.device, dtype)
         report("Sampler: demo quality per cost", {**settings, "demo_model": args.demo_model, "n": args.demo_n},
-               rows, machine_info(args.device),
-               results=record)
-    elif args.demo_model:
-        logger.info("--demo-model %s not found: demo accuracies skipped", args.demo_model)
+               rows, machine_info(args.device), results=record)
     return 0
 
 

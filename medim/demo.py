@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -282,8 +283,14 @@ def build_demo(out: str | os.PathLike, settings: BuildSettings | None = None, de
         trained.sampler_defaults.update(DEMO_SAMPLER)
         trained.save_pretrained(final, overwrite=True)
         history = [{k: r[k] for k in ("step", "loss") if k in r} for r in result.history]
+        recorded, source = asdict(s), None
+        if reused is not None:  # the VQGAN settings did not apply: name the weights that did
+            del recorded["vqgan_steps"], recorded["vqgan_batch_size"]
+            recorded["vqgan_codes"] = reused.config.n_embed
+            digest = hashlib.sha256((final / "vqgan" / "model.safetensors").read_bytes()).hexdigest()
+            source = {"reused": Path(vqgan).name, "sha256": digest}
         (final / "build.json").write_text(json.dumps(
-            {"settings": asdict(s), "vqgan": None if vqgan is None else str(vqgan), "device": str(dev), "seconds": round(time.perf_counter() - start, 1),
+            {"settings": recorded, "vqgan": source, "device": str(dev), "seconds": round(time.perf_counter() - start, 1),
              "torch": torch.__version__, "loss_history": history}, indent=1))
     logger.info("demo built in %.0f s -> %s", time.perf_counter() - start, out)
     return out

@@ -1,5 +1,6 @@
 """The demo: the phantom model's build path end to end, and what `medim demo` does with a model."""
 
+import hashlib
 import json
 
 import pytest
@@ -64,7 +65,9 @@ def test_retrain_reuses_a_given_vqgan(toy_demo, tmp_path):
     given, built = MeDiMPipeline.from_pretrained(toy_demo).vqgan, MeDiMPipeline.from_pretrained(out).vqgan
     assert all(torch.equal(v, built.state_dict()[k]) for k, v in given.state_dict().items())
     build = json.loads((out / "build.json").read_text())
-    assert build["vqgan"] == str(toy_demo / "vqgan") and build["settings"]["batch_size"] == 4
+    digest = hashlib.sha256((toy_demo / "vqgan" / "model.safetensors").read_bytes()).hexdigest()
+    assert build["vqgan"] == {"reused": "vqgan", "sha256": digest} and build["settings"]["batch_size"] == 4
+    assert "vqgan_steps" not in build["settings"] and build["settings"]["vqgan_codes"] == given.config.n_embed
     with pytest.raises(SystemExit, match="--batch-size must be >= 1"):
         main([*args[:-6], "--batch-size", "0"])
 

@@ -238,7 +238,7 @@ class MeDiMPipeline:
             if not (repo_or_dir / MODEL_INDEX).is_file():
                 raise FileNotFoundError(
                     f"this build of medim has no bundled demo model ({repo_or_dir} is empty); build one with "
-                    "`medim demo --retrain DIR` (about 70 minutes on one CPU core) and load DIR instead"
+                    "`medim demo --retrain DIR` (about 1 h 45 min on two CPU cores) and load DIR instead"
                 )
         hub = _hub_kwargs(revision, cache_dir, local_files_only, token)
         root = resolve_snapshot(repo_or_dir, PIPELINE_PATTERNS, **hub)

@@ -27,12 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=200, help="held-out phantoms for --evaluate (default: 200)")
     parser.add_argument("--retrain", metavar="DIR",
                         help="instead, retrain the demo pipeline from scratch and save it to DIR "
-                             "(about 70 minutes on one CPU core at the default sizes)")
+                             "(about 1 h 45 min on two CPU cores at the default sizes)")
     parser.add_argument("--device", default=None, help="device for --retrain (default: cuda if available, else cpu)")
     # --retrain sizes default to None = medim.demo.BuildSettings (the help repeats its values).
-    parser.add_argument("--num-train", type=int, help="--retrain: training phantoms (default: 20000)")
+    parser.add_argument("--num-train", type=int, help="--retrain: training phantoms (default: 100000)")
     parser.add_argument("--vqgan-steps", type=int, help="--retrain: VQGAN optimizer steps (default: 600)")
-    parser.add_argument("--model-steps", type=int, help="--retrain: MeDiM optimizer steps (default: 6500)")
+    parser.add_argument("--model-steps", type=int, help="--retrain: MeDiM optimizer steps (default: 20000)")
     parser.add_argument("--batch-size", type=int, help="--retrain: MeDiM batch size (default: 32)")
     parser.add_argument("--vqgan", metavar="DIR",
                         help="--retrain: reuse this VQGAN folder (e.g. DIR/vqgan of an earlier build) "

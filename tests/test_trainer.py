@@ -251,6 +251,18 @@ def test_resume_is_exact(tmp_path):
     assert strip == [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in log_b]
 
 
+def test_gradient_checkpointing_trains_the_same(tmp_path):
+    from medim.training import Trainer
+
+    common = ("train.max_steps=2", "log.every=1", "eval.every=0")
+    plain = Trainer(tiny_config(tmp_path, "a", *common))
+    checkpointed = Trainer(tiny_config(tmp_path, "b", *common, "model.gradient_checkpointing=true"))
+    assert checkpointed.model.gradient_checkpointing and not plain.model.gradient_checkpointing
+    plain.fit(), checkpointed.fit()
+    after = checkpointed.model.state_dict()
+    assert all(torch.allclose(v, after[k], atol=1e-5) for k, v in plain.model.state_dict().items())
+
+
 def test_trainer_rejects_mismatched_cache(tmp_path):
     from medim.training import Trainer
 

@@ -43,8 +43,7 @@ def train_rate(model, batch: int, steps: int, bf16: bool, checkpointing: bool) -
     x0[:, layout.text_len :] = torch.randint(0, layout.image_vocab_size, (batch, layout.image_len),
                                              device=device) + layout.image_segment.vocab_start
     model.train()
-    name = "enable" if checkpointing else "disable"  # transformers 5 names / 4.57 names
-    getattr(model, f"activation_checkpointing_{name}", getattr(model, f"gradient_checkpointing_{name}"))()
+    model.set_activation_checkpointing(checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     gen = torch.Generator(device).manual_seed(0)
 

@@ -228,6 +228,15 @@ class MeDiMModel(PreTrainedModel):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (less memory, one more forward).
+
+        Goes through transformers' `activation_checkpointing_enable` / `_disable` (5.x), or the
+        `gradient_checkpointing_*` names they replace (4.57; deprecated in 5.x, gone in v6).
+        """
+        name = "enable" if enabled else "disable"
+        (getattr(self, f"activation_checkpointing_{name}", None) or getattr(self, f"gradient_checkpointing_{name}"))()
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, AdaLNModulation):
             module.reset_to_identity()

@@ -90,8 +90,7 @@ class Trainer:
                              f"{self.layout.to_dict()}; rebuild the cache with this model")
         self.model = pipeline.model.to(self.info.device).train()
         if cfg.model.gradient_checkpointing:
-            # transformers 5 renamed it (the old name warns, and goes in v6); 4.57 has only the old one
-            getattr(self.model, "activation_checkpointing_enable", self.model.gradient_checkpointing_enable)()
+            self.model.set_activation_checkpointing(True)
         self.wrapped, self.mode = wrap_model(self.model, cfg.train.parallel, self.info)
         # After wrapping: under FSDP the averages must be sharded like the weights.
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None

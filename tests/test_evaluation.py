@@ -2,12 +2,13 @@
 
 import json
 import random
+import sys
 
 import pytest
 
 from medim.cli import main
 from medim.evaluation import cider_d, load_wordnet, report_metrics, rouge_paper
-from medim.evaluation.reports import rouge_l_coco, tokenize_medim
+from medim.evaluation.reports import rouge_l_coco, tokenize_coco, tokenize_medim
 from medim.evaluation.wordnet import DEBIAN_WORDNET_DIR
 
 nltk = pytest.importorskip("nltk")
@@ -59,20 +60,63 @@ def test_rouge_hand_computed():
     assert rouge_paper("...", "heart") == {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
 
 
+# Where the `rouge` package splits, joins and raises: empty sides, only dots, whitespace-only
+# sentences, tabs and newlines, repeated words, runs of dots.
+TRICKY_ROUGE = [
+    ("", "heart"),
+    ("heart", ""),
+    ("...", "heart"),
+    ("heart", ". . ."),
+    (" ", " "),
+    (" . ", "heart"),
+    (".heart.", "heart"),
+    ("heart..size", "heart size"),
+    ("the heart.\tis normal\n.", "heart\tis. normal"),
+    ("no   effusion .  no  pneumothorax", "no effusion. no pneumothorax."),
+    ("a a a a", "a"),
+    ("a b. b a. a b", "b a b a"),
+]
+
+
+def _rouge_package_f(scorer, hyp, ref):
+    try:
+        scores = scorer.get_scores(hyp, ref)[0]
+    except ValueError:  # a side with no sentence: rouge_paper scores it zero
+        return {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
+    return {k: scores[k]["f"] for k in ("rouge-1", "rouge-2", "rouge-l")}
+
+
 def test_rouge_equals_rouge_package():
     rouge = pytest.importorskip("rouge", reason="the `rouge` package (the paper's) is not installed")
     scorer, rng = rouge.Rouge(), random.Random(0)
     vocab = "the heart is normal size lungs are clear . no effusion mild cardiomegaly left".split()
-    for _ in range(200):
-        hyp = " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 20)))
-        ref = " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 20)))
-        try:
-            expected = scorer.get_scores(hyp, ref)[0]
-        except ValueError:
-            continue  # `rouge` raises on a side with no sentence; rouge_paper returns zeros there
-        ours = rouge_paper(hyp, ref)
-        for k in ("rouge-1", "rouge-2", "rouge-l"):
-            assert ours[k] == pytest.approx(expected[k]["f"], abs=1e-12), (hyp, ref, k)
+    random_pairs = [
+        (
+            " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 20))),
+            " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 20))),
+        )
+        for _ in range(200)
+    ]
+    for hyp, ref in TRICKY_ROUGE + random_pairs:
+        expected = _rouge_package_f(scorer, hyp, ref)
+        assert rouge_paper(hyp, ref) == pytest.approx(expected, abs=1e-12), (hyp, ref)
+
+
+def test_rouge_long_sentence():
+    # The package traces its LCS back with one recursion per word: a 1,100-word sentence pair is
+    # past Python's default limit of 1,000 frames; rouge_paper still scores it, and puts the limit back.
+    limit = sys.getrecursionlimit()
+    text = " ".join(f"w{i}" for i in range(1100))
+    assert rouge_paper(text, text) == pytest.approx({"rouge-1": 1.0, "rouge-2": 1.0, "rouge-l": 1.0})
+    assert sys.getrecursionlimit() == limit
+
+
+def test_rouge_missing_package_explains(monkeypatch):
+    monkeypatch.setitem(sys.modules, "rouge", None)  # as if `rouge` were not installed
+    with pytest.raises(ImportError, match=r"pip install 'medim\[eval\]'"):
+        rouge_paper("heart", "heart")
+    with pytest.raises(ImportError, match="rouge"):
+        report_metrics(["heart"], ["heart"], wordnet=False, progress=False)
 
 
 def test_rouge_l_lcs_equals_rouge_score():
@@ -118,16 +162,57 @@ def test_cider_d_equals_pycocoevalcap():
     assert items == pytest.approx(list(expected_items), abs=1e-12)
 
 
-def test_coco_protocol_runs(monkeypatch):
-    # Without pycocoevalcap: NLTK corpus BLEU, and METEOR skipped with a note.
-    monkeypatch.setattr("medim.evaluation.reports._pycocoevalcap", lambda: None)
-    out = report_metrics(
-        [p for p, _ in PAIRS] + [""], [r for _, r in PAIRS] + ["no effusion"], protocol="coco"
-    )
+def test_rouge_l_coco_equals_pycocoevalcap():
+    rouge = pytest.importorskip("pycocoevalcap.rouge.rouge")
+    rng = random.Random(2)
+    vocab = "the heart is normal size lungs are clear no effusion mild cardiomegaly".split()
+    for _ in range(50):
+        hyp = [rng.choice(vocab) for _ in range(rng.randint(1, 15))]
+        ref = [rng.choice(vocab) for _ in range(rng.randint(1, 15))]
+        expected = rouge.Rouge().calc_score([" ".join(hyp)], [" ".join(ref)])
+        assert rouge_l_coco(hyp, ref) == pytest.approx(expected, abs=1e-12), (hyp, ref)
+
+
+@pytest.fixture
+def no_pycocoevalcap(monkeypatch):
+    """Import pycocoevalcap (and its already-imported modules) fails, as if it were not installed."""
+    names = ["pycocoevalcap"] + [m for m in sys.modules if m.startswith("pycocoevalcap.")]
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+COCO_PREDICTIONS = [p for p, _ in PAIRS] + [""]
+COCO_REFERENCES = [r for _, r in PAIRS] + ["no effusion"]
+
+
+def test_coco_protocol_without_pycocoevalcap(no_pycocoevalcap):
+    out = report_metrics(COCO_PREDICTIONS, COCO_REFERENCES, protocol="coco")
     assert set(out.scores) == {"bleu1", "bleu2", "bleu3", "bleu4", "rougeL", "cider_d"}
     assert "corpus_bleu" in out.implementations["bleu1"]
-    assert any("METEOR 1.5 skipped" in n for n in out.notes)
+    assert out.implementations["rougeL"].startswith("medim rouge_l_coco")
+    assert out.implementations["cider_d"].startswith("medim cider_d")
+    assert any("pycocoevalcap is not installed" in n and "METEOR 1.5 skipped" in n for n in out.notes)
     assert out.num_empty == 1 and out.scores["cider_d"] > 0
+
+
+def test_coco_protocol_pycocoevalcap_equals_fallback(monkeypatch, tmp_path):
+    pytest.importorskip("pycocoevalcap.cider.cider")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no `java`: METEOR 1.5 is skipped (and fast)
+    out = report_metrics(COCO_PREDICTIONS, COCO_REFERENCES, protocol="coco")
+    for name in ("bleu1", "rougeL", "cider_d"):
+        assert out.implementations[name].startswith("pycocoevalcap "), name
+    assert "Cider (CIDEr-D" in out.implementations["cider_d"]
+    assert any("METEOR 1.5 skipped" in n for n in out.notes) and "meteor" not in out.scores
+    # Without pycocoevalcap, medim's own ROUGE-L and CIDEr-D give the same numbers.
+    hyps, refs = [tokenize_coco(p) for p in COCO_PREDICTIONS], [tokenize_coco(r) for r in COCO_REFERENCES]
+    assert out.scores["rougeL"] == pytest.approx(sum(map(rouge_l_coco, hyps, refs)) / len(hyps), abs=1e-12)
+    assert out.scores["cider_d"] == pytest.approx(cider_d(hyps, [[r] for r in refs])[0], abs=1e-12)
+    assert out.scores["cider_d"] > 0 and out.scores["rougeL"] > 0
+
+
+def test_coco_rejects_reference_without_words():
+    with pytest.raises(ValueError, match=r"references\[1\] = '\.\.\.' has no words"):
+        report_metrics(["heart", "lungs"], ["heart", "..."], protocol="coco")
 
 
 def test_empty_predictions_score_zero_not_dropped():

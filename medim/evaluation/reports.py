@@ -1,14 +1,15 @@
-"""Report metrics: the MeDiM paper's protocol and the COCO caption protocol.
+"""Report metrics: the MeDiM paper's protocol and the COCO caption protocol, computed by the
+packages that define them (`nltk`, `rouge`, `pycocoevalcap`), with a fallback for COCO's.
 
 "medim" reproduces the released `report_metric.py` (FORMATS.md section 6): per-report NLTK BLEU-1..4
-(smoothing method1), ROUGE-1/2/L F of the `rouge` package (re-implemented here exactly, see
-`rouge_paper`), NLTK METEOR; all averaged over reports. One deliberate change: the release skipped
-empty predictions, here they score zero (the count is in the result), so a model cannot gain by
-staying silent.
+(smoothing method1), ROUGE-1/2/L F of the `rouge==1.0.1` package, NLTK METEOR; all averaged over
+reports. One deliberate change: the release skipped empty predictions, here they score zero (the
+count is in the result), so a model cannot gain by staying silent.
 
-"coco" is the captioning toolkit's corpus-level protocol: BLEU-1..4 and METEOR 1.5 from
-pycocoevalcap when it is installed (METEOR also needs Java), ROUGE-L (beta 1.2) and CIDEr-D
-implemented here (equal to pycocoevalcap's on the same tokens).
+"coco" is the captioning toolkit's corpus-level protocol, from pycocoevalcap when it is installed:
+BLEU-1..4, ROUGE-L (beta 1.2), CIDEr-D and METEOR 1.5 (which also needs Java). Without it, NLTK's
+corpus BLEU and this module's `rouge_l_coco` / `cider_d` (equal to pycocoevalcap's on the same
+tokens) stand in, and METEOR is skipped.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import math
 import os
 import re
 import shutil
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -84,16 +87,48 @@ def tokenize_coco(text: str) -> list[str]:
 
 
 # ---------------------------------------------------------------- ROUGE of the `rouge` package
-def _rouge_sentences(text: str) -> list[str]:
-    # `rouge` splits on "." and keeps every non-empty piece, even one that is only spaces.
-    return [" ".join(piece.split()) for piece in text.split(".") if len(piece) > 0]
+def _rouge_package():
+    try:
+        import rouge
+    except ImportError as e:
+        raise ImportError(
+            "the paper's ROUGE needs the `rouge` package: `pip install 'medim[eval]'` "
+            "(or `pip install rouge==1.0.1`)"
+        ) from e
+    return rouge
 
 
-def _rouge_words(sentences: Sequence[str]) -> list[str]:
-    return [w for s in sentences for w in s.split(" ")]
+def rouge_paper(hypothesis: str, reference: str) -> dict[str, float]:
+    """ROUGE-1/2/L F of the `rouge==1.0.1` package (`Rouge().get_scores(hyp, ref)`), the paper's.
+
+    The package splits sentences on "."; ROUGE-N counts *distinct* n-grams (spanning sentence
+    boundaries); ROUGE-L is summary level (the union of the LCS words of every reference sentence
+    against every hypothesis sentence, over the distinct words of each side). Returns zeros where
+    the package raises: a side with no sentence ("" or only dots, e.g. "...").
+
+    Example:
+        >>> rouge_paper("the heart is normal.", "heart size is normal.")["rouge-1"]  # doctest: +ELLIPSIS
+        0.749...
+    """
+    for name, text in (("hypothesis", hypothesis), ("reference", reference)):
+        if not isinstance(text, str):
+            raise TypeError(f"{name} must be a str, got {type(text).__name__}")
+    rouge = _rouge_package()
+    if not hypothesis.strip(".") or not reference.strip("."):
+        return {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
+    # The package traces each LCS back recursively, one frame per word of a sentence pair: give a
+    # long pair the frames it needs instead of a RecursionError at ~1000 words.
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + len(hypothesis.split()) + len(reference.split()))
+    try:
+        scores = rouge.Rouge().get_scores(hypothesis, reference)[0]
+    finally:
+        sys.setrecursionlimit(limit)
+    return {k: scores[k]["f"] for k in ("rouge-1", "rouge-2", "rouge-l")}
 
 
-def _lcs_table(x: Sequence[str], y: Sequence[str]) -> list[list[int]]:
+# ---------------------------------------------------- COCO ROUGE-L and CIDEr-D without pycocoevalcap
+def _lcs_length(x: Sequence[str], y: Sequence[str]) -> int:
     table = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
     for i in range(1, len(x) + 1):
         for j in range(1, len(y) + 1):
@@ -101,68 +136,18 @@ def _lcs_table(x: Sequence[str], y: Sequence[str]) -> list[list[int]]:
                 table[i][j] = table[i - 1][j - 1] + 1
             else:
                 table[i][j] = max(table[i - 1][j], table[i][j - 1])
-    return table
+    return table[-1][-1]
 
 
-def _lcs_words(x: Sequence[str], y: Sequence[str]) -> set[str]:
-    """The words of one LCS of x and y, traced back with the `rouge` package's tie rule (the
-    union of these sets is what its summary-level ROUGE-L counts, so the choice matters)."""
-    table, words = _lcs_table(x, y), set()
-    i, j = len(x), len(y)
-    while i > 0 and j > 0:
-        if x[i - 1] == y[j - 1]:
-            words.add(x[i - 1])
-            i, j = i - 1, j - 1
-        elif table[i - 1][j] > table[i][j - 1]:
-            i -= 1
-        else:
-            j -= 1
-    return words
-
-
-def _f1(overlap: int, hyp_count: int, ref_count: int) -> float:
-    p = overlap / hyp_count if hyp_count else 0.0
-    r = overlap / ref_count if ref_count else 0.0
-    return 2.0 * (p * r) / (p + r + 1e-8)
-
-
-def rouge_paper(hypothesis: str, reference: str) -> dict[str, float]:
-    """ROUGE-1/2/L F exactly as `rouge==1.0.1` (`Rouge().get_scores(hyp, ref)`) computes them.
-
-    Sentences are split on "."; ROUGE-N counts *distinct* n-grams (sets, spanning sentence
-    boundaries); ROUGE-L is summary level: the union of the LCS words of every reference sentence
-    against every hypothesis sentence, over the distinct words of each side. Returns zeros where
-    `rouge` raises (a side with no sentence, e.g. "" or "...").
-
-    Example:
-        >>> rouge_paper("the heart is normal.", "heart size is normal.")["rouge-1"]  # doctest: +ELLIPSIS
-        0.749...
-    """
-    hyp, ref = _rouge_sentences(hypothesis), _rouge_sentences(reference)
-    if not hyp or not ref:
-        return {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
-    hyp_words, ref_words = _rouge_words(hyp), _rouge_words(ref)
-    out = {}
-    for n in (1, 2):
-        h = {tuple(hyp_words[i : i + n]) for i in range(len(hyp_words) - n + 1)}
-        r = {tuple(ref_words[i : i + n]) for i in range(len(ref_words) - n + 1)}
-        out[f"rouge-{n}"] = _f1(len(h & r), len(h), len(r))
-    union: set[str] = set()
-    hyp_split = [s.split(" ") for s in hyp]
-    for ref_sentence in ref:
-        ref_sentence_words = ref_sentence.split(" ")
-        for hyp_sentence_words in hyp_split:
-            union |= _lcs_words(ref_sentence_words, hyp_sentence_words)
-    out["rouge-l"] = _f1(len(union), len(set(hyp_words)), len(set(ref_words)))
-    return out
-
-
-# ---------------------------------------------------------------- COCO ROUGE-L and CIDEr-D
 def rouge_l_coco(hypothesis: Sequence[str], reference: Sequence[str], beta: float = 1.2) -> float:
-    """ROUGE-L of the COCO toolkit for one tokenised pair: LCS precision/recall, F with beta 1.2."""
+    """ROUGE-L of the COCO toolkit for one tokenised pair: LCS precision/recall, F with beta 1.2.
+
+    The "coco" protocol uses pycocoevalcap's `Rouge` when it is installed; this is its stand-in,
+    equal to it on the same tokens.
+    """
     if not hypothesis or not reference:
         return 0.0
-    lcs = _lcs_table(reference, hypothesis)[-1][-1]
+    lcs = _lcs_length(reference, hypothesis)
     p, r = lcs / len(hypothesis), lcs / len(reference)
     if p == 0 or r == 0:
         return 0.0
@@ -182,6 +167,9 @@ def cider_d(
     weights clipped at the reference's, a Gaussian penalty on the length difference, mean over n,
     mean over references, times 10. As in the COCO toolkit, the "length" in the penalty is the
     number of bigrams. Returns (corpus mean, per-item scores).
+
+    The "coco" protocol uses pycocoevalcap's `Cider` (which is CIDEr-D) when it is installed; this
+    is its stand-in, equal to it on the same tokens.
     """
     n = 4
     refs_counts = [[_ngram_counts(r, n) for r in refs] for refs in references]
@@ -236,10 +224,18 @@ def _check_inputs(predictions, references, protocol) -> None:
     empty_refs = [i for i, r in enumerate(references) if not r.strip()]
     if empty_refs:
         raise ValueError(f"references[{empty_refs[0]}] is empty ({len(empty_refs)} empty references)")
+    # COCO scores words: nothing to score against (pycocoevalcap's CIDEr fails if no reference has one).
+    if protocol == "coco":
+        no_words = [i for i, r in enumerate(references) if not tokenize_coco(r)]
+        if no_words:
+            raise ValueError(
+                f"references[{no_words[0]}] = {references[no_words[0]]!r} has no words once punctuation is "
+                f"removed ({len(no_words)} such references): the coco protocol cannot score against it"
+            )
 
 
 def _medim(predictions, references, wordnet, progress) -> tuple[dict, dict, list[str]]:
-    nltk = import_nltk()
+    nltk, rouge_version = import_nltk(), _rouge_package().__version__  # both fail here if missing
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
     from nltk.translate.meteor_score import single_meteor_score
 
@@ -263,16 +259,15 @@ def _medim(predictions, references, wordnet, progress) -> tuple[dict, dict, list
         if wn:
             totals["meteor"] += single_meteor_score(ref_tokens, hyp_tokens, wordnet=wn)
     scores = {k: v / len(predictions) for k, v in totals.items()}
-    version = nltk.__version__
     impl = {
-        f"bleu{k}": f"nltk {version} sentence_bleu (smoothing method1), mean over reports"
+        f"bleu{k}": f"nltk {nltk.__version__} sentence_bleu (smoothing method1), mean over reports"
         for k in range(1, 5)
     }
-    impl.update(dict.fromkeys(["rouge1", "rouge2", "rougeL"], "medim re-implementation of rouge==1.0.1 (F)"))
+    impl.update(dict.fromkeys(["rouge1", "rouge2", "rougeL"], f"rouge {rouge_version} Rouge (F)"))
     notes = []
     if wn:
         impl["meteor"] = (
-            f"nltk {version} single_meteor_score, WordNet {wn.get_version()} ({wn.root}); "
+            f"nltk {nltk.__version__} single_meteor_score, WordNet {wn.get_version()} ({wn.root}); "
             "about 1.9x the Java METEOR 1.5 of the COCO toolkit"
         )
     else:
@@ -280,12 +275,52 @@ def _medim(predictions, references, wordnet, progress) -> tuple[dict, dict, list
     return scores, impl, notes
 
 
-def _pycocoevalcap():
+def _coco_pycocoevalcap(gts: dict, res: dict) -> tuple[dict, dict, list[str]] | None:
+    """BLEU, ROUGE-L, CIDEr-D (and METEOR 1.5 where Java is) from pycocoevalcap; None without it."""
     try:
-        import pycocoevalcap
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.meteor.meteor import Meteor
+        from pycocoevalcap.rouge.rouge import Rouge
     except ImportError:
         return None
-    return pycocoevalcap
+    where = f"pycocoevalcap {version('pycocoevalcap')}"
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores = {f"bleu{k}": float(bleu[k - 1]) for k in range(1, 5)}
+    impl = dict.fromkeys(scores, f"{where} Bleu (corpus, 'closest' reference length)")
+    notes = []
+    if shutil.which("java"):
+        scores["meteor"] = float(Meteor().compute_score(gts, res)[0])  # the Java process ends with it
+        impl["meteor"] = f"{where} Meteor (Java METEOR 1.5)"
+    else:
+        notes.append("METEOR 1.5 skipped: pycocoevalcap's needs Java (`java` on PATH)")
+    scores["rougeL"] = float(Rouge().compute_score(gts, res)[0])
+    impl["rougeL"] = f"{where} Rouge (ROUGE-L, beta 1.2)"
+    # pycocoevalcap's Cider is CIDEr-D (clipped TF-IDF, Gaussian length penalty); it has no other.
+    scores["cider_d"] = float(Cider().compute_score(gts, res)[0])
+    impl["cider_d"] = f"{where} Cider (CIDEr-D, sigma 6, x10)"
+    return scores, impl, notes
+
+
+def _coco_fallback(hyps: list[list[str]], refs: list[list[str]]) -> tuple[dict, dict, list[str]]:
+    """The same metrics without pycocoevalcap: NLTK corpus BLEU, medim ROUGE-L and CIDEr-D."""
+    nltk = import_nltk()
+    from nltk.translate.bleu_score import corpus_bleu
+
+    scores = {
+        f"bleu{k}": float(corpus_bleu([[r] for r in refs], hyps, weights=w))
+        for k, w in enumerate(_BLEU_WEIGHTS, 1)
+    }
+    impl = dict.fromkeys(scores, f"nltk {nltk.__version__} corpus_bleu")
+    scores["rougeL"] = sum(rouge_l_coco(h, r) for h, r in zip(hyps, refs)) / len(hyps)
+    impl["rougeL"] = "medim rouge_l_coco (ROUGE-L, beta 1.2)"
+    scores["cider_d"] = cider_d(hyps, [[r] for r in refs])[0]
+    impl["cider_d"] = "medim cider_d (CIDEr-D, sigma 6, x10)"
+    notes = [
+        "pycocoevalcap is not installed (`pip install 'medim[coco]'`): BLEU from NLTK's corpus_bleu, "
+        "ROUGE-L and CIDEr-D from medim (equal to pycocoevalcap's on the same tokens), METEOR 1.5 skipped"
+    ]
+    return scores, impl, notes
 
 
 def _coco(predictions, references) -> tuple[dict, dict, list[str]]:
@@ -293,34 +328,7 @@ def _coco(predictions, references) -> tuple[dict, dict, list[str]]:
     refs = [tokenize_coco(r) for r in references]
     gts = {i: [" ".join(r)] for i, r in enumerate(refs)}
     res = {i: [" ".join(h)] for i, h in enumerate(hyps)}
-    scores, impl, notes = {}, {}, []
-    coco = _pycocoevalcap()
-    if coco is not None:
-        from pycocoevalcap.bleu.bleu import Bleu
-
-        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-        where = "pycocoevalcap Bleu (corpus, 'closest' reference length)"
-    else:
-        nltk = import_nltk()
-        from nltk.translate.bleu_score import corpus_bleu
-
-        bleu = [corpus_bleu([[r] for r in refs], hyps, weights=w) for w in _BLEU_WEIGHTS]
-        where = f"nltk {nltk.__version__} corpus_bleu (pycocoevalcap not installed)"
-        notes.append("BLEU from NLTK's corpus_bleu: pycocoevalcap is not installed")
-    for k in range(4):
-        scores[f"bleu{k + 1}"] = float(bleu[k])
-        impl[f"bleu{k + 1}"] = where
-    if coco is not None and shutil.which("java"):
-        from pycocoevalcap.meteor.meteor import Meteor
-
-        scores["meteor"] = float(Meteor().compute_score(gts, res)[0])  # the Java process ends with it
-        impl["meteor"] = "pycocoevalcap Meteor (Java METEOR 1.5)"
-    else:
-        notes.append("METEOR 1.5 skipped: needs pycocoevalcap and Java (`java` on PATH)")
-    scores["rougeL"] = sum(rouge_l_coco(h, r) for h, r in zip(hyps, refs)) / len(hyps)
-    impl["rougeL"] = "medim (COCO ROUGE-L, beta 1.2)"
-    scores["cider_d"] = cider_d(hyps, [[r] for r in refs])[0]
-    impl["cider_d"] = "medim (COCO CIDEr-D, sigma 6, x10)"
+    scores, impl, notes = _coco_pycocoevalcap(gts, res) or _coco_fallback(hyps, refs)
     notes.append("tokens: lower-case, punctuation removed (approximates the Java PTBTokenizer)")
     return scores, impl, notes
 

@@ -1,15 +1,16 @@
-"""Training configuration: nested dataclasses read from YAML plus `section.key=value` overrides.
+"""Training configuration: nested dataclasses filled by OmegaConf from YAML and `section.key=value` overrides.
 
 Every option is a dataclass field with a comment; `configs/medim_paper.yaml` is the paper's recipe.
-Unknown keys, wrong types and out-of-range values raise before anything is built.
+Unknown keys, wrong types and out-of-range values raise ValueError naming the option before anything is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
-import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,9 @@ class OptimConfig:
     warmup_steps: int = 10_000
     num_cycles: int = 1  # cosine restarts over the run (cosine_with_restarts only)
     ema_decay: float | None = None  # keep an exponential moving average of the weights (e.g. 0.9999)
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # YAML and OmegaConf < 2.4 hand over a list
 
 
 @dataclass
@@ -119,7 +123,8 @@ class TrainConfig:
         _check(bool(self.data.cache), "data.cache", "a token cache directory (see `medim cache`)")
         _check(self.data.val_size >= 0, "data.val_size", "an integer >= 0")
         _check(self.optim.lr > 0, "optim.lr", "a float > 0")
-        _check(all(0 <= b < 1 for b in self.optim.betas) and len(self.optim.betas) == 2,
+        # Item types are checked here too: OmegaConf lets a nested list or mapping into a typed list.
+        _check(len(self.optim.betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in self.optim.betas),
                "optim.betas", "two floats in [0, 1)")
         _check(self.optim.eps > 0, "optim.eps", "a float > 0")
         _check(self.optim.weight_decay >= 0, "optim.weight_decay", "a float >= 0")
@@ -131,6 +136,7 @@ class TrainConfig:
                "optim.ema_decay", "null or a float in (0, 1)")
         _check(0 <= self.diffusion.keep_prefix_prob <= 1, "diffusion.keep_prefix_prob", "a float in [0, 1]")
         _check(0 <= self.diffusion.cond_drop_prob <= 1, "diffusion.cond_drop_prob", "a float in [0, 1]")
+        _check(0 <= self.diffusion.cond_keep_prob <= 1, "diffusion.cond_keep_prob", "a float in [0, 1]")
         _check(self.train.max_steps >= 1, "train.max_steps", "an integer >= 1")
         _check(self.train.micro_batch_size >= 1, "train.micro_batch_size", "an integer >= 1")
         _check(self.train.global_batch_size >= self.train.micro_batch_size, "train.global_batch_size",
@@ -139,6 +145,7 @@ class TrainConfig:
         _check(self.train.parallel in PARALLEL_MODES, "train.parallel", f"one of {PARALLEL_MODES}")
         _check(self.log.every >= 1, "log.every", "an integer >= 1")
         _check(self.eval.every >= 0, "eval.every", "an integer >= 0")
+        _check(all(isinstance(p, str) for p in self.eval.prompts), "eval.prompts", "a list of strings")
         _check(self.eval.num_inference_steps >= 1, "eval.num_inference_steps", "an integer >= 1")
         _check(self.checkpoint.every >= 0, "checkpoint.every", "an integer >= 0")
         _check(self.checkpoint.keep_last >= 0, "checkpoint.keep_last", "an integer >= 0")
@@ -165,75 +172,8 @@ def _check(ok: bool, name: str, accepted: str) -> None:
         raise ValueError(f"config option {name}: expected {accepted}")
 
 
-def _coerce(value, tp, name: str):
-    """Convert a YAML value to the field type `tp`, or raise naming the option."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        return _coerce(value, next(a for a in args if a is not type(None)), name)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"config option {name}: expected a list, got {value!r}")
-        item = typing.get_args(tp)[0]
-        out = [_coerce(v, item, name) for v in value]
-        return tuple(out) if origin is tuple else out
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"config option {name}: expected true or false, got {value!r}")
-        return value
-    if tp in (int, float):
-        # YAML 1.1 reads "1e-5" as a string: accept any number-like string.
-        try:
-            number = float(value) if isinstance(value, str) else value
-        except ValueError:
-            number = None
-        if isinstance(number, bool) or not isinstance(number, (int, float)):
-            raise ValueError(f"config option {name}: expected a number, got {value!r}")
-        if tp is int:
-            if float(number) != int(number):
-                raise ValueError(f"config option {name}: expected an integer, got {value!r}")
-            return int(number)
-        return float(number)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError(f"config option {name}: expected a string, got {value!r}")
-        return str(value)
-    raise TypeError(f"config option {name}: unsupported field type {tp}")
-
-
-def _from_dict(cls, data: dict, prefix: str = ""):
-    if not isinstance(data, dict):
-        raise ValueError(f"config section {prefix.rstrip('.') or '<root>'}: expected a mapping")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {[prefix + k for k in unknown]}; accepted: {names}")
-    kwargs = {}
-    for name in names:
-        if name not in data:
-            continue
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _from_dict(tp, data[name] or {}, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(data[name], tp, prefix + name)
-    return cls(**kwargs)
-
-
-def _apply_override(data: dict, override: str) -> None:
-    key, sep, raw = override.partition("=")
-    if not sep or not key:
-        raise ValueError(f"override {override!r}: expected section.key=value (e.g. optim.lr=1e-4)")
-    *sections, leaf = key.strip().split(".")
-    node = data
-    for s in sections:
-        node = node.setdefault(s, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"override {override!r}: {s} is not a config section")
-    node[leaf] = yaml.safe_load(raw)
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def load_config(
@@ -241,17 +181,106 @@ def load_config(
 ) -> TrainConfig:
     """Read a YAML config (or start from defaults), apply `section.key=value` overrides, validate.
 
+    OmegaConf does the reading, merging and type conversion against the dataclasses above (so
+    `lr: 1e-5` is a float, `eval.prompts=[a, b]` a list and `${train.seed}` an interpolation);
+    `TrainConfig.validate` then checks the ranges.
+
     Example:
         >>> cfg = load_config("configs/medim_paper.yaml", ["model.init=runs/base", "data.cache=cache/"])
     """
-    data: dict = {}
+    try:
+        from omegaconf import DictConfig, OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+    except ImportError as e:
+        raise ImportError("medim train needs omegaconf: pip install 'medim[train]'") from e
+
+    pieces: list[tuple[str, object, object]] = []  # (option key, value as written, config setting it)
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
+        data = OmegaConf.load(path)
+        if not isinstance(data, DictConfig):
             raise ValueError(f"config file {path}: expected a mapping of sections at the top level")
+        pieces += _file_options(OmegaConf.to_container(data))
     for override in overrides:
-        _apply_override(data, override)
-    return _from_dict(TrainConfig, data)
+        key, sep, raw = override.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {override!r}: expected section.key=value (e.g. optim.lr=1e-4)")
+        pieces.append((key.strip(), raw, OmegaConf.from_dotlist([f"{key.strip()}={raw}"])))
+
+    # One option per merge, so that every error names its option: OmegaConf leaves the key out of some
+    # (a bad tuple item). Cost, measured: ~20 ms per call (~10 ms of it these merges) plus ~40 ms to
+    # import omegaconf, where the former hand-written reader took ~3 ms; paid once per run.
+    config = OmegaConf.structured(TrainConfig)
+    for key, value, piece in pieces:
+        try:
+            config.merge_with(piece)
+        except OmegaConfBaseException as e:
+            raise _option_error(e, key, value) from None
+    try:
+        return OmegaConf.to_object(config)  # builds TrainConfig, whose __post_init__ validates
+    except OmegaConfBaseException as e:  # e.g. an interpolation that does not resolve
+        raise _option_error(e, None, None) from None
+
+
+def _file_options(data: dict) -> Iterator[tuple[str, object, dict]]:
+    for section, body in data.items():
+        if isinstance(body, dict):
+            for key, value in body.items():
+                yield f"{section}.{key}", value, {section: {key: value}}
+        elif body is not None:  # a section left empty (all keys commented out) keeps its defaults
+            yield str(section), body, {section: body}
+
+
+def _option_type(key: str):
+    """The annotated type of option `key` ("optim.lr"), or None when TrainConfig has no such option."""
+    tp = TrainConfig
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+    return tp
+
+
+_ACCEPTED = {int: ("an integer", "integers"), float: ("a float", "floats"), bool: ("true or false", "booleans"),
+             str: ("a string", "strings")}
+
+
+def _accepted(tp) -> str:
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {[f.name for f in dataclasses.fields(tp)]}"
+    args = typing.get_args(tp)
+    if type(None) in args:
+        return "null or " + _accepted(next(a for a in args if a is not type(None)))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_ACCEPTED[args[0]][1]}"
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {len(args)} {_ACCEPTED[args[0]][1]}"
+    return _ACCEPTED[tp][0]
+
+
+def _option_error(e: Exception, key: str | None, value) -> ValueError:
+    """Turn an OmegaConf exception into a ValueError that names the option and what it accepts."""
+    from omegaconf.errors import ValidationError
+
+    full_key = getattr(e, "full_key", None)
+    if full_key:  # an item's error ("optim.betas[1]") is reported for its option
+        key = full_key.partition("[")[0]
+    reason = str(e).splitlines()[0]
+    if key is None:
+        return ValueError(f"config error: {reason}")
+    tp = _option_type(key)
+    if tp is None:
+        section, _, name = key.rpartition(".")
+        owner = _option_type(section) if section else TrainConfig
+        if not dataclasses.is_dataclass(owner):
+            return ValueError(f"config option {section}: takes no sub-key {name!r}")
+        names = [f.name for f in dataclasses.fields(owner)]
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean {section + '.' if section else ''}{close[0]}?)" if close else ""
+        return ValueError(f"unknown config key {key!r}{hint}; accepted: {names}")
+    got = "" if value is None else f", got {value!r}"
+    if isinstance(e, ValidationError):
+        return ValueError(f"config option {key}: expected {_accepted(tp)}{got}")
+    return ValueError(f"config option {key}: {reason}{got}")

@@ -49,7 +49,7 @@ def make_denoiser(model):
     """The pipeline's denoiser: raw logits (the sampler normalises them; see `sample`)."""
 
     def denoiser(x, sigma, positions, **kwargs):
-        return model(x, sigma, positions=positions, return_logits=True, **kwargs).logprobs
+        return model(x, sigma, positions=positions, return_logits=True, **kwargs).logits
 
     return denoiser
 
@@ -126,9 +126,9 @@ def demo_accuracy(model: str, settings, n: int, device: str, dtype: torch.dtype)
 
     pipe = MeDiMPipeline.from_pretrained(model, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
-    saved, rows = dict(pipe.sampler_defaults), []
+    saved, rows = pipe.sampler_config, []
     for strategy, steps in settings:
-        pipe.sampler_defaults = {**saved, "strategy": strategy}
+        pipe.sampler_config = saved.replace(strategy=strategy)
         scores = evaluate_demo(pipe, n=n, num_inference_steps=steps)
         # nfe: forwards summed over evaluate_demo's chunks of 50 rows
         rows.append(dict(strategy=strategy, steps=steps, nfe_text_to_image=scores.nfe["text_to_image"],

@@ -24,7 +24,7 @@ from transformers import GemmaConfig
 from medim.diffusion.sampler import commit_counts
 from medim.diffusion.schedule import get_schedule
 from medim.layout import MeDiMV1Layout
-from medim.models.convert import liquid_backbone_config
+from medim.models.backbone import liquid_backbone_config
 from medim.models.medim import MeDiMConfig, MeDiMModel
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"

@@ -281,7 +281,7 @@ def build_demo(out: str | os.PathLike, settings: BuildSettings | None = None, de
         )
         result = Trainer(config).fit()
         trained = MeDiMPipeline.from_pretrained(result.final_dir)
-        trained.sampler_defaults.update(DEMO_SAMPLER)
+        trained.sampler_config = trained.sampler_config.replace(**DEMO_SAMPLER)
         trained.save_pretrained(final, overwrite=True)
         history = [{k: r[k] for k in ("step", "loss") if k in r} for r in result.history]
         recorded, source = asdict(s), None
@@ -355,7 +355,7 @@ def evaluate_demo(pipe=None, n: int = 200, num_inference_steps: int | None = Non
         raise ValueError(f"n must be >= 1, got {n!r}")
     pipe = pipe or MeDiMPipeline.from_pretrained(DEMO_NAME)
     if num_inference_steps is None:
-        num_inference_steps = pipe.sampler_defaults["num_steps"]
+        num_inference_steps = pipe.sampler_config.num_steps
     held_out = synthetic.make_dataset(n, seed=EVAL_SEED, size=IMAGE_SIZE)
     images, reports, truth = zip(*held_out)
     truth = list(truth)
@@ -437,7 +437,7 @@ def run_demo(out: str | os.PathLike = "medim-demo", num_inference_steps: int | N
     start = time.perf_counter()
     pipe = MeDiMPipeline.from_pretrained(model)
     if num_inference_steps is None:
-        num_inference_steps = pipe.sampler_defaults["num_steps"]
+        num_inference_steps = pipe.sampler_config.num_steps
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; pass overwrite=True (--overwrite) to replace its files")

@@ -1,9 +1,11 @@
-"""Where files come from and how they are written.
+"""Where files come from and how they are written: Hub/local resolution, the bundled models, atomic writes.
 
 Every loader in medim takes either a local path or a Hugging Face Hub repo id. Hub downloads go
 through `huggingface_hub` (so `HF_HUB_OFFLINE=1` and the usual cache work), fetching only the files
-that are needed. Every saver writes into a temporary sibling folder and renames it into place, so a
-crash never leaves a half-written artefact behind.
+that are needed; the Hub options travel together as one `HubOptions`. Names of models that ship
+inside the package (`medim-demo`) resolve to their folder here, below every other layer. Every
+saver writes into a temporary sibling folder and renames it into place, so a crash never leaves a
+half-written artefact behind.
 """
 
 from __future__ import annotations
@@ -13,21 +15,66 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import hf_hub_download, snapshot_download
 
-__all__ = ["resolve_file", "resolve_snapshot", "atomic_directory", "atomic_file"]
+__all__ = [
+    "HubOptions",
+    "BUNDLED_MODELS",
+    "bundled_model_path",
+    "resolve_file",
+    "resolve_snapshot",
+    "atomic_directory",
+    "atomic_file",
+]
+
+# Models that ship inside the package, by the name users load them with -> folder under medim/.
+BUNDLED_MODELS = {"medim-demo": "demo_model"}
 
 
-def _hub_kwargs(revision, cache_dir, local_files_only, token, repo_type) -> dict:
-    return dict(
-        revision=revision,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        token=token,
-        repo_type=repo_type,
-    )
+@dataclass(frozen=True)
+class HubOptions:
+    """The Hub options every `from_*` loader takes: `revision` (branch, tag or commit), `cache_dir`,
+    `local_files_only` (never download) and `token`.
+
+    Example:
+        >>> hub = HubOptions(revision="v1", local_files_only=True)
+        >>> resolve_file("org/repo", "config.json", hub=hub)  # doctest: +SKIP
+    """
+
+    revision: str | None = None
+    cache_dir: str | os.PathLike | None = None
+    local_files_only: bool = False
+    token: str | bool | None = None
+
+    def without_revision(self) -> HubOptions:
+        """The same options for a secondary repo: a revision names a commit of the main input only."""
+        return replace(self, revision=None)
+
+    def kwargs(self) -> dict[str, Any]:
+        """As keyword arguments of huggingface_hub's download functions."""
+        return asdict(self)
+
+
+def bundled_model_path(name: str | os.PathLike) -> Path | None:
+    """The folder of a model that ships with medim (`BUNDLED_MODELS`), or None for any other name.
+    Write "./medim-demo" to mean a local folder of that name instead.
+
+    Raises FileNotFoundError when the name is known but this build of medim holds no such model
+    (e.g. a source tree without the package data)."""
+    folder = BUNDLED_MODELS.get(str(name))
+    if folder is None:
+        return None
+    path = Path(__file__).resolve().parent / folder
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"this build of medim has no bundled {name!r} model ({path} is empty); build one with "
+            "`medim demo --retrain DIR` (about 1 h 45 min on two CPU cores) and load DIR instead"
+        )
+    return path
 
 
 def resolve_file(
@@ -36,10 +83,8 @@ def resolve_file(
     *,
     subfolder: str | None = None,
     repo_type: str | None = None,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-    token: str | bool | None = None,
+    hub: HubOptions | None = None,
+    **legacy: Any,  # TRANSITION: revision/cache_dir/local_files_only/token until every caller passes hub=
 ) -> Path:
     """Return a local path to one file.
 
@@ -65,7 +110,8 @@ def resolve_file(
             str(repo_or_path),
             filename,
             subfolder=subfolder,
-            **_hub_kwargs(revision, cache_dir, local_files_only, token, repo_type),
+            repo_type=repo_type,
+            **(hub or HubOptions(**legacy)).kwargs(),
         )
     )
 
@@ -75,10 +121,8 @@ def resolve_snapshot(
     allow_patterns: Sequence[str] | None = None,
     *,
     repo_type: str | None = None,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-    token: str | bool | None = None,
+    hub: HubOptions | None = None,
+    **legacy: Any,  # TRANSITION: revision/cache_dir/local_files_only/token until every caller passes hub=
 ) -> Path:
     """Return a local directory: `repo_or_path` itself if it is one, else a Hub snapshot holding
     only the files matching `allow_patterns`."""
@@ -91,7 +135,8 @@ def resolve_snapshot(
         snapshot_download(
             str(repo_or_path),
             allow_patterns=list(allow_patterns) if allow_patterns is not None else None,
-            **_hub_kwargs(revision, cache_dir, local_files_only, token, repo_type),
+            repo_type=repo_type,
+            **(hub or HubOptions(**legacy)).kwargs(),
         )
     )
 

@@ -27,31 +27,12 @@ from typing import Any, ClassVar
 
 import torch
 
+from medim.checks import describe
+from medim.diffusion.segments import Segment
+
 __all__ = ["Segment", "BackboneInputs", "SequenceLayout", "MeDiMV1Layout", "NativeLayout"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One modality's slice of the state and its contiguous vocabulary range.
-
-    A token sampled at local index `j` of the segment is the backbone id `vocab_start + j`.
-    """
-
-    name: str
-    start: int
-    length: int
-    vocab_start: int
-    vocab_size: int
-
-    @property
-    def stop(self) -> int:
-        return self.start + self.length
-
-    @property
-    def vocab_stop(self) -> int:
-        return self.vocab_start + self.vocab_size
 
 
 @dataclass
@@ -88,7 +69,7 @@ class SequenceLayout(ABC):
     image_len: int
     mask_id: int
     pad_id: int
-    eos_id: int | None
+    report_end_id: int | None  # the state id that ends a report (None: reports run to text_len)
     supervise_padding: bool
     segments: tuple[Segment, Segment]
 
@@ -149,7 +130,7 @@ class SequenceLayout(ABC):
         """Raise ValueError unless `x` is a LongTensor [B, state_len] of ids this layout allows:
         text positions hold text ids (or mask/pad), image positions image ids (or mask)."""
         if not isinstance(x, torch.Tensor) or x.dtype != torch.long or x.dim() != 2:
-            raise ValueError(f"x must be a LongTensor [B, {self.state_len}], got {_describe(x)}")
+            raise ValueError(f"x must be a LongTensor [B, {self.state_len}], got {describe(x)}")
         if x.shape[1] != self.state_len:
             raise ValueError(f"x must have {self.state_len} positions (text_len + image_len), got {x.shape[1]}")
         text, image = x[:, : self.text_len], x[:, self.text_len :]
@@ -174,11 +155,9 @@ class SequenceLayout(ABC):
 
     def encode_reports(self, tokenizer: Any, texts: Sequence[str]) -> torch.LongTensor:
         """Tokenise reports into the text part of the state, right-padded with `pad_id` to
-        `text_len` (too-long reports are truncated with a warning)."""
-        if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
-            raise ValueError(f"texts must be a non-empty list of str, got {texts!r}")
-        if not all(isinstance(t, str) for t in texts):
-            raise ValueError("texts must be a list of str")
+        `text_len` (too-long reports are truncated with a warning). `texts`: a non-empty list of
+        str (checked by the caller: the pipeline's input checks)."""
+        assert texts and not isinstance(texts, str) and all(isinstance(t, str) for t in texts), texts
         out = torch.full((len(texts), self.text_len), self.pad_id, dtype=torch.long)
         for row, text in enumerate(texts):
             ids = self._report_ids(tokenizer, text)
@@ -197,14 +176,14 @@ class SequenceLayout(ABC):
         """Text part of states (or full states) -> strings. Drops specials, mask and padding and
         stops at the end-of-report id."""
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-            raise ValueError(f"ids must be a LongTensor [B, text_len or state_len], got {_describe(ids)}")
+            raise ValueError(f"ids must be a LongTensor [B, text_len or state_len], got {describe(ids)}")
         if ids.shape[1] not in (self.text_len, self.state_len):
             raise ValueError(f"ids must have text_len={self.text_len} or state_len={self.state_len} columns")
         ts = self.text_segment
         reports = []
         for row in ids[:, : self.text_len].tolist():
-            if self.eos_id is not None and self.eos_id in row:
-                row = row[: row.index(self.eos_id)]
+            if self.report_end_id is not None and self.report_end_id in row:
+                row = row[: row.index(self.report_end_id)]
             keep = [t for t in row if ts.vocab_start <= t < ts.vocab_stop and t != self.pad_id]
             reports.append(tokenizer.decode(keep, skip_special_tokens=True).strip())
         return reports
@@ -219,19 +198,15 @@ class SequenceLayout(ABC):
         """Build the backbone input, key mask and read-out index for states `x` [B, state_len]."""
 
 
-def _describe(x: Any) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
-    return type(x).__name__
-
-
 class MeDiMV1Layout(SequenceLayout):
     """The released MeDiM checkpoint's layout (FORMATS section 4).
 
     Vocabulary: `base_vocab_size` Llama-2 ids, then `<boi>`, `<eoi>`, `<eos>`, the mask id and the
     image codes. Backbone input per row: `[<boi>] + image + [<eoi>] + cond + text + [<eos>]`, where
     `cond` is the tokenised size string; rows whose `cond` is shorter are right-padded after `<eos>`
-    with masked keys, so each row computes exactly what it would alone.
+    with masked keys, so each row computes exactly what it would alone. `<eos>` (`eos_id`) closes
+    the backbone input; it is not part of the state, and reports end nowhere (`report_end_id` None):
+    the release never supervised an end of report.
     """
 
     name = "medim-v1"
@@ -244,9 +219,9 @@ class MeDiMV1Layout(SequenceLayout):
         )
         self.base_vocab_size, self.text_len, self.image_len = base_vocab_size, text_len, image_len
         self.image_vocab_size = image_vocab_size
-        self.boi_id, self.eoi_id, self.end_id = base_vocab_size, base_vocab_size + 1, base_vocab_size + 2
+        self.boi_id, self.eoi_id, self.eos_id = base_vocab_size, base_vocab_size + 1, base_vocab_size + 2
         self.mask_id = base_vocab_size + 3
-        self.pad_id, self.eos_id, self.supervise_padding = 0, None, False
+        self.pad_id, self.report_end_id, self.supervise_padding = 0, None, False
         self.segments = (
             Segment("text", 0, text_len, 0, base_vocab_size + 3),
             Segment("image", text_len, image_len, base_vocab_size + 4, image_vocab_size),
@@ -261,7 +236,7 @@ class MeDiMV1Layout(SequenceLayout):
         )
 
     def _special_ids(self) -> tuple[int, ...]:
-        return (self.boi_id, self.eoi_id, self.end_id)
+        return (self.boi_id, self.eoi_id, self.eos_id)
 
     def _report_ids(self, tokenizer: Any, text: str) -> list[int]:
         # The release tokenised reports with the tokenizer's own specials (Llama-2: BOS, no EOS).
@@ -273,16 +248,10 @@ class MeDiMV1Layout(SequenceLayout):
         return f"Image Size: Width is tensor([{width}]) Height is tensor([{height}])."
 
     def condition(self, tokenizer: Any, image_sizes: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
-        """Tokenise the size string of each row: `{"cond_ids": [B, C], "cond_mask": [B, C] bool}`."""
-        if isinstance(image_sizes, tuple) and len(image_sizes) == 2 and isinstance(image_sizes[0], int):
-            raise ValueError("image_sizes must be a list of (width, height) pairs, one per row")
-        if not image_sizes:
-            raise ValueError("image_sizes must be a non-empty list of (width, height) pairs")
-        rows = []
-        for size in image_sizes:
-            if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
-                raise ValueError(f"image_sizes entries must be (width, height) positive ints, got {size!r}")
-            rows.append(list(tokenizer(self.size_string(*size), add_special_tokens=True)["input_ids"]))
+        """Tokenise the size string of each row: `{"cond_ids": [B, C], "cond_mask": [B, C] bool}`.
+        `image_sizes`: one (width, height) pair of positive ints per row (checked by the caller)."""
+        assert image_sizes and all(len(size) == 2 for size in image_sizes), image_sizes
+        rows = [list(tokenizer(self.size_string(*size), add_special_tokens=True)["input_ids"]) for size in image_sizes]
         width = max(len(r) for r in rows)
         cond_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         cond_mask = torch.zeros(len(rows), width, dtype=torch.bool)
@@ -316,7 +285,7 @@ class MeDiMV1Layout(SequenceLayout):
         arange_t = torch.arange(T, device=device)
         text_pos = text_start[:, None] + arange_t
         ids.scatter_(1, text_pos, text)
-        ids.scatter_(1, (text_start + T)[:, None], torch.full_like(text_start[:, None], self.end_id))
+        ids.scatter_(1, (text_start + T)[:, None], torch.full_like(text_start[:, None], self.eos_id))
         row_len = text_start + T + 1
         positions = torch.arange(L, device=device)
         key_mask = positions[None, :] < row_len[:, None]
@@ -331,7 +300,8 @@ class MeDiMV1Layout(SequenceLayout):
 class NativeLayout(SequenceLayout):
     """The backbone's own vocabulary: text ids unchanged, image code k -> `image_offset + k`, one
     mask row. Backbone input `[BOS] + text + image`; each state token is read at its own position.
-    Reports end with `eos_id` then `pad_id`, and both are supervised, so reports get a natural length.
+    Reports end with `eos_id` (`report_end_id`) then `pad_id`, and both are supervised, so reports
+    get a natural length.
     """
 
     name = "native"
@@ -362,7 +332,7 @@ class NativeLayout(SequenceLayout):
         self.text_vocab_size, self.image_offset, self.image_vocab_size = text_vocab_size, image_offset, image_vocab_size
         self.mask_id, self.bos_id, self.eos_id, self.pad_id = mask_id, bos_id, eos_id, pad_id
         self.text_len, self.image_len = text_len, image_len
-        self.supervise_padding = True
+        self.report_end_id, self.supervise_padding = eos_id, True
         self.segments = (
             Segment("text", 0, text_len, 0, text_vocab_size),
             Segment("image", text_len, image_len, image_offset, image_vocab_size),

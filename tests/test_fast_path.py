@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from medim.diffusion.sampler import _categorical, sample
+from medim.models.medim import MeDiMModelOutput
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import medim_v1_model, release_style_sample, text_to_image_batch  # noqa: E402
@@ -23,7 +24,7 @@ def _fast(model, x, known, cond, steps, guidance, seeds):
     gens = [torch.Generator().manual_seed(s) for s in seeds]
 
     def denoiser(xt, sigma, positions, **kw):  # as the pipeline's: raw logits, normalised by the sampler
-        return model(xt, sigma, positions=positions, return_logits=True, **kw).logprobs
+        return model(xt, sigma, positions=positions, return_logits=True, **kw).logits
 
     return sample(denoiser, x, known, segments=layout.segments, mask_id=layout.mask_id, num_steps=steps,
                   guidance_scale=guidance, generator=gens, model_kwargs=cond)
@@ -64,7 +65,7 @@ def test_in_place_log_softmax_only_without_grad():
     x, _, cond = text_to_image_batch(model.layout, 2, cond_len=5)
     sigma = torch.tensor([1.0, 0.5])
     with torch.no_grad():
-        logits = model(x, sigma, return_logits=True, **cond).logprobs
+        logits = model(x, sigma, return_logits=True, **cond).logits
         lp = model(x, sigma, **cond).logprobs
     for name in ("text", "image"):
         torch.testing.assert_close(lp[name], logits[name].log_softmax(-1))
@@ -122,6 +123,8 @@ def test_pipeline_asks_for_logits_and_its_tokens_are_unchanged(tmp_path, monkeyp
     monkeypatch.setattr(pipe.model, "forward", spy)
     fast = run()
     assert seen and all(seen)
-    monkeypatch.setattr(pipe.model, "forward", lambda *a, return_logits=False, **kw: forward(*a, **kw))
+    # Log-probs where the sampler asked for logits: the same tokens (a per-position constant apart).
+    monkeypatch.setattr(pipe.model, "forward",
+                        lambda *a, return_logits=False, **kw: MeDiMModelOutput(logits=forward(*a, **kw).logprobs))
     slow = run()
     assert all(torch.equal(a, b) for a, b in zip(fast, slow))

@@ -14,7 +14,7 @@ from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaRMS
 
 from medim import MeDiMConfig, MeDiMModel
 from medim.layout import MeDiMV1Layout, NativeLayout
-from medim.models.convert import liquid_backbone_config
+from medim.models.backbone import liquid_backbone_config
 
 NATIVE = {"name": "native", "text_vocab_size": 100, "image_offset": 100, "image_vocab_size": 64, "mask_id": 164,
           "text_len": 8, "image_len": 16}
@@ -98,7 +98,7 @@ def test_positions_logits_and_bad_inputs():
     x, sigma = native_state(), torch.tensor([0.5, 1.5])
     with torch.no_grad():
         full = model(x, sigma).logprobs
-        part = model(x, sigma, positions={"image": torch.tensor([8, 20])}, return_logits=True).logprobs
+        part = model(x, sigma, positions={"image": torch.tensor([8, 20])}, return_logits=True).logits
     assert full["text"].shape == (2, 8, 100) and full["image"].shape == (2, 16, 64) and full["image"].dtype == torch.float32
     assert torch.allclose(full["image"].exp().sum(-1), torch.ones(2, 16))
     assert set(part) == {"image"} and torch.allclose(part["image"].log_softmax(-1), full["image"][:, [0, 12]], atol=1e-5)
@@ -169,7 +169,7 @@ def release_reference(state, config, layout, x, sigma, cond_ids):
     T, I = layout.text_len, layout.image_len  # noqa: E741
     text, image = x[:T], x[T:]
     ids = torch.cat([torch.tensor([layout.boi_id]), image, torch.tensor([layout.eoi_id]), cond_ids, text,
-                     torch.tensor([layout.end_id])])[None]
+                     torch.tensor([layout.eos_id])])[None]
     L = ids.shape[1]
     h = torch.nn.functional.embedding(ids, sd["embed_tokens.weight"]) * torch.tensor(config.hidden_size**0.5)
     # timestep embedder: [cos | sin] of sigma * exp(-log(10000) k / 128), Linear-SiLU-Linear

@@ -20,6 +20,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from medim.commands.common import add_hub_arguments, hub_options
+
 HELP = "convert upstream checkpoints (released MeDiM, Liquid, taming VQGAN) to medim folders"
 
 logger = logging.getLogger(__name__)
@@ -56,11 +58,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="weight dtype of the written files (the VQGAN codebook always stays float32)")
     p.add_argument("--device", default="cpu", help="torch device to convert on (the output is the same)")
-    p.add_argument("--revision", default=None,
-                   help="Hub revision (branch, tag or commit) of the main input (--checkpoint, --backbone or --ckpt)")
-    p.add_argument("--cache-dir", default=None, help="Hugging Face cache directory")
-    p.add_argument("--local-files-only", action="store_true", help="never download; use the cache")
-    p.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+    add_hub_arguments(p, "the main input (--checkpoint, --backbone or --ckpt)")
 
 
 def _pipeline_parts(p: argparse.ArgumentParser, tokenizer_default: str | None, tokenizer_help: str) -> None:
@@ -130,12 +128,12 @@ def run(args: argparse.Namespace) -> int:
 
     _check_out(args.out, args.overwrite)
     dtype = getattr(torch, args.dtype)
-    hub = dict(cache_dir=args.cache_dir, local_files_only=args.local_files_only, token=args.token)
+    hub = hub_options(args).kwargs()
     if args.source == "vqgan":
         from medim.models.vqgan import VQGAN
 
         vqgan = VQGAN.from_taming(args.ckpt, args.config, subfolder=args.subfolder, repo_type=args.repo_type,
-                                  revision=args.revision, dtype=dtype, device=args.device, **hub)
+                                  dtype=dtype, device=args.device, **hub)
         out = vqgan.save_pretrained(args.out, overwrite=args.overwrite)
         print(f"VQGAN ({vqgan.num_parameters():,} parameters, {vqgan.num_codes} codes) written to {out}")
         return 0
@@ -143,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     from medim.pipeline import MeDiMPipeline
 
     parts = dict(vqgan=args.vqgan, vqgan_subfolder=args.vqgan_subfolder, vqgan_repo_type=args.vqgan_repo_type,
-                 num_layers=args.num_layers, revision=args.revision, dtype=dtype, device=args.device, **hub)
+                 num_layers=args.num_layers, dtype=dtype, device=args.device, **hub)
     if args.source == "original":
         layout = dict(name="medim-v1", base_vocab_size=args.base_vocab_size, text_len=args.text_len,
                       image_len=args.image_len, image_vocab_size=args.image_vocab_size)

@@ -15,12 +15,14 @@ import logging
 import os
 from pathlib import Path
 
+from medim.commands.common import add_hub_arguments, hub_options
+from medim.task_names import TASKS
+
 HELP = "generate images, reports or image-report pairs in batch (resumable)"
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
-TASKS = {"pairs": "generate_pairs", "image": "text_to_image", "report": "image_to_report"}
 # Settings that change what a sample looks like: a resumed run must use the same ones.
 SETTING_KEYS = (
     "task", "model", "loader", "revision", "num_inference_steps", "guidance_scale", "strategy",
@@ -46,10 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "MeDiMPipeline.from_original (released checkpoint), 'auto' = pretrained when --model "
         "holds a model_index.json",
     )
-    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    parser.add_argument("--cache-dir", default=None, help="Hugging Face cache directory")
-    parser.add_argument("--local-files-only", action="store_true", help="never download; use the cache")
-    parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+    add_hub_arguments(parser, "--model")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created; resumed if it exists)")
     parser.add_argument(
         "--prompts", type=Path, default=None,
@@ -142,18 +141,17 @@ def _load_pipeline(args: argparse.Namespace, dtype, device):
     from medim.hub import resolve_file
     from medim.pipeline import MeDiMPipeline
 
-    hub = dict(revision=args.revision, cache_dir=args.cache_dir,
-               local_files_only=args.local_files_only, token=args.token)
+    hub = hub_options(args)
     loader = args.loader
     if loader == "auto":
         try:
-            resolve_file(args.model, "model_index.json", **hub)
+            resolve_file(args.model, "model_index.json", hub=hub)
             loader = "pretrained"
         except Exception as err:  # missing locally or on the Hub: it is a released checkpoint
             logger.info("no model_index.json in %s (%s): reading it as the released checkpoint", args.model, err)
             loader = "original"
     load = MeDiMPipeline.from_pretrained if loader == "pretrained" else MeDiMPipeline.from_original
-    return load(args.model, dtype=dtype, device=device, **hub), loader
+    return load(args.model, dtype=dtype, device=device, **hub.kwargs()), loader
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,11 +1,12 @@
 """Discrete (masked) diffusion core: noise schedules, the training loss, the sampler, task masks.
 
-Everything here works with any denoiser callable (docs/internals.md) and knows nothing of the
+Everything here works with any denoiser callable (docs/architecture.md) and knows nothing of the
 backbone or the layout beyond `layout.segments` and `layout.mask_id`.
 """
 
+from .config import COMMIT_SCHEDULES, GUIDANCE_SCHEDULES, RELEASE_SAMPLER, STRATEGIES, SamplerConfig
 from .loss import LossOutput, diffusion_loss, sample_times
-from .sampler import COMMIT_SCHEDULES, GUIDANCE_SCHEDULES, STRATEGIES, SampleOutput, commit_counts, sample
+from .sampler import SampleOutput, commit_counts, sample
 from .schedule import (
     SCHEDULES,
     CosineSchedule,
@@ -14,6 +15,7 @@ from .schedule import (
     NoiseSchedule,
     get_schedule,
 )
+from .segments import Segment
 from .tasks import (
     TaskInputs,
     image_to_report,
@@ -33,7 +35,10 @@ __all__ = [
     "LogLinearSchedule",
     "LossOutput",
     "NoiseSchedule",
+    "RELEASE_SAMPLER",
     "SampleOutput",
+    "SamplerConfig",
+    "Segment",
     "TaskInputs",
     "commit_counts",
     "diffusion_loss",

@@ -1,6 +1,6 @@
 """Forward masking q(x_t | x_0) and the MDLM (SUBS) training loss.
 
-Recipe (FORMATS.md section 5): one time t per sample, drawn by stratified antithetic sampling in
+Recipe (the release's, docs/formats.md): one time t per sample, drawn by stratified antithetic sampling in
 [eps, 1]; every token masked independently with the schedule's move chance 1 - exp(-sigma(t));
 the loss is -log p(x_0) at masked positions, weighted by dsigma / expm1(sigma) (exactly 1/t for the
 log-linear schedule). Unmasked positions contribute nothing (SUBS: the model copies them).
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .schedule import NoiseSchedule, get_schedule
-from .tasks import check_segments, check_tokens
+from .segments import Segment, check_segments, check_tokens
 
 __all__ = ["LossOutput", "sample_times", "diffusion_loss"]
 
@@ -72,8 +72,8 @@ def _check_prob(p: float, name: str) -> None:
 def diffusion_loss(
     denoiser: Callable[..., Mapping[str, torch.Tensor]],
     x0: torch.LongTensor,
-    segments: Sequence[Any] | Any,
-    mask_id: int | None = None,
+    segments: Sequence[Segment],
+    mask_id: int,
     *,
     schedule: str | NoiseSchedule = "loglinear",
     known: torch.BoolTensor | None = None,
@@ -92,9 +92,9 @@ def diffusion_loss(
 
     Args:
         denoiser: `denoiser(x, sigma, positions, **model_kwargs) -> {segment: log-probs [B, L, V]}`
-            (docs/internals.md); called once with `positions=None` (every position).
+            (docs/architecture.md); called once with `positions=None` (every position).
         x0: clean states `[B, N]` of backbone ids.
-        segments: `layout.segments` (or a layout: then `mask_id` defaults to `layout.mask_id`).
+        segments, mask_id: `layout.segments`, `layout.mask_id`.
         known: positions that are never masked and never counted (e.g. fixed conditioning).
         loss_mask: positions that count (default all). medim-v1 passes "not padding"; the native
             layout supervises padding and end-of-report, so it passes None.
@@ -129,11 +129,6 @@ def diffusion_loss(
         ...                      layout.segments, layout.mask_id, loss_mask=x0 != layout.pad_id)
         >>> out.loss.backward()
     """
-    if hasattr(segments, "segments"):
-        mask_id = segments.mask_id if mask_id is None else mask_id
-        segments = segments.segments
-    if mask_id is None:
-        raise ValueError("mask_id: required when `segments` is a sequence of Segments")
     if not isinstance(x0, torch.Tensor) or x0.dtype != torch.long or x0.dim() != 2 or x0.shape[0] < 1:
         raise ValueError(f"x0: expected a LongTensor [batch, state_len], got {x0!r:.80}")
     B, N = x0.shape

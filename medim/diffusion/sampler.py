@@ -41,16 +41,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .schedule import NoiseSchedule, get_schedule
-from .tasks import check_segments, check_tokens
+from .config import COMMIT_SCHEDULES, GUIDANCE_SCHEDULES, STRATEGIES, SamplerConfig
+from .schedule import get_schedule
+from .segments import Segment, check_segments, check_tokens
 
 __all__ = ["SampleOutput", "sample", "commit_counts", "STRATEGIES", "COMMIT_SCHEDULES", "GUIDANCE_SCHEDULES"]
 
 logger = logging.getLogger(__name__)
-
-STRATEGIES = ("maskgit", "threshold", "ddpm")
-COMMIT_SCHEDULES = ("arccos", "cosine", "linear")
-GUIDANCE_SCHEDULES = ("constant", "linear")
 
 
 @dataclass
@@ -150,42 +147,31 @@ def _uniforms(generator, B: int, N: int, device: torch.device) -> torch.Tensor:
     return torch.stack([torch.rand(2, N, generator=g, device=g.device).to(device) for g in generator])
 
 
-def _check_args(x, known, segments, mask_id, num_steps, strategy, schedule, guidance_scale,
-                guidance_schedule, confidence_temperature, threshold, min_per_step, temperature,
-                top_k, top_p, generator, model_kwargs):
+def _check_inputs(x, known, segments, mask_id, generator, model_kwargs) -> tuple[Segment, ...]:
+    """The tensors of one call (the settings were checked when their SamplerConfig was made)."""
     if not isinstance(x, torch.Tensor) or x.dtype != torch.long or x.dim() != 2 or x.shape[0] < 1:
         raise ValueError(f"x: expected a LongTensor [batch, state_len], got {type(x).__name__}")
     if not isinstance(known, torch.Tensor) or known.dtype != torch.bool or known.shape != x.shape:
         raise ValueError(f"known: expected a bool tensor of shape {list(x.shape)}")
     segments = check_segments(segments, x.shape[1], mask_id)
     check_tokens(x, known, segments, "x (known positions)")
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps: expected an integer >= 1, got {num_steps!r}")
-    for name, value, accepted in (("strategy", strategy, STRATEGIES), ("schedule", schedule, COMMIT_SCHEDULES),
-                                  ("guidance_schedule", guidance_schedule, GUIDANCE_SCHEDULES)):
-        if value not in accepted:
-            raise ValueError(f"{name}: expected one of {list(accepted)}, got {value!r}")
-    for name, value in (("guidance_scale", guidance_scale), ("confidence_temperature", confidence_temperature),
-                        ("temperature", temperature)):
-        if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
-            raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold: expected a probability in (0, 1], got {threshold!r}")
-    if not isinstance(min_per_step, int) or min_per_step < 1:
-        raise ValueError(f"min_per_step: expected an integer >= 1, got {min_per_step!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k: expected None or an integer >= 1, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != x.shape[0] or not all(isinstance(g, torch.Generator) for g in generator):
-            raise ValueError(f"generator: a list must hold one torch.Generator per row ({x.shape[0]})")
-    elif generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator: expected None, a torch.Generator or a list of them, got {generator!r}")
+    check_generator(generator, x.shape[0])
     for name, value in model_kwargs.items():
         if isinstance(value, torch.Tensor) and (value.dim() == 0 or value.shape[0] != x.shape[0]):
             raise ValueError(f"model_kwargs[{name!r}]: tensors must be per row, first dim {x.shape[0]}")
     return segments
+
+
+def check_generator(generator: Any, rows: int | None = None) -> None:
+    """`generator` must be None, a torch.Generator, or a list with one per row (`rows`, if known)."""
+    if isinstance(generator, (list, tuple)):
+        if not all(isinstance(g, torch.Generator) for g in generator):
+            raise TypeError(f"generator: a list must hold only torch.Generators, got {generator!r}")
+        if rows is not None and len(generator) != rows:
+            raise ValueError(f"generator: a list needs one generator per output ({rows}), got {len(generator)}")
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be None, a torch.Generator or a list of them (one per output), "
+                        f"got {generator!r}")
 
 
 @torch.no_grad()
@@ -194,55 +180,35 @@ def sample(
     x: torch.LongTensor,
     known: torch.BoolTensor,
     *,
-    segments: Sequence[Any],
+    segments: Sequence[Segment],
     mask_id: int,
-    num_steps: int = 128,
-    strategy: str = "maskgit",
-    schedule: str = "arccos",
-    noise_schedule: str | NoiseSchedule = "loglinear",
-    confidence_temperature: float = 10.0,
-    threshold: float = 0.9,
-    min_per_step: int = 1,
-    guidance_scale: float = 0.0,
-    guidance_schedule: str = "linear",
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    time_eps: float = 1e-5,
+    config: SamplerConfig | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     callback: Callable[[int, float, torch.Tensor], None] | None = None,
     progress: bool = False,
+    **options: Any,
 ) -> SampleOutput:
     """Fill every unknown position of `x` by iterative unmasking.
 
     Args:
         denoiser: `denoiser(x, sigma, positions, **model_kwargs) -> {segment: log-probs [B, K, V]}`
-            (docs/internals.md). It is only asked for positions unknown in some row, and never for
-            a segment that is fully known (text-to-image computes no text logits). The tensors it
-            returns belong to the sampler, which overwrites them (no per-step copies). Raw logits
-            work as well and save the model a log-softmax pass (`model(..., return_logits=True)`):
+            (docs/architecture.md). It is only asked for positions unknown in some row, and never
+            for a segment that is fully known (text-to-image computes no text logits). The tensors
+            it returns belong to the sampler, which overwrites them (no per-step copies). Raw
+            logits work as well and save the model a log-softmax pass (`model(..., return_logits=True)`):
             the sampler only uses its input up to a per-position additive constant (the guidance
             mix (1 + w) a - w b keeps a constant a constant, then softmax, log-softmax or argmax).
         x, known: the state `[B, N]` and the bool mask of given positions (see `medim.diffusion.tasks`);
             unknown positions may hold anything, known ones never change.
         segments, mask_id: `layout.segments`, `layout.mask_id`.
-        num_steps: denoising steps (a guided step is one batched forward).
-        strategy: "maskgit" (commit the `commit_counts` most confident tokens per step; confidence
-            log p + confidence_temperature * t * Gumbel), "threshold" (commit every masked token
-            whose sampled probability exceeds `threshold`, at least `min_per_step`, everything at
-            the last step; stops early when done) or "ddpm" (MDLM ancestral update: a masked token
-            is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t)).
-        schedule: commit-count schedule for maskgit: "arccos" (release), "cosine", "linear".
-        noise_schedule: schedule giving the sigma fed to the model (and ddpm's reveal rate).
-        guidance_scale, guidance_schedule: CFG weight w; "linear" is the release's w * (1 - t),
-            "constant" keeps w. 0 (or nothing known) runs no unconditional half at all.
-        temperature, top_k, top_p: applied to the float32 (guided) log-probs; temperature 0 is
-            greedy (argmax).
+        config: the settings (`SamplerConfig`: steps, strategy, guidance, temperature, ...);
+            default `SamplerConfig()`.
         generator: None, one torch.Generator, or one per row (row results independent of batching).
         model_kwargs: extra per-row model inputs (tensors with first dim B, repeated for guidance).
         callback: `callback(step, t, x)` after every step.
         progress: show a tqdm bar.
+        **options: any `SamplerConfig` field, applied over `config` (e.g. `num_steps=64`).
 
     Example:
         >>> task = text_to_image(layout, report_ids)
@@ -251,11 +217,15 @@ def sample(
         ...              generator=torch.Generator().manual_seed(0))
         >>> out.tokens.shape, out.nfe
     """
+    config = (config or SamplerConfig()).replace(**options)
     model_kwargs = dict(model_kwargs or {})
-    segments = _check_args(x, known, segments, mask_id, num_steps, strategy, schedule, guidance_scale,
-                           guidance_schedule, confidence_temperature, threshold, min_per_step,
-                           temperature, top_k, top_p, generator, model_kwargs)
-    noise = get_schedule(noise_schedule)
+    segments = _check_inputs(x, known, segments, mask_id, generator, model_kwargs)
+    return _denoise(denoiser, x, known, segments, mask_id, config, generator, model_kwargs, callback, progress)
+
+
+def _denoise(denoiser, x, known, segments, mask_id, c: SamplerConfig, generator, model_kwargs, callback, progress):
+    """The loop itself, on checked inputs (`c`: the settings)."""
+    noise = get_schedule(c.noise_schedule)
     B, N = x.shape
     device = x.device
     x = torch.where(known, x, mask_id)
@@ -276,18 +246,20 @@ def sample(
     pos_all = torch.cat([pos for _, pos, _ in requested])
     vocab_start = torch.cat([torch.full((p.numel(),), s.vocab_start, device=device) for s, p, _ in requested])
 
+    num_steps = c.num_steps
     num_unknown = (~known).sum(-1).cpu()
-    counts = commit_counts(num_unknown, num_steps, schedule)
-    active = (counts.sum(0) > 0).tolist() if strategy == "maskgit" else [True] * num_steps
+    counts = commit_counts(num_unknown, num_steps, c.schedule)
+    active = (counts.sum(0) > 0).tolist() if c.strategy == "maskgit" else [True] * num_steps
     counts = counts.to(device)
-    t_grid = torch.linspace(1, time_eps, num_steps + 1, dtype=torch.float32)
+    t_grid = torch.linspace(1, c.time_eps, num_steps + 1, dtype=torch.float32)
     sigma_grid = noise.sigma(t_grid).to(device)
     move = noise.move_chance(t_grid).tolist()
     t_list = t_grid.tolist()
     any_known = bool(known.any())
-    ramp = [guidance_scale * (1 - t) if guidance_schedule == "linear" else guidance_scale for t in t_list]
+    ramp = [c.guidance_scale * (1 - t) if c.guidance_schedule == "linear" else c.guidance_scale for t in t_list]
     guided = [any_known and w > 0 for w in ramp]
-    kwargs2 = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in model_kwargs.items()}
+    # The guided forward runs [conditional; unconditional] as one batch: per-row inputs twice.
+    guided_kwargs = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in model_kwargs.items()}
 
     def logprobs(i: int, w: float, use_guidance: bool) -> torch.Tensor:
         """Per requested segment, float32 (guided) log-weights [B, K_s, V_s]: log-probs up to a
@@ -295,7 +267,7 @@ def sample(
         sigma = sigma_grid[i].expand(B)
         if use_guidance:
             xu = torch.where(known, mask_id, x)  # the condition hidden, everything else as is
-            out = denoiser(torch.cat([x, xu]), torch.cat([sigma, sigma]), positions, **kwargs2)
+            out = denoiser(torch.cat([x, xu]), torch.cat([sigma, sigma]), positions, **guided_kwargs)
         else:
             out = denoiser(x, sigma, positions, **model_kwargs)
         parts = []
@@ -316,6 +288,7 @@ def sample(
             parts.append(lp)
         return parts
 
+    temperature, top_k, top_p = c.temperature, c.top_k, c.top_p
     plain = temperature == 1.0 and top_k is None and top_p is None
 
     def draw(parts, u):
@@ -351,16 +324,16 @@ def sample(
             cand, lp = draw(parts, u[:, 0])
             xs = x[:, pos_all]
             masked = xs == mask_id
-            if strategy == "maskgit":
+            if c.strategy == "maskgit":
                 gumbel = -torch.log(-torch.log(u[:, 1].clamp(1e-20, 1 - 1e-7)))
-                conf = torch.where(masked, lp + (confidence_temperature * t) * gumbel, -math.inf)
+                conf = torch.where(masked, lp + (c.confidence_temperature * t) * gumbel, -math.inf)
                 commit = masked & (_ranks(conf) < counts[:, i : i + 1])
-            elif strategy == "threshold":
+            elif c.strategy == "threshold":
                 if i == num_steps - 1:
                     commit = masked
                 else:
                     rank = _ranks(torch.where(masked, lp, -math.inf))
-                    commit = masked & ((lp.exp() > threshold) | (rank < min_per_step))
+                    commit = masked & ((lp.exp() > c.threshold) | (rank < c.min_per_step))
             else:
                 reveal = (move[i] - move[i + 1]) / move[i]
                 commit = masked & (u[:, 1] < reveal)
@@ -368,7 +341,7 @@ def sample(
         if callback is not None:
             callback(i, t, x)
         # The threshold strategy's point is its adaptive length: one boolean read per step.
-        if strategy == "threshold" and not bool((x[:, pos_all] == mask_id).any()):
+        if c.strategy == "threshold" and not bool((x[:, pos_all] == mask_id).any()):
             break
 
     # Final pass (release: noise removal): argmax of an unguided forward for anything still masked.

@@ -1,7 +1,7 @@
 """Tasks as masks: every task is one choice of which state positions start known.
 
 The state is `[text (layout.text_len) | image (layout.image_len)]` of backbone token ids and
-`layout.segments == (text_segment, image_segment)` (docs/internals.md). Each function returns a
+`layout.segments == (text_segment, image_segment)` (docs/architecture.md). Each function returns a
 `TaskInputs(x, known)`: the initial state (known tokens in place, `layout.mask_id` elsewhere) and the
 `known [B, N]` mask that the sampler keeps fixed.
 
@@ -19,9 +19,12 @@ from typing import Any
 
 import torch
 
+from medim.checks import describe
+
+from .segments import check_segments, check_tokens
+
 __all__ = [
     "TaskInputs",
-    "check_segments",
     "text_to_image",
     "image_to_report",
     "pair_from_prompt",
@@ -38,61 +41,12 @@ class TaskInputs:
     known: torch.BoolTensor
 
 
-def check_segments(segments: Sequence[Any], state_len: int, mask_id: int) -> tuple:
-    """Check that `segments` tile `[0, state_len)` in order and that no vocabulary holds `mask_id`.
-
-    Shared by the loss, the sampler and the tasks so that every entry point rejects a bad layout
-    the same way, before any compute.
-    """
-    segments = tuple(segments)
-    if not segments:
-        raise ValueError("segments: expected at least one Segment (e.g. layout.segments), got none")
-    pos = 0
-    for seg in segments:
-        if seg.start != pos or seg.length < 1:
-            raise ValueError(
-                f"segments: {seg.name!r} starts at {seg.start} with length {seg.length}; segments must "
-                f"tile the state in order without gaps (expected start {pos}, length >= 1)"
-            )
-        if seg.vocab_size < 1 or seg.vocab_start <= mask_id < seg.vocab_start + seg.vocab_size:
-            raise ValueError(
-                f"segments: vocabulary of {seg.name!r} is [{seg.vocab_start}, "
-                f"{seg.vocab_start + seg.vocab_size}); it must be non-empty and exclude mask_id={mask_id}"
-            )
-        pos += seg.length
-    if pos != state_len:
-        raise ValueError(f"segments: cover {pos} positions but the state has {state_len}")
-    if len({seg.name for seg in segments}) != len(segments):
-        raise ValueError(f"segments: names must be unique, got {[seg.name for seg in segments]}")
-    return segments
-
-
-def check_tokens(x: torch.Tensor, where: torch.Tensor | None, segments: Sequence[Any], name: str) -> None:
-    """Raise if a token of `x` (at `where`, or everywhere) lies outside its segment's vocabulary."""
-    for seg in segments:
-        ids = x[:, seg.start : seg.start + seg.length]
-        bad = (ids < seg.vocab_start) | (ids >= seg.vocab_start + seg.vocab_size)
-        if where is not None:
-            bad &= where[:, seg.start : seg.start + seg.length]
-        if bool(bad.any()):
-            raise ValueError(
-                f"{name}: {int(bad.sum())} token(s) in the {seg.name!r} positions lie outside its "
-                f"vocabulary [{seg.vocab_start}, {seg.vocab_start + seg.vocab_size})"
-            )
-
-
 def _check_ids(ids: torch.Tensor, name: str, rows: int | None, length: int) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.dim() != 2:
-        raise ValueError(f"{name}: expected a LongTensor [batch, {length}], got {_describe(ids)}")
+        raise ValueError(f"{name}: expected a LongTensor [batch, {length}], got {describe(ids)}")
     if ids.shape[1] != length or ids.shape[0] < 1 or (rows is not None and ids.shape[0] != rows):
         raise ValueError(f"{name}: expected shape [{rows or 'batch'}, {length}], got {list(ids.shape)}")
     return ids
-
-
-def _describe(v: Any) -> str:
-    if isinstance(v, torch.Tensor):
-        return f"a {v.dtype} tensor of shape {list(v.shape)}"
-    return type(v).__name__
 
 
 def _empty(layout: Any, batch_size: int, device: torch.device | str | None) -> TaskInputs:
@@ -158,7 +112,7 @@ def inpainting(layout: Any, x: torch.LongTensor, regenerate: torch.BoolTensor) -
     tokens) and keep every other token of the full state `x [B, N]`."""
     _check_ids(x, "x", None, layout.state_len)
     if not isinstance(regenerate, torch.Tensor) or regenerate.dtype != torch.bool or regenerate.shape != x.shape:
-        raise ValueError(f"regenerate: expected a bool tensor of shape {list(x.shape)}, got {_describe(regenerate)}")
+        raise ValueError(f"regenerate: expected a bool tensor of shape {list(x.shape)}, got {describe(regenerate)}")
     check_segments(layout.segments, layout.state_len, layout.mask_id)
     known = ~regenerate
     check_tokens(x, known, layout.segments, "x")

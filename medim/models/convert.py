@@ -1,12 +1,13 @@
-"""Building MeDiM models from upstream checkpoints.
+"""Building MeDiM models from upstream checkpoints: Liquid's first layers, and the released weights.
 
 - `load_liquid`: the first `num_layers` layers of Liquid_V1_7B (or any Gemma/Llama-style causal LM in
   the transformers format), reading only the tensors kept, from only the shards holding them,
   straight into the target dtype; plus a mask row, a fresh timestep embedder and identity AdaLN.
 - `load_original`: the released MeDiM accelerate checkpoint (medim-v1 layout), strictly checked.
 
-Models are built on the meta device and the tensors are assigned in, so nothing is materialised
-twice and no layer that is dropped is ever read.
+Users call them as `MeDiMModel.from_liquid` / `MeDiMModel.from_original`, which pass their own
+class in (so this module never imports the model's). Models are built on the meta device and the
+tensors are assigned in, so nothing is materialised twice and no layer that is dropped is ever read.
 """
 
 from __future__ import annotations
@@ -22,101 +23,26 @@ from typing import Any
 import torch
 from huggingface_hub import HfApi
 from safetensors import safe_open
-from transformers import GemmaConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
-from medim.hub import resolve_file, resolve_snapshot
+from medim.checks import check_dtype_device, check_state_shapes
+from medim.hub import HubOptions, resolve_file, resolve_snapshot
 from medim.layout import MeDiMV1Layout, NativeLayout, SequenceLayout
-from medim.models.medim import AdaLNModulation, MeDiMConfig, MeDiMModel, backbone_config_from_dict
+from medim.models.backbone import (
+    backbone_config_from_dict,
+    fix_liquid_activation,
+    liquid_backbone_config,
+    native_layout_for,
+)
 
-__all__ = ["load_liquid", "load_original", "liquid_backbone_config", "native_layout_for", "fix_liquid_activation"]
+__all__ = ["load_liquid", "load_original"]
 
 logger = logging.getLogger(__name__)
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def liquid_backbone_config(num_layers: int = 10, vocab_size: int = 264192) -> GemmaConfig:
-    """Liquid_V1_7B's Gemma config (FORMATS section 1) cut to `num_layers` layers."""
-    return GemmaConfig(
-        vocab_size=vocab_size,
-        hidden_size=3072,
-        intermediate_size=24576,
-        num_hidden_layers=num_layers,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        head_dim=256,
-        hidden_act="gelu_pytorch_tanh",
-        hidden_activation="gelu_pytorch_tanh",
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=1,
-        tie_word_embeddings=True,
-    )
-
-
-def fix_liquid_activation(params: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a backbone's config.json dict with Gemma's activation made explicit.
-
-    Liquid (like Gemma-7B) says `hidden_act: "gelu"` with `hidden_activation: null` but was trained
-    with the tanh-approximate GELU; transformers 5 maps the legacy value itself (with a warning),
-    older lines read "gelu" literally. Other families are returned unchanged.
-
-    Example:
-        >>> fix_liquid_activation({"model_type": "gemma", "hidden_act": "gelu"})["hidden_act"]
-        'gelu_pytorch_tanh'
-    """
-    params = dict(params)
-    if params.get("model_type") == "gemma":
-        params["hidden_act"] = params["hidden_activation"] = "gelu_pytorch_tanh"
-    return params
-
-
-def native_layout_for(
-    backbone_config: PretrainedConfig,
-    image_offset: int | None = 256000,
-    image_vocab_size: int = 8192,
-    text_len: int = 256,
-    image_len: int = 1024,
-) -> NativeLayout:
-    """The native layout for a backbone. With `image_offset` (Liquid: 256000) the backbone already
-    holds image rows at `image_offset + k` and one mask row is appended; with None (a plain LLM)
-    `image_vocab_size` image rows and then the mask row are appended after its vocabulary."""
-    vocab = backbone_config.vocab_size
-    if image_offset is None:
-        text_vocab, image_offset, mask_id = vocab, vocab, vocab + image_vocab_size
-    else:
-        if image_offset + image_vocab_size > vocab:
-            raise ValueError(
-                f"image_offset + image_vocab_size ({image_offset} + {image_vocab_size}) exceeds the backbone "
-                f"vocab_size {vocab}; pass image_offset=None to append image rows"
-            )
-        text_vocab, mask_id = image_offset, vocab
-    pad = backbone_config.pad_token_id
-    return NativeLayout(
-        text_vocab_size=text_vocab,
-        image_offset=image_offset,
-        image_vocab_size=image_vocab_size,
-        mask_id=mask_id,
-        bos_id=_first(backbone_config.bos_token_id),
-        eos_id=_first(backbone_config.eos_token_id),
-        pad_id=0 if pad is None else pad,
-        text_len=text_len,
-        image_len=image_len,
-    )
-
-
-def _first(token_id: int | list[int]) -> int:
-    return token_id[0] if isinstance(token_id, list) else token_id
-
-
-def _hub(revision, cache_dir, local_files_only, token) -> dict[str, Any]:
-    return dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
-
-
-def _assign(model: MeDiMModel, state: dict[str, torch.Tensor], device: torch.device) -> MeDiMModel:
+def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
     """Assign `state` into a meta-device model (strict), then materialise the non-persistent
     buffers (rotary frequencies, embedding scale) on `device`."""
     if model.config.tie_word_embeddings:
@@ -138,7 +64,7 @@ def _assign(model: MeDiMModel, state: dict[str, torch.Tensor], device: torch.dev
     return model.eval()
 
 
-def _new_parameters(model: MeDiMModel, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+def _new_parameters(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
     """Fresh timestep embedder (DiT-style normal init) and identity AdaLN for every layer."""
     std = model.config.initializer_range
     state = {}
@@ -146,20 +72,15 @@ def _new_parameters(model: MeDiMModel, dtype: torch.dtype, device: torch.device)
         value = torch.zeros(p.shape, dtype=dtype, device=device)
         state[f"time_embedder.{name}"] = value.normal_(0.0, std) if name.endswith("weight") else value
     for i, layer in enumerate(model.layers):
-        ada = AdaLNModulation(layer.adaLN_modulation.in_features).to(device=device, dtype=dtype)
+        ada = type(layer.adaLN_modulation)(layer.adaLN_modulation.in_features).to(device=device, dtype=dtype)
         ada.reset_to_identity()
         state[f"layers.{i}.adaLN_modulation.weight"] = ada.weight.data
         state[f"layers.{i}.adaLN_modulation.bias"] = ada.bias.data
     return state
 
 
-def _check_device_dtype(dtype: torch.dtype | None, device: str | torch.device | None) -> tuple[torch.dtype, torch.device]:
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
-    return dtype or torch.float32, torch.device(device or "cpu")
-
-
 def load_liquid(
+    model_class: type,
     repo_or_dir: str | os.PathLike,
     num_layers: int = 10,
     layout: str | dict | SequenceLayout = "native",
@@ -169,12 +90,10 @@ def load_liquid(
     image_vocab_size: int = 8192,
     text_len: int = 256,
     image_len: int = 1024,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-    token: str | bool | None = None,
-) -> MeDiMModel:
-    """Build a fresh MeDiM from the first `num_layers` layers of a Liquid-format checkpoint.
+    hub: HubOptions | None = None,
+) -> Any:
+    """Build a fresh `model_class` (MeDiMModel) from the first `num_layers` layers of a
+    Liquid-format checkpoint.
 
     Only `config.json`, the shard index and the shards that hold embed / norm / kept layers are
     opened (or downloaded). The mask row is the mean of the text embeddings: a point inside the
@@ -190,9 +109,9 @@ def load_liquid(
     if isinstance(layout, str) and layout != "native":
         raise ValueError(f"layout must be 'native' (or a native layout dict) for Liquid, got {layout!r}; "
                          "the medim-v1 layout belongs to the released weights (MeDiMModel.from_original)")
-    dtype, device = _check_device_dtype(dtype, device)
-    hub = _hub(revision, cache_dir, local_files_only, token)
-    cfg = fix_liquid_activation(json.loads(resolve_file(repo_or_dir, "config.json", **hub).read_text()))
+    dtype, device = check_dtype_device(dtype, device)
+    dtype, device, hub = dtype or torch.float32, device or torch.device("cpu"), hub or HubOptions()
+    cfg = fix_liquid_activation(json.loads(resolve_file(repo_or_dir, "config.json", hub=hub).read_text()))
     if "model_type" not in cfg:
         raise ValueError(f"{repo_or_dir}: config.json has no model_type")
     source_vocab = cfg["vocab_size"]
@@ -223,10 +142,10 @@ def load_liquid(
         by_file[files[k]].append(k)
 
     with torch.device("meta"):
-        model = MeDiMModel(MeDiMConfig(backbone, layout=layout.to_dict(), tie_word_embeddings=tied))
+        model = model_class(model_class.config_class(backbone, layout=layout.to_dict(), tie_word_embeddings=tied))
     state = _new_parameters(model, dtype, device)
     for filename, names in by_file.items():
-        path = resolve_file(repo_or_dir, filename, **hub)
+        path = resolve_file(repo_or_dir, filename, hub=hub)
         logger.info("reading %d tensors from %s", len(names), path.name)
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for k in names:
@@ -247,20 +166,20 @@ def _append_rows(table: torch.Tensor, layout: NativeLayout, extra: int) -> torch
     return torch.cat([table, rows.to(table.dtype)])
 
 
-def _checkpoint_files(repo_or_dir: str | os.PathLike, hub: dict[str, Any]) -> dict[str, str]:
+def _checkpoint_files(repo_or_dir: str | os.PathLike, hub: HubOptions) -> dict[str, str]:
     """tensor name -> file holding it, from the shard index (or the single model.safetensors)."""
     try:
-        index = resolve_file(repo_or_dir, "model.safetensors.index.json", **hub)
+        index = resolve_file(repo_or_dir, "model.safetensors.index.json", hub=hub)
     except (FileNotFoundError, OSError):
         index = None
     if index is not None:
         return json.loads(index.read_text())["weight_map"]
-    path = resolve_file(repo_or_dir, "model.safetensors", **hub)
+    path = resolve_file(repo_or_dir, "model.safetensors", hub=hub)
     with safe_open(str(path), framework="pt", device="cpu") as f:
         return dict.fromkeys(f.keys(), "model.safetensors")
 
 
-def _release_file(repo_or_dir: str | os.PathLike, hub: dict[str, Any]) -> Path:
+def _release_file(repo_or_dir: str | os.PathLike, hub: HubOptions) -> Path:
     """`model.safetensors` at the top, else under the highest `checkpoint_<step>/` holding one."""
     def pick(names: list[str]) -> str | None:
         if "model.safetensors" in names:
@@ -272,31 +191,30 @@ def _release_file(repo_or_dir: str | os.PathLike, hub: dict[str, Any]) -> Path:
     if path.is_dir():
         names = [p.relative_to(path).as_posix() for p in path.glob("checkpoint_*/model.safetensors")]
         names += ["model.safetensors"] if (path / "model.safetensors").is_file() else []
-    elif hub["local_files_only"] or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        snap = resolve_snapshot(repo_or_dir, ["model.safetensors", "checkpoint_*/model.safetensors"], **hub)
+    elif hub.local_files_only or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        snap = resolve_snapshot(repo_or_dir, ["model.safetensors", "checkpoint_*/model.safetensors"], hub=hub)
         return _release_file(snap, hub)
     else:
-        names = HfApi().list_repo_files(str(repo_or_dir), revision=hub["revision"], token=hub["token"])
+        names = HfApi().list_repo_files(str(repo_or_dir), revision=hub.revision, token=hub.token)
     chosen = pick(names)
     if chosen is None:
         raise FileNotFoundError(
             f"{repo_or_dir}: no model.safetensors at the top or under checkpoint_<step>/ (found {sorted(names)[:10]})"
         )
-    return resolve_file(repo_or_dir, chosen, **hub)
+    return resolve_file(repo_or_dir, chosen, hub=hub)
 
 
 def load_original(
+    model_class: type,
     repo_or_dir: str | os.PathLike = "JiaMao/medim_ckpts",
     backbone_config: PretrainedConfig | None = None,
     layout: dict | SequenceLayout | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-    token: str | bool | None = None,
-) -> MeDiMModel:
-    """Load the released MeDiM weights (accelerate `save_state` output) with the medim-v1 layout.
+    hub: HubOptions | None = None,
+) -> Any:
+    """Load the released MeDiM weights (accelerate `save_state` output) into a `model_class`
+    (MeDiMModel) with the medim-v1 layout.
 
     `backbone_config` defaults to Liquid's Gemma config with 10 layers and 40196 rows; `layout` to
     medim-v1 for that vocabulary. Every key is checked: missing, unexpected and mis-shaped keys are
@@ -305,7 +223,8 @@ def load_original(
     Example:
         >>> model = MeDiMModel.from_original("JiaMao/medim_ckpts", dtype=torch.bfloat16, device="cuda")
     """
-    dtype, device = _check_device_dtype(dtype, device)
+    dtype, device = check_dtype_device(dtype, device)
+    dtype, device = dtype or torch.float32, device or torch.device("cpu")
     layout = SequenceLayout.from_dict(layout if layout is not None else MeDiMV1Layout().to_dict())
     if not isinstance(layout, MeDiMV1Layout):
         raise ValueError(f"the released checkpoint uses the medim-v1 layout, got {layout.name!r}")
@@ -313,25 +232,14 @@ def load_original(
         backbone_config = liquid_backbone_config(10, layout.min_vocab_size)
     backbone_config = backbone_config.__class__.from_dict(backbone_config.to_dict())  # never mutate the caller's
     backbone_config.tie_word_embeddings = True
-    path = _release_file(repo_or_dir, _hub(revision, cache_dir, local_files_only, token))
+    path = _release_file(repo_or_dir, hub or HubOptions())
     with torch.device("meta"):
-        model = MeDiMModel(MeDiMConfig(backbone_config, layout=layout.to_dict(), tie_word_embeddings=True))
-    expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        model = model_class(model_class.config_class(backbone_config, layout=layout.to_dict(), tie_word_embeddings=True))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
     with safe_open(str(path), framework="pt", device="cpu") as f:
         found = {k.removeprefix("model."): k for k in f.keys() if k != "lm_head.weight"}
-        shapes = {k: tuple(f.get_slice(name).get_shape()) for k, name in found.items()}
-        missing = sorted(expected.keys() - found.keys())
-        unexpected = sorted(found.keys() - expected.keys())
-        wrong = sorted(
-            f"{k}: checkpoint {shapes[k]} vs model {tuple(expected[k])}"
-            for k in expected.keys() & found.keys()
-            if shapes[k] != tuple(expected[k])
-        )
-        if missing or unexpected or wrong:
-            raise ValueError(
-                f"{path} does not match the MeDiM model ({backbone_config.num_hidden_layers} layers, "
-                f"hidden {backbone_config.hidden_size}, vocab {backbone_config.vocab_size}):\n"
-                f"  missing: {missing}\n  unexpected: {unexpected}\n  wrong shape: {wrong}"
-            )
+        check_state_shapes(expected, {k: tuple(f.get_slice(name).get_shape()) for k, name in found.items()},
+                           f"{path} ({backbone_config.num_hidden_layers} layers, hidden "
+                           f"{backbone_config.hidden_size}, vocab {backbone_config.vocab_size})")
         state = {k: f.get_tensor(name).to(device=device, dtype=dtype) for k, name in found.items()}
     return _assign(model, state, device)

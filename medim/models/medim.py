@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-from medim.hub import atomic_directory
+from medim.hub import HubOptions, atomic_directory
 from medim.layout import BackboneInputs, SequenceLayout
+from medim.models import convert
+from medim.models.backbone import backbone_config_from_dict
 
 __all__ = ["MeDiMConfig", "MeDiMModel", "MeDiMModelOutput", "TimestepEmbedder", "AdaLNModulation"]
 
@@ -36,26 +37,6 @@ __all__ = ["MeDiMConfig", "MeDiMModel", "MeDiMModelOutput", "TimestepEmbedder", 
 _LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 # transformers < 5 scaled Gemma embeddings inside the model's forward, not in the embedding module.
 _SCALED_EMBEDDING_FAMILIES = {"gemma", "gemma3_text"}
-
-
-def _rope_for_4x(params: dict[str, Any]) -> dict[str, Any]:
-    """transformers 5 saves RoPE settings only as `rope_parameters`; 4.x reads `rope_theta` and
-    `rope_scaling` and would silently use its defaults, so a 5.x-saved model with another base
-    computed differently on 4.57. Copies a flat `rope_parameters` into the 4.x keys."""
-    rope = params.get("rope_parameters")
-    if int(transformers.__version__.split(".")[0]) >= 5 or not isinstance(rope, dict) or "rope_theta" not in rope:
-        return params
-    legacy = {"rope_theta": rope["rope_theta"]}
-    if rope.get("rope_type", "default") != "default":
-        legacy["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-    return {**legacy, **params}
-
-
-def backbone_config_from_dict(params: dict[str, Any]) -> PretrainedConfig:
-    """A decoder's config.json dict (with `model_type`) -> its transformers config, read the same
-    on transformers 4.57 and 5.x."""
-    params = dict(params)
-    return AutoConfig.for_model(params.pop("model_type"), **_rope_for_4x(params))
 
 
 class MeDiMConfig(PretrainedConfig):
@@ -160,11 +141,13 @@ class AdaLNModulation(nn.Linear):
 
 @dataclass
 class MeDiMModelOutput:
-    """`logprobs[segment name]`: float32 [B, K, V_segment], log-softmax over the segment's own
-    vocabulary (raw logits when `return_logits=True`). A plain dataclass: transformers'
-    ModelOutput would unpack a dict first field into its own keys."""
+    """Per segment name, float32 [B, K, V_segment] over the segment's own vocabulary:
+    `logprobs` (log-softmax; the default) or, with `return_logits=True`, `logits` (raw). The other
+    field is None. A plain dataclass: transformers' ModelOutput would unpack a dict first field
+    into its own keys."""
 
-    logprobs: dict[str, torch.Tensor]
+    logprobs: dict[str, torch.Tensor] | None = None
+    logits: dict[str, torch.Tensor] | None = None
 
 
 class MeDiMModel(PreTrainedModel):
@@ -369,7 +352,7 @@ class MeDiMModel(PreTrainedModel):
                 # more than the log-softmax itself.
                 logits = logits.log_softmax(-1) if logits.requires_grad else torch.log_softmax(logits, -1, out=logits)
             out[seg.name] = logits
-        return MeDiMModelOutput(logprobs=out)
+        return MeDiMModelOutput(logits=out) if return_logits else MeDiMModelOutput(logprobs=out)
 
     def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, **kwargs: Any) -> None:
         """transformers' `save_pretrained` (sharded safetensors + config.json), written into a
@@ -380,19 +363,60 @@ class MeDiMModel(PreTrainedModel):
 
     # ---- loaders (medim/models/convert.py) ----------------------------------------------------
     @classmethod
-    def from_liquid(cls, repo_or_dir: str, num_layers: int = 10, layout: Any = "native", **kwargs: Any) -> MeDiMModel:
+    def from_liquid(
+        cls,
+        repo_or_dir: str | os.PathLike,
+        num_layers: int = 10,
+        layout: str | dict[str, Any] | SequenceLayout = "native",
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        image_offset: int | None = 256000,
+        image_vocab_size: int = 8192,
+        text_len: int = 256,
+        image_len: int = 1024,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+    ) -> MeDiMModel:
         """A fresh MeDiM from the first `num_layers` layers of Liquid (or any Gemma/Llama-style
-        causal LM checkpoint); see `medim.models.convert.load_liquid` for every argument."""
-        from medim.models.convert import load_liquid
+        causal LM checkpoint in the transformers format), in the native layout.
 
-        return load_liquid(repo_or_dir, num_layers=num_layers, layout=layout, **kwargs)
+        Only the kept tensors are read, straight into `dtype` on `device`. `image_offset` is the
+        backbone row of image code 0 (Liquid: 256000; None appends `image_vocab_size` image rows to
+        a plain LLM); `text_len` / `image_len` size the state. Details: `medim.models.convert.load_liquid`.
+
+        Example:
+            >>> model = MeDiMModel.from_liquid("Junfeng5/Liquid_V1_7B", num_layers=10, dtype=torch.bfloat16)
+        """
+        hub = HubOptions(revision, cache_dir, local_files_only, token)
+        return convert.load_liquid(cls, repo_or_dir, num_layers, layout, dtype, device, image_offset,
+                                   image_vocab_size, text_len, image_len, hub)
 
     @classmethod
-    def from_original(cls, repo_or_dir: str, **kwargs: Any) -> MeDiMModel:
-        """The released MeDiM checkpoint (medim-v1 layout); see `medim.models.convert.load_original`."""
-        from medim.models.convert import load_original
+    def from_original(
+        cls,
+        repo_or_dir: str | os.PathLike = "JiaMao/medim_ckpts",
+        *,
+        backbone_config: PretrainedConfig | None = None,
+        layout: dict[str, Any] | SequenceLayout | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+    ) -> MeDiMModel:
+        """The released MeDiM checkpoint (medim-v1 layout): a repo or folder with `model.safetensors`
+        at the top or under the newest `checkpoint_<step>/`. `backbone_config` defaults to Liquid's
+        Gemma config cut to 10 layers; every tensor is checked by name and shape.
 
-        return load_original(repo_or_dir, **kwargs)
+        Example:
+            >>> model = MeDiMModel.from_original("JiaMao/medim_ckpts", dtype=torch.bfloat16, device="cuda")
+        """
+        hub = HubOptions(revision, cache_dir, local_files_only, token)
+        return convert.load_original(cls, repo_or_dir, backbone_config, layout, dtype, device, hub)
 
 
 AutoConfig.register("medim", MeDiMConfig)

@@ -1,0 +1,138 @@
+"""SamplerConfig: every setting of the sampling loop in one frozen, validated object.
+
+A pipeline stores one in model_index.json ("sampler") as its defaults; a call overrides some of
+them with `config.replace(...)`. Every value is checked once, when the object is made, so the
+sampling loop never re-checks its settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .schedule import SCHEDULES, NoiseSchedule, get_schedule
+
+__all__ = ["SamplerConfig", "RELEASE_SAMPLER", "STRATEGIES", "COMMIT_SCHEDULES", "GUIDANCE_SCHEDULES", "MAX_STEPS"]
+
+STRATEGIES = ("maskgit", "threshold", "ddpm")
+COMMIT_SCHEDULES = ("arccos", "cosine", "linear")
+GUIDANCE_SCHEDULES = ("constant", "linear")
+# More steps than any state has positions can never commit anything new (maskgit and threshold
+# commit at least one token per step), and the per-step tables grow with the count: a typo such
+# as 10**9 would allocate gigabytes before the first forward.
+MAX_STEPS = 65536
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Settings of `medim.diffusion.sample`.
+
+    Attributes:
+        num_steps: denoising steps, at most `MAX_STEPS` (a guided step is one batched forward).
+        strategy: "maskgit" (commit the most confident tokens, `schedule` says how many per
+            step), "threshold" (commit every token whose probability exceeds `threshold`, at
+            least `min_per_step`; stops early when done) or "ddpm" (MDLM ancestral update).
+        schedule: maskgit's commit-count schedule: "arccos" (release), "cosine", "linear".
+        noise_schedule: the schedule giving the sigma fed to the model (a name of
+            `medim.diffusion.SCHEDULES` or a `NoiseSchedule`).
+        confidence_temperature: maskgit's Gumbel noise on the confidence, times t (release 10).
+        threshold, min_per_step: the threshold strategy's settings.
+        guidance_scale: classifier-free guidance weight w (0 = off); `guidance_schedule`
+            "linear" ramps it as w * (1 - t) (release), "constant" keeps it.
+        temperature, top_k, top_p: applied to the float32 log-probs (temperature 0 = greedy).
+        time_eps: the last time of the grid linspace(1, time_eps, num_steps + 1).
+
+    Example:
+        >>> config = SamplerConfig(num_steps=64, guidance_scale=5.0)
+        >>> config.replace(strategy="threshold").strategy
+        'threshold'
+    """
+
+    num_steps: int = 128
+    strategy: str = "maskgit"
+    schedule: str = "arccos"
+    noise_schedule: str | NoiseSchedule = "loglinear"
+    confidence_temperature: float = 10.0
+    threshold: float = 0.9
+    min_per_step: int = 1
+    guidance_scale: float = 0.0
+    guidance_schedule: str = "linear"
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    time_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if not (_integer(self.num_steps) and 1 <= self.num_steps <= MAX_STEPS):
+            raise ValueError(f"num_steps (the pipeline's num_inference_steps) must be an int in [1, {MAX_STEPS}], "
+                             f"got {self.num_steps!r}")
+        for name, accepted in (("strategy", STRATEGIES), ("schedule", COMMIT_SCHEDULES),
+                               ("guidance_schedule", GUIDANCE_SCHEDULES)):
+            if getattr(self, name) not in accepted:
+                raise ValueError(f"{name} must be one of {list(accepted)}, got {getattr(self, name)!r}")
+        if not isinstance(self.noise_schedule, NoiseSchedule) and self.noise_schedule not in SCHEDULES:
+            raise ValueError(f"noise_schedule must be one of {sorted(SCHEDULES)} or a NoiseSchedule, "
+                             f"got {self.noise_schedule!r}")
+        for name in ("guidance_scale", "confidence_temperature", "temperature"):
+            value = getattr(self, name)
+            if not (_number(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (_number(self.threshold) and 0 < self.threshold <= 1):
+            raise ValueError(f"threshold must be a probability in (0, 1], got {self.threshold!r}")
+        if not (_integer(self.min_per_step) and self.min_per_step >= 1):
+            raise ValueError(f"min_per_step must be an int >= 1, got {self.min_per_step!r}")
+        if self.top_k is not None and not (_integer(self.top_k) and self.top_k >= 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {self.top_k!r}")
+        if self.top_p is not None and not (_number(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be None or a number in (0, 1], got {self.top_p!r}")
+        if not (_number(self.time_eps) and 0 < self.time_eps < 1):
+            raise ValueError(f"time_eps must be a number in (0, 1), got {self.time_eps!r}")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def replace(self, **changes: Any) -> SamplerConfig:
+        """A copy with `changes` applied (and validated); unknown names raise ValueError."""
+        unknown = sorted(set(changes) - set(self.field_names()))
+        if unknown:
+            raise ValueError(f"unknown sampler options {unknown}; accepted: {list(self.field_names())}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (what model_index.json stores); `from_dict` inverts it."""
+        d = dataclasses.asdict(self)
+        if isinstance(self.noise_schedule, NoiseSchedule):
+            names = [name for name, cls in SCHEDULES.items() if type(self.noise_schedule) is cls]
+            if not names:
+                raise ValueError(f"noise_schedule {self.noise_schedule!r} is not a registered schedule; "
+                                 "it cannot be saved")
+            d["noise_schedule"] = {"name": names[0], **dataclasses.asdict(self.noise_schedule)}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SamplerConfig:
+        """Build from `to_dict()` output (or any subset of the fields: the rest keep their defaults)."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"sampler settings must be a mapping of option names, got {type(d).__name__}")
+        d = dict(d)
+        if isinstance(d.get("noise_schedule"), Mapping):
+            params = dict(d["noise_schedule"])
+            d["noise_schedule"] = get_schedule(params.pop("name", None), **params)
+        return cls().replace(**d)
+
+
+# The released MeDiM's sampler: MaskGIT with the arccos commit schedule, 128 steps, confidence
+# temperature 10 and classifier-free guidance 5 ramped as 5 * (1 - t).
+RELEASE_SAMPLER = SamplerConfig(guidance_scale=5.0)

@@ -1,0 +1,198 @@
+"""How a pipeline's three parts (model, VQGAN, tokenizer) are loaded and saved.
+
+Three sources: a folder written by `MeDiMPipeline.save_pretrained` (or a bundled model by name),
+the released MeDiM with its upstream pieces (Liquid's config, the Llama-2 tokenizer, the Chameleon
+VQGAN), and a fresh model cut from Liquid for training. `MeDiMPipeline.from_*` call these and wrap
+the parts; nothing here generates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from medim.hub import HubOptions, atomic_directory, bundled_model_path, resolve_file, resolve_snapshot
+from medim.layout import MeDiMV1Layout, SequenceLayout
+from medim.models.backbone import backbone_config_from_dict, fix_liquid_activation
+from medim.models.medim import MeDiMModel
+from medim.models.vqgan import VQGAN
+
+__all__ = [
+    "MODEL_INDEX",
+    "MEDIM_V1_SPECIALS",
+    "load_tokenizer",
+    "load_vqgan",
+    "load_saved",
+    "original_parts",
+    "base_model_parts",
+    "save_parts",
+]
+
+logger = logging.getLogger(__name__)
+
+MODEL_INDEX = "model_index.json"
+PARTS = ("model", "vqgan", "tokenizer")
+# What loading a saved pipeline downloads: the saved layout and nothing else.
+PIPELINE_PATTERNS = (MODEL_INDEX, "model/*", "vqgan/*", "tokenizer/*")
+TOKENIZER_PATTERNS = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json",
+)
+# The released model's extra text tokens, in id order after the Llama-2 vocabulary (docs/formats.md).
+MEDIM_V1_SPECIALS = ("<boi>", "<eoi>", "<eos>")
+
+Parts = tuple[MeDiMModel, VQGAN, PreTrainedTokenizerBase]
+
+
+def load_tokenizer(source: Any, hub: HubOptions) -> PreTrainedTokenizerBase:
+    """A tokenizer object as is, or the fast tokenizer files of a folder or Hub repo (no weights)."""
+    if isinstance(source, PreTrainedTokenizerBase):
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"tokenizer must be a transformers tokenizer, a folder or a Hub repo id, got {type(source).__name__}")
+    return AutoTokenizer.from_pretrained(str(resolve_snapshot(source, TOKENIZER_PATTERNS, hub=hub)))
+
+
+def load_vqgan(source: Any, hub: HubOptions, dtype: torch.dtype | None, device: str | torch.device | None,
+               subfolder: str | None = None, repo_type: str | None = None) -> VQGAN:
+    """A VQGAN object, a saved medim VQGAN folder (config.json), or a taming checkpoint (file,
+    folder or Hub repo, `subfolder` inside it)."""
+    if isinstance(source, VQGAN):
+        return source.to(device) if device is not None else source
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"vqgan must be a VQGAN, a path or a Hub repo id, got {type(source).__name__}")
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return VQGAN.from_pretrained(path, dtype=dtype, device=device)
+    if path.is_dir() and subfolder is not None and not (path / subfolder).is_dir():
+        subfolder = None  # a local folder holding vqgan.ckpt directly
+    return VQGAN.from_taming(source, subfolder=subfolder, repo_type=None if path.exists() else repo_type,
+                             dtype=dtype, device=device, **hub.kwargs())
+
+
+def load_saved(repo_or_dir: str | os.PathLike, hub: HubOptions, dtype: torch.dtype | None,
+               device: torch.device | None) -> tuple[Parts, dict[str, Any]]:
+    """The parts of a saved pipeline (a folder, a Hub repo, or a bundled model's name) and its
+    model_index.json."""
+    root = bundled_model_path(repo_or_dir) or resolve_snapshot(repo_or_dir, PIPELINE_PATTERNS, hub=hub)
+    index_path = root / MODEL_INDEX
+    if not index_path.is_file():
+        raise FileNotFoundError(
+            f"{repo_or_dir} holds no {MODEL_INDEX}: not a saved MeDiMPipeline (for the released "
+            "checkpoint use MeDiMPipeline.from_original)"
+        )
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{index_path} is not valid JSON: {e}") from e
+    for part in PARTS:
+        if not (root / part).is_dir():
+            raise FileNotFoundError(f"{root} has no {part}/ folder (a saved pipeline holds model/, vqgan/, tokenizer/)")
+    model = MeDiMModel.from_pretrained(root / "model", dtype=dtype or torch.float32)
+    if device is not None:
+        model.to(device)
+    if model.layout.to_dict() != index.get("layout"):
+        raise ValueError(f"{index_path} layout {index.get('layout')} differs from model/config.json's {model.layout.to_dict()}")
+    vqgan = VQGAN.from_pretrained(root / "vqgan", dtype=dtype, device=device)
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+    return (model, vqgan, tokenizer), index
+
+
+def original_parts(
+    checkpoint: str | os.PathLike | MeDiMModel,
+    backbone: str | os.PathLike | PretrainedConfig | None,
+    tokenizer: str | os.PathLike | PreTrainedTokenizerBase,
+    vqgan: str | os.PathLike | VQGAN,
+    vqgan_subfolder: str | None,
+    vqgan_repo_type: str | None,
+    num_layers: int,
+    layout: dict[str, Any] | SequenceLayout | None,
+    hub: HubOptions,
+    dtype: torch.dtype | None,
+    device: torch.device | None,
+) -> Parts:
+    """The released MeDiM (medim-v1 layout) from its upstream pieces; `hub.revision` applies to
+    `checkpoint` only. See `MeDiMPipeline.from_original` for the arguments."""
+    others = hub.without_revision()
+    layout = SequenceLayout.from_dict(layout if layout is not None else MeDiMV1Layout().to_dict())
+    if not isinstance(layout, MeDiMV1Layout):
+        raise ValueError(f"from_original needs the medim-v1 layout, got {layout.name!r}")
+    if isinstance(checkpoint, MeDiMModel):
+        model = checkpoint
+    else:
+        config = None
+        if backbone is not None:
+            if isinstance(backbone, (str, os.PathLike)):
+                params = json.loads(resolve_file(backbone, "config.json", hub=others).read_text())
+                config = backbone_config_from_dict(fix_liquid_activation(params))
+            else:
+                config = backbone.__class__.from_dict(backbone.to_dict())
+            config.num_hidden_layers = num_layers
+            config.vocab_size = layout.min_vocab_size
+        model = MeDiMModel.from_original(checkpoint, backbone_config=config, layout=layout.to_dict(), dtype=dtype,
+                                         device=device, **hub.kwargs())
+    tok = load_tokenizer(tokenizer, others)
+    tok.add_tokens([t for t in MEDIM_V1_SPECIALS if t not in tok.get_vocab()], special_tokens=True)
+    ids = tok.convert_tokens_to_ids(list(MEDIM_V1_SPECIALS))
+    expected = [model.layout.boi_id, model.layout.eoi_id, model.layout.eos_id]
+    if ids != expected:
+        raise ValueError(f"tokenizer puts {list(MEDIM_V1_SPECIALS)} at ids {ids}; the medim-v1 layout needs {expected} "
+                         f"(a Llama-2 tokenizer of {model.layout.base_vocab_size} tokens)")
+    return model, load_vqgan(vqgan, others, dtype, device, vqgan_subfolder, vqgan_repo_type), tok
+
+
+def base_model_parts(
+    backbone: str | os.PathLike,
+    vqgan: str | os.PathLike | VQGAN,
+    tokenizer: str | os.PathLike | PreTrainedTokenizerBase | None,
+    num_layers: int,
+    layout: str | dict[str, Any],
+    vqgan_subfolder: str | None,
+    vqgan_repo_type: str | None,
+    text_len: int,
+    image_len: int,
+    image_offset: int | None,
+    hub: HubOptions,
+    dtype: torch.dtype | None,
+    device: torch.device | None,
+) -> Parts:
+    """A fresh MeDiM cut from an MLLM backbone, its own tokenizer unless one is given, and a VQGAN
+    whose codebook sizes the image vocabulary; `hub.revision` applies to `backbone` only."""
+    others = hub.without_revision()
+    vq = load_vqgan(vqgan, others, dtype, device, vqgan_subfolder, vqgan_repo_type)
+    model = MeDiMModel.from_liquid(backbone, num_layers=num_layers, layout=layout, dtype=dtype, device=device,
+                                   image_offset=image_offset, image_vocab_size=vq.num_codes, text_len=text_len,
+                                   image_len=image_len, **hub.kwargs())
+    tok = load_tokenizer(backbone, hub) if tokenizer is None else load_tokenizer(tokenizer, others)
+    return model, vq, tok
+
+
+def _portable_tokenizer_class(folder: Path) -> None:
+    """transformers 5 saves a plain fast tokenizer as class "TokenizersBackend", a name 4.57 does not
+    know; "PreTrainedTokenizerFast" names the same tokenizer and loads on both lines."""
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def save_parts(directory: str | os.PathLike, parts: Parts, index: dict[str, Any], *, max_shard_size: int | str,
+               overwrite: bool) -> Path:
+    """Write model_index.json (`index`) + model/ + vqgan/ + tokenizer/ atomically (safetensors and
+    JSON only); an existing non-empty folder is replaced only with `overwrite=True`."""
+    model, vqgan, tokenizer = parts
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp / "model", max_shard_size=max_shard_size, safe_serialization=True)
+        vqgan.save_pretrained(tmp / "vqgan")
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        _portable_tokenizer_class(tmp / "tokenizer")
+        (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return Path(directory).expanduser().resolve()

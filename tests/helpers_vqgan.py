@@ -3,14 +3,18 @@
 - `tiny_model(seed, **overrides)`: a small random `VQGAN` (32 px -> 16x16 codes out of 64 by default).
 - `write_taming(model, folder)`: `vqgan.ckpt` (`{"state_dict": ...}` with loss entries, as in the
   release) + `vqgan.yaml` (taming's VQModel config layout) in `folder`.
+- `write_medim_folder(model, folder)`: a saved medim VQGAN folder written by hand, in the format
+  `VQGAN.save_pretrained` has always written (config.json + model.safetensors).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from medim.models.vqgan import VQGAN, VQGANConfig
 
@@ -42,3 +46,14 @@ def write_taming(model: VQGAN, folder: Path, state: dict | None = None) -> Path:
     torch.save({"state_dict": state}, folder / "vqgan.ckpt")
     (folder / "vqgan.yaml").write_text(yaml.safe_dump(taming_yaml(model.config)))
     return folder / "vqgan.ckpt"
+
+
+def write_medim_folder(model: VQGAN, folder: Path, version: str = "0.1.0.dev0") -> Path:
+    """config.json ("_class_name"/"_medim_version" then the VQGANConfig fields, indent 2, final
+    newline) + model.safetensors (the state dict, header metadata {"format": "pt"})."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": "VQGAN", "_medim_version": version, **model.config.to_dict()}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    return folder

@@ -1,10 +1,17 @@
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from helpers_vqgan import tiny_model, write_taming
+from helpers_pipeline import to_hub_cache
+from helpers_vqgan import tiny_model, write_medim_folder, write_taming
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+import medim
 from medim.models.vqgan import VQGAN, VQGANConfig
+
+DEMO_VQGAN = Path(medim.__file__).parent / "demo_model" / "vqgan"
 
 
 def pixels(batch: int = 2, size: int = 32, seed: int = 1) -> torch.Tensor:
@@ -107,6 +114,13 @@ def test_from_taming_local(tmp_path: Path, caplog):
     assert half.encode(x).shape == (2, 256) and half.decode(codes).dtype == torch.bfloat16
 
 
+def assert_lists_bad_keys(message: str, missing: str) -> None:
+    """The checkpoints below miss `missing`, add encoder.extra.weight and hold a 3x3 quant_conv."""
+    lines = {line.split()[0]: line for line in message.splitlines()[1:]}
+    assert missing in lines["missing"] and "encoder.extra.weight" in lines["unexpected"]
+    assert all(s in lines["wrong"] for s in ("quant_conv.weight", "(8, 8, 3, 3)", "(8, 8, 1, 1)"))
+
+
 def test_from_taming_reports_bad_keys(tmp_path: Path):
     model = tiny_model()
     state = dict(model.state_dict())
@@ -116,13 +130,10 @@ def test_from_taming_reports_bad_keys(tmp_path: Path):
     ckpt = write_taming(model, tmp_path / "bad", state=state)
     with pytest.raises(ValueError) as info:
         VQGAN.from_taming(ckpt)
-    message = str(info.value)
-    assert "missing keys 1: decoder.up.0.block.1.conv2.weight" in message
-    assert "unexpected keys 1: encoder.extra.weight" in message
-    assert "quant_conv.weight (8, 8, 3, 3) (expected (8, 8, 1, 1))" in message
+    assert_lists_bad_keys(str(info.value), "decoder.up.0.block.1.conv2.weight")
 
     # A checkpoint that does not fit the config (the default Chameleon one) lists the mismatch.
-    with pytest.raises(ValueError, match="wrong shapes"):
+    with pytest.raises(ValueError, match="wrong shape"):
         VQGAN.from_taming(write_taming(model, tmp_path / "good"), VQGANConfig(ch=32, ch_mult=(1, 2)))
     (tmp_path / "corrupt.ckpt").write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="could not read"):
@@ -171,6 +182,119 @@ def test_save_pretrained_round_trip(tmp_path: Path):
     (out / "model.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(ValueError, match="could not read"):
         VQGAN.from_pretrained(out)
+
+
+def test_saved_format_is_unchanged(tmp_path: Path, capsys):
+    """Folders in the format medim has always written load bit for bit, and save_pretrained writes
+    that format byte for byte (so older readers keep reading new folders)."""
+    model = tiny_model(attn_resolutions=(16,))
+    old = write_medim_folder(model, tmp_path / "old", version=medim.__version__)
+    loaded = VQGAN.from_pretrained(old)
+    assert capsys.readouterr().out == ""  # no stdout chatter (the mixin's loader prints)
+    assert loaded.config == model.config
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+    new = loaded.save_pretrained(tmp_path / "new")
+    assert sorted(p.name for p in new.iterdir()) == ["config.json", "model.safetensors"]
+    for name in ("config.json", "model.safetensors"):
+        assert (new / name).read_bytes() == (old / name).read_bytes(), name
+    # What an older medim did on load: from_dict of the json (metadata keys ignored) + load_file.
+    config = json.loads((new / "config.json").read_text())
+    assert config["_class_name"] == "VQGAN" and VQGANConfig.from_dict(config) == model.config
+    with safe_open(new / "model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    state = load_file(new / "model.safetensors")
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_bundled_demo_vqgan_loads_bit_for_bit(tmp_path: Path):
+    raw = load_file(DEMO_VQGAN / "model.safetensors")
+    vqgan = VQGAN.from_pretrained(DEMO_VQGAN)
+    assert vqgan.num_codes == 128 and vqgan.dtype == torch.float32
+    assert vqgan.state_dict().keys() == raw.keys()
+    assert all(torch.equal(vqgan.state_dict()[k], v) for k, v in raw.items())
+    resaved = vqgan.save_pretrained(tmp_path / "vqgan")
+    assert (resaved / "model.safetensors").read_bytes() == (DEMO_VQGAN / "model.safetensors").read_bytes()
+
+
+def test_from_pretrained_is_strict(tmp_path: Path):
+    model = tiny_model()
+    folder = write_medim_folder(model, tmp_path / "bad")
+    state = dict(model.state_dict())
+    del state["decoder.conv_out.bias"]
+    state["quant_conv.weight"] = torch.zeros(8, 8, 3, 3)
+    state["encoder.extra.weight"] = torch.zeros(1)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError) as info:
+        VQGAN.from_pretrained(folder)
+    assert_lists_bad_keys(str(info.value), "decoder.conv_out.bias")
+
+    good = write_medim_folder(model, tmp_path / "good")
+    half = VQGAN.from_pretrained(good, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.quantize.embedding.weight.dtype == torch.float32
+    assert torch.equal(half.quantize.embedding.weight, model.quantize.embedding.weight)
+    with pytest.raises(ValueError, match="dtype must be a floating"):
+        VQGAN.from_pretrained(good, dtype=torch.int64)
+    with pytest.raises(ValueError, match="device must be"):
+        VQGAN.from_pretrained(good, device="not-a-device")
+    config = json.loads((good / "config.json").read_text())
+    (good / "config.json").write_text(json.dumps({**config, "n_embeds": 64}))
+    with pytest.raises(ValueError, match=r"unknown VQGANConfig fields \['n_embeds'\]"):
+        VQGAN.from_pretrained(good)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        VQGAN.from_pretrained(tmp_path, subfolder="nowhere")
+
+
+def test_offline_from_hub_cache(tmp_path: Path):
+    """HF_HUB_OFFLINE=1 (tests/conftest.py): a VQGAN inside a cached pipeline repo loads by repo id."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "pipe" / "vqgan")
+    cache = tmp_path / "hub"
+    to_hub_cache(cache, "org/medim-tiny", tmp_path / "pipe")
+    x = pixels()
+    for kwargs in ({}, {"local_files_only": True}):
+        loaded = VQGAN.from_pretrained("org/medim-tiny", subfolder="vqgan", cache_dir=cache, **kwargs)
+        assert loaded.config == model.config and torch.equal(loaded.encode(x), model.encode(x))
+    with pytest.raises(Exception, match="org/missing|offline|cache"):
+        VQGAN.from_pretrained("org/missing", subfolder="vqgan", cache_dir=cache)
+
+
+def test_model_card_only_when_asked_and_on_push(tmp_path: Path, monkeypatch):
+    model = tiny_model()
+    plain = model.save_pretrained(tmp_path / "plain")  # e.g. pipeline/vqgan: the pipeline has the card
+    assert not (plain / "README.md").exists()
+    carded = model.save_pretrained(tmp_path / "carded", model_card_kwargs={})
+    card = (carded / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: medim" in card and "- vqgan" in card
+    with pytest.raises(ValueError, match="config must be None"):
+        model.save_pretrained(tmp_path / "other", config={"n_embed": 3})
+    assert not (tmp_path / "other").exists()
+
+    seen = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            seen["token"] = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
+            seen["create"] = (repo_id, private, exist_ok)
+            return type("RepoUrl", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, *, repo_id, folder_path, commit_message, **kwargs):
+            folder = Path(folder_path)
+            seen["files"] = sorted(p.name for p in folder.iterdir())
+            seen["card"] = (folder / "README.md").read_text()
+            seen["loaded"] = VQGAN.from_pretrained(folder)
+            return f"https://hf.co/{repo_id}/commit/1"
+
+    monkeypatch.setattr("huggingface_hub.hub_mixin.HfApi", FakeApi)
+    url = model.push_to_hub("me/tiny-vqgan", private=True, token="hf_x")
+    assert url == "https://hf.co/me/tiny-vqgan/commit/1"
+    assert seen["create"] == ("me/tiny-vqgan", True, True) and seen["token"] == "hf_x"
+    assert seen["files"] == ["README.md", "config.json", "model.safetensors"]
+    assert 'VQGAN.from_pretrained("me/tiny-vqgan")' in seen["card"]
+    assert all(torch.equal(seen["loaded"].state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 def test_chameleon_config_512px():

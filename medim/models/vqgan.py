@@ -22,13 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
+from huggingface_hub import PyTorchModelHubMixin
 from huggingface_hub.errors import EntryNotFoundError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from medim import __version__
+from medim.checks import check_dtype_device, check_state_shapes
 from medim.hub import atomic_directory, resolve_file
+from medim.models.taming import Decoder, Encoder, Quantizer
 
 __all__ = ["VQGAN", "VQGANConfig"]
 
@@ -39,6 +42,15 @@ WEIGHTS_NAME = "model.safetensors"
 # The parts of a taming VQModel checkpoint that belong to the model; the rest is loss/discriminator.
 TAMING_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.embedding.")
 CODEBOOK_KEY = "quantize.embedding.weight"
+# The README.md that `push_to_hub` uploads (huggingface_hub renders it with jinja2, a torch dependency).
+MODEL_CARD = """---
+{{ card_data }}
+---
+
+A taming-transformers VQGAN image tokenizer (Chameleon layout) saved by medim as config.json +
+model.safetensors. Load it with `medim.models.vqgan.VQGAN.from_pretrained("{{ repo_id | default("path/to/folder", true) }}")`;
+`encode` maps pixels in [-1, 1] to codes, `decode` maps codes back to pixels.
+"""
 
 
 @dataclass
@@ -123,175 +135,13 @@ class VQGANConfig:
         return cls(**kwargs)
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
-
-
-class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, dropout: float):
-        super().__init__()
-        self.norm1 = _norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        # taming uses a 1x1 "network in network" shortcut when the width changes
-        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over the pixels of a feature map, with 1x1 conv projections."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = _norm(channels)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        y = self.norm(x)
-        q, k, v = (proj(y).flatten(2).transpose(1, 2).unsqueeze(1) for proj in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C], scale 1/sqrt(C) as in taming
-        return x + self.proj_out(y.squeeze(1).transpose(1, 2).reshape(b, c, h, w))
-
-
-class Downsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # taming pads right/bottom only
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-def _mid(channels: int, dropout: float) -> nn.Module:
-    mid = nn.Module()
-    mid.block_1 = ResnetBlock(channels, channels, dropout)
-    mid.attn_1 = AttnBlock(channels)
-    mid.block_2 = ResnetBlock(channels, channels, dropout)
-    return mid
-
-
-def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    for i, block in enumerate(level.block):
-        h = block(h)
-        if len(level.attn):
-            h = level.attn[i](h)
-    return h
-
-
-def _run_mid(mid: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return mid.block_2(mid.attn_1(mid.block_1(h)))
-
-
-class Encoder(nn.Module):
-    def __init__(self, cfg: VQGANConfig):
-        super().__init__()
-        widths = [cfg.ch * m for m in (1, *cfg.ch_mult)]
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        res = cfg.resolution
-        for i in range(len(cfg.ch_mult)):
-            level = nn.Module()
-            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
-            block_in = widths[i]
-            for _ in range(cfg.num_res_blocks):
-                level.block.append(ResnetBlock(block_in, widths[i + 1], cfg.dropout))
-                block_in = widths[i + 1]
-                if res in cfg.attn_resolutions:
-                    level.attn.append(AttnBlock(block_in))
-            if i != len(cfg.ch_mult) - 1:
-                level.downsample = Downsample(block_in)
-                res //= 2
-            self.down.append(level)
-        self.mid = _mid(widths[-1], cfg.dropout)
-        self.norm_out = _norm(widths[-1])
-        self.conv_out = nn.Conv2d(widths[-1], cfg.z_channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
-        for level in self.down:
-            h = _run_level(level, h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = _run_mid(self.mid, h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class Decoder(nn.Module):
-    def __init__(self, cfg: VQGANConfig):
-        super().__init__()
-        n = len(cfg.ch_mult)
-        block_in = cfg.ch * cfg.ch_mult[-1]
-        res = cfg.resolution // 2 ** (n - 1)
-        self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
-        self.mid = _mid(block_in, cfg.dropout)
-        # Built from the coarsest level (up.{n-1}) to the finest (up.0), which is also the run order.
-        levels = []
-        for i in reversed(range(n)):
-            level = nn.Module()
-            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
-            for _ in range(cfg.num_res_blocks + 1):
-                level.block.append(ResnetBlock(block_in, cfg.ch * cfg.ch_mult[i], cfg.dropout))
-                block_in = cfg.ch * cfg.ch_mult[i]
-                if res in cfg.attn_resolutions:
-                    level.attn.append(AttnBlock(block_in))
-            if i != 0:
-                level.upsample = Upsample(block_in)
-                res *= 2
-            levels.insert(0, level)
-        self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, cfg.out_ch, 3, padding=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = _run_mid(self.mid, self.conv_in(z))
-        for level in reversed(self.up):
-            h = _run_level(level, h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # no tanh: callers clamp
-
-
-class Quantizer(nn.Module):
-    def __init__(self, n_embed: int, embed_dim: int):
-        super().__init__()
-        self.embedding = nn.Embedding(n_embed, embed_dim)
-
-
-def _check_dtype_device(dtype, device) -> torch.device | None:
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.float32, torch.bfloat16), got {dtype!r}")
-    try:
-        return None if device is None else torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be a torch.device or a string like 'cpu' or 'cuda:0', got {device!r}") from e
-
-
-def _listing(items: list[str], limit: int = 20) -> str:
-    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
-
-
-class VQGAN(nn.Module):
+class VQGAN(nn.Module, PyTorchModelHubMixin, library_name="medim", tags=["vqgan", "image-tokenizer"],
+            model_card_template=MODEL_CARD):
     """Chameleon-compatible VQGAN: `encode` pixels to codes, `decode` codes to pixels.
 
     Loaders: `from_taming` (the released `vqgan.ckpt` + `vqgan.yaml`, local or on the Hub) and
-    `from_pretrained` / `save_pretrained` (config.json + model.safetensors). The loaders keep the
+    `from_pretrained` / `save_pretrained` / `push_to_hub` (config.json + model.safetensors; uploads
+    and model cards come from huggingface_hub's `PyTorchModelHubMixin`). The loaders keep the
     codebook in float32 whatever `dtype` is asked, since nearest-code search in bf16 flips codes.
 
     Example:
@@ -303,8 +153,11 @@ class VQGAN(nn.Module):
     def __init__(self, config: VQGANConfig):
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
+        shared = dict(ch=config.ch, ch_mult=config.ch_mult, num_res_blocks=config.num_res_blocks,
+                      attn_resolutions=config.attn_resolutions, dropout=config.dropout,
+                      resolution=config.resolution, z_channels=config.z_channels)
+        self.encoder = Encoder(in_channels=config.in_channels, **shared)
+        self.decoder = Decoder(out_ch=config.out_ch, **shared)
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
         self.quantize = Quantizer(config.n_embed, config.embed_dim)
@@ -418,15 +271,8 @@ class VQGAN(nn.Module):
                          dtype: torch.dtype | None, device: torch.device | None) -> VQGAN:
         with torch.device("meta"):  # no random init: every tensor comes from `state`
             model = cls(config)
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
-        if missing or unexpected or wrong:
-            problems = [f"{label} {len(keys)}: {_listing(keys)}" for label, keys in
-                        (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if keys]
-            raise ValueError(f"{source} does not match {config}:\n  " + "\n  ".join(problems))
+        check_state_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                           {k: tuple(v.shape) for k, v in state.items()}, f"{source} (read as {config})")
         dtype = dtype or torch.float32
         state = {k: v.to(torch.float32 if k == CODEBOOK_KEY else dtype) for k, v in state.items()}
         model.load_state_dict(state, strict=True, assign=True)
@@ -464,7 +310,7 @@ class VQGAN(nn.Module):
         Example:
             >>> vqgan = VQGAN.from_taming("Junfeng5/Liquid_demo", repo_type="space", subfolder="chameleon")
         """
-        device = _check_dtype_device(dtype, device)
+        dtype, device = check_dtype_device(dtype, device)
         hub = dict(subfolder=subfolder, repo_type=repo_type, revision=revision, cache_dir=cache_dir,
                    local_files_only=local_files_only, token=token)
         ckpt_is_file = Path(ckpt).expanduser().is_file()
@@ -517,7 +363,11 @@ class VQGAN(nn.Module):
         Example:
             >>> vqgan = VQGAN.from_pretrained("my-vqgan", dtype=torch.bfloat16, device="cuda")
         """
-        device = _check_dtype_device(dtype, device)
+        # Not PyTorchModelHubMixin.from_pretrained: it has no `subfolder` (a pipeline's VQGAN lives
+        # in vqgan/), builds the model with random weights and loads them non-strictly in the
+        # model's dtype (we need a listed strict check and a float32 codebook), drops unknown
+        # config keys silently when it decodes the dataclass, and prints to stdout on local loads.
+        dtype, device = check_dtype_device(dtype, device)
         hub = dict(subfolder=subfolder, revision=revision, cache_dir=cache_dir,
                    local_files_only=local_files_only, token=token)
         config_path = resolve_file(repo_or_dir, CONFIG_NAME, **hub)
@@ -532,14 +382,48 @@ class VQGAN(nn.Module):
             raise ValueError(f"could not read {weights} as safetensors: {e}") from e
         return cls._from_state_dict(config, state, str(weights), dtype, device)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write config.json + model.safetensors into `save_directory` atomically; an existing
-        non-empty folder is replaced only with `overwrite=True`. Returns the folder."""
-        from medim import __version__
+    def _save_pretrained(self, save_directory: Path) -> None:
+        # The mixin's hook, with our writer rather than its safetensors.save_model (which writes
+        # no header metadata): files stay byte-identical to earlier medim folders (config.json with
+        # its metadata keys, weights with {"format": "pt"}), from contiguous CPU copies.
+        meta = {"_class_name": type(self).__name__, "_medim_version": __version__}
+        (save_directory / CONFIG_NAME).write_text(json.dumps({**meta, **self.config.to_dict()}, indent=2) + "\n")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt"})
 
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        overwrite: bool = False,
+        *,
+        model_card_kwargs: dict[str, Any] | None = None,
+        config: None = None,
+    ) -> Path:
+        """Write config.json + model.safetensors into `save_directory` atomically; an existing
+        non-empty folder is replaced only with `overwrite=True`. Returns the folder.
+
+        No README.md unless `model_card_kwargs` is given (`{}`: the default card), since a VQGAN
+        inside a pipeline is described by the pipeline's card; `push_to_hub` always adds one.
+        `config` is there for the mixin's `push_to_hub` and must be None (config.json holds `self.config`).
+
+        Example:
+            >>> vqgan.save_pretrained("my-vqgan", overwrite=True)
+        """
+        if config is not None:
+            raise ValueError("save_pretrained writes the model's own config (self.config); config must be None")
         with atomic_directory(save_directory, overwrite=overwrite) as tmp:
-            meta = {"_class_name": type(self).__name__, "_medim_version": __version__}
-            (tmp / CONFIG_NAME).write_text(json.dumps({**meta, **self.config.to_dict()}, indent=2) + "\n")
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            self._save_pretrained(tmp)
+            if model_card_kwargs is not None:
+                self.generate_model_card(**model_card_kwargs).save(tmp / "README.md")
         return Path(save_directory).expanduser().resolve()
+
+    def push_to_hub(self, repo_id: str, *, model_card_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> str:
+        """huggingface_hub's `push_to_hub`: `save_pretrained` into a temporary folder, with a model
+        card, uploaded to `repo_id` (created if needed) in one commit. `kwargs`: private, token,
+        commit_message, branch, create_pr, ... Returns the commit URL.
+
+        Example:
+            >>> vqgan.push_to_hub("my-org/chameleon-vqgan", private=True)
+        """
+        card = {"repo_id": repo_id, **(model_card_kwargs or {})}
+        return super().push_to_hub(repo_id, model_card_kwargs=card, **kwargs)

@@ -14,6 +14,7 @@ _EXPORTS: dict[str, str] = {
     "diffusion_loss": "medim.diffusion",
     "LossOutput": "medim.diffusion",
     "get_schedule": "medim.diffusion",
+    "SamplerConfig": "medim.diffusion",
     "report_metrics": "medim.evaluation",
     "ReportMetrics": "medim.evaluation",
     "fid": "medim.evaluation",

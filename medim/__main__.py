@@ -1,3 +1,5 @@
+"""`python -m medim`: the same as the `medim` command."""
+
 import sys
 
 from medim.cli import main

@@ -1,7 +1,8 @@
 """`medim` command line: one subcommand per job, each defined in `medim/commands/<name>.py`.
 
-A command module provides `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`. The
-modules are imported only when their command runs, so `medim --help` stays fast.
+A command module provides `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`. Every
+command module is imported to build the parser, so none imports torch or transformers at module
+level (they load inside `run`): `medim --help` stays fast (checked by tests/test_structure.py).
 """
 
 from __future__ import annotations

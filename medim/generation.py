@@ -1,5 +1,6 @@
-"""What every pipeline task shares: the input checks, the sampler settings of a call, one generator
-per output, chunked sampling with a progress bar, and decoding tokens back to images.
+"""The three generation tasks of the pipeline (`GenerationMixin`: text_to_image, image_to_report,
+generate_pairs), their output, and what they share: input checks, the sampler settings of a call,
+one generator per output, chunked sampling with a progress bar, decoding tokens back to images.
 
 The checks run once, at the pipeline's public edge, before any compute; what is below them
 (layout, tasks, sampler) takes their output as valid.
@@ -8,21 +9,41 @@ The checks run once, at the pipeline's public edge, before any compute; what is 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from medim.data.images import postprocess
+from medim.data.images import ImageInput, load_image, postprocess, preprocess
 from medim.diffusion import tasks
 from medim.diffusion.config import SamplerConfig
 from medim.diffusion.sampler import check_generator, sample
 
-__all__ = ["OUTPUT_TYPES", "check_prompts", "check_image_size", "check_call", "sampler_settings",
-           "row_generators", "run_chunks", "prompt_task", "decode_images"]
+__all__ = ["MeDiMOutput", "GenerationMixin", "OUTPUT_TYPES", "check_prompts", "check_image_size", "check_call",
+           "sampler_settings", "row_generators", "run_chunks", "prompt_task", "decode_images"]
 
 OUTPUT_TYPES = ("pil", "pt", "tokens")
+
+
+@dataclass
+class MeDiMOutput:
+    """What a generation call returns.
+
+    Attributes:
+        images: generated (or, for image_to_report, the input) images: a list of RGB PIL images
+            (`output_type="pil"`), a float tensor [B, 3, H, W] in [0, 1] ("pt") or the VQ codes
+            LongTensor [B, image_len] ("tokens").
+        reports: generated reports (or, for text_to_image, the prompts), one str per output.
+        tokens: the final diffusion states [B, state_len] (backbone ids).
+        nfe: network evaluations spent, summed over batch chunks.
+    """
+
+    images: list[Image.Image] | torch.Tensor | None = None
+    reports: list[str] | None = None
+    tokens: torch.LongTensor | None = None
+    nfe: int = 0
 
 
 def _positive_int(value: Any) -> bool:
@@ -134,3 +155,157 @@ def decode_images(pipe: Any, tokens: torch.Tensor, output_type: str, batch_size:
         return codes
     pixels = torch.cat([pipe.vqgan.decode(c).float().cpu() for c in codes.split(batch_size or len(codes))])
     return postprocess(pixels) if output_type == "pil" else (pixels + 1) / 2
+
+
+class GenerationMixin:
+    """The three tasks of `MeDiMPipeline` (which provides model, vqgan, tokenizer, layout,
+    sampler_config, image_resolution and device)."""
+
+    def text_to_image(
+        self,
+        prompts: Sequence[str],
+        *,
+        image_size: tuple[int, int] = (512, 512),
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        strategy: str | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        batch_size: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., None] | None = None,
+        sampler_kwargs: dict[str, Any] | None = None,
+    ) -> MeDiMOutput | tuple:
+        """Generate one image per report.
+
+        Args:
+            prompts: reports (list of str); longer than the text slots -> truncated with a warning.
+            image_size: (width, height) the model is told the image has (the medim-v1 size
+                condition); the output has the VQGAN's resolution.
+            num_inference_steps, guidance_scale, strategy, temperature, top_k, top_p: sampler
+                settings (None: the pipeline's `sampler_config`); `sampler_kwargs` sets any other
+                field of `medim.diffusion.SamplerConfig` (e.g. `schedule`, `confidence_temperature`).
+            generator: one generator, or one per output. Outputs do not depend on `batch_size`.
+            batch_size: outputs per forward batch (None: all at once).
+            output_type: "pil", "pt" (float [B, 3, H, W] in [0, 1]) or "tokens" (VQ codes).
+            return_dict: False returns `(images, reports)`.
+            callback_on_step_end: `fn(pipe, step, t, tokens)` after every step of every chunk.
+
+        Example:
+            >>> pipe.text_to_image(["A small lucent lesion in the left lower zone."], num_inference_steps=16).images[0]
+        """
+        prompts = check_prompts(prompts)
+        size = check_image_size(image_size)
+        check_call(len(prompts), batch_size, output_type, generator, callback_on_step_end, sampler_kwargs)
+        config = sampler_settings(self.sampler_config, sampler_kwargs, num_steps=num_inference_steps,
+                                      guidance_scale=guidance_scale, strategy=strategy, temperature=temperature,
+                                      top_k=top_k, top_p=top_p)
+        task = tasks.text_to_image(self.layout, self.layout.encode_reports(self.tokenizer, prompts))
+        condition = self.layout.condition(self.tokenizer, [size] * len(prompts))
+        tokens, nfe = run_chunks(self, task, condition, config, batch_size, generator, callback_on_step_end)
+        out = MeDiMOutput(decode_images(self, tokens, output_type, batch_size), list(prompts), tokens, nfe)
+        return out if return_dict else (out.images, out.reports)
+
+    def image_to_report(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        strategy: str | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        batch_size: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., None] | None = None,
+        sampler_kwargs: dict[str, Any] | None = None,
+    ) -> MeDiMOutput | tuple:
+        """Write one report per image.
+
+        Args:
+            images: PIL images (any mode: grayscale and 16-bit X-rays are converted), paths,
+                numpy arrays or tensors (see `medim.data.images.load_image`). They are padded to
+                square and resized to the VQGAN's resolution; the original size is the medim-v1
+                size condition.
+            prompt: optional beginning every report starts with (one str, or one per image),
+                kept fixed while the rest is generated.
+            Other arguments: as for `text_to_image`. `out.images` are the inputs as RGB PIL images
+            ("pil"), the model's input pixels in [0, 1] ("pt") or their VQ codes ("tokens").
+
+        Example:
+            >>> pipe.image_to_report(["phantom.png"], prompt="Frontal chest radiograph.").reports
+        """
+        if isinstance(images, (list, tuple)) and not images:
+            raise ValueError("images is empty: pass at least one image")
+        rgb = [load_image(image) for image in (images if isinstance(images, (list, tuple)) else [images])]
+        prompts = None
+        if prompt is not None:
+            prompts = [prompt] * len(rgb) if isinstance(prompt, str) else check_prompts(prompt, "prompt")
+            if len(prompts) != len(rgb):
+                raise ValueError(f"prompt: give one str or one per image ({len(rgb)}), got {len(prompts)}")
+        check_call(len(rgb), batch_size, output_type, generator, callback_on_step_end, sampler_kwargs)
+        config = sampler_settings(self.sampler_config, sampler_kwargs, num_steps=num_inference_steps,
+                                      guidance_scale=guidance_scale, strategy=strategy, temperature=temperature,
+                                      top_k=top_k, top_p=top_p)
+        pixels, sizes = preprocess(rgb, size=self.image_resolution, return_sizes=True)
+        codes = torch.cat([self.vqgan.encode(p.to(self.vqgan.device)) for p in pixels.split(batch_size or len(rgb))])
+        task = tasks.image_to_report(self.layout, codes.to(self.device))
+        if prompts is not None:
+            given = prompt_task(self.layout, self.tokenizer, prompts, self.device)
+            task = tasks.TaskInputs(torch.where(given.known, given.x, task.x), given.known | task.known)
+        condition = self.layout.condition(self.tokenizer, sizes)
+        tokens, nfe = run_chunks(self, task, condition, config, batch_size, generator, callback_on_step_end)
+        shown = {"pil": rgb, "pt": (pixels + 1) / 2, "tokens": codes}[output_type]
+        out = MeDiMOutput(shown, self.layout.decode_reports(self.tokenizer, tokens), tokens, nfe)
+        return out if return_dict else (out.images, out.reports)
+
+    def generate_pairs(
+        self,
+        prompts: Sequence[str],
+        *,
+        num_pairs_per_prompt: int = 1,
+        image_size: tuple[int, int] = (512, 512),
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        strategy: str | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        batch_size: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., None] | None = None,
+        sampler_kwargs: dict[str, Any] | None = None,
+    ) -> MeDiMOutput | tuple:
+        """Generate image-report pairs together; each report starts with its prompt ("" for none).
+
+        Outputs are prompt-major: prompt 0's `num_pairs_per_prompt` pairs, then prompt 1's, ...
+        A list of generators needs one per output (`len(prompts) * num_pairs_per_prompt`).
+        Other arguments: as for `text_to_image`.
+
+        Example:
+            >>> out = pipe.generate_pairs(["Frontal chest radiograph."], num_pairs_per_prompt=4)
+            >>> out.images[0], out.reports[0]
+        """
+        if isinstance(num_pairs_per_prompt, bool) or not isinstance(num_pairs_per_prompt, int) or num_pairs_per_prompt < 1:
+            raise ValueError(f"num_pairs_per_prompt must be an int >= 1, got {num_pairs_per_prompt!r}")
+        prompts = [p for p in check_prompts(prompts, allow_empty_text=True) for _ in range(num_pairs_per_prompt)]
+        size = check_image_size(image_size)
+        check_call(len(prompts), batch_size, output_type, generator, callback_on_step_end, sampler_kwargs)
+        config = sampler_settings(self.sampler_config, sampler_kwargs, num_steps=num_inference_steps,
+                                      guidance_scale=guidance_scale, strategy=strategy, temperature=temperature,
+                                      top_k=top_k, top_p=top_p)
+        task = prompt_task(self.layout, self.tokenizer, prompts, self.device)
+        condition = self.layout.condition(self.tokenizer, [size] * len(prompts))
+        tokens, nfe = run_chunks(self, task, condition, config, batch_size, generator, callback_on_step_end)
+        out = MeDiMOutput(decode_images(self, tokens, output_type, batch_size),
+                          self.layout.decode_reports(self.tokenizer, tokens), tokens, nfe)
+        return out if return_dict else (out.images, out.reports)

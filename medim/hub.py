@@ -84,7 +84,6 @@ def resolve_file(
     subfolder: str | None = None,
     repo_type: str | None = None,
     hub: HubOptions | None = None,
-    **legacy: Any,  # TRANSITION: revision/cache_dir/local_files_only/token until every caller passes hub=
 ) -> Path:
     """Return a local path to one file.
 
@@ -111,7 +110,7 @@ def resolve_file(
             filename,
             subfolder=subfolder,
             repo_type=repo_type,
-            **(hub or HubOptions(**legacy)).kwargs(),
+            **(hub or HubOptions()).kwargs(),
         )
     )
 
@@ -122,7 +121,6 @@ def resolve_snapshot(
     *,
     repo_type: str | None = None,
     hub: HubOptions | None = None,
-    **legacy: Any,  # TRANSITION: revision/cache_dir/local_files_only/token until every caller passes hub=
 ) -> Path:
     """Return a local directory: `repo_or_path` itself if it is one, else a Hub snapshot holding
     only the files matching `allow_patterns`."""
@@ -136,7 +134,7 @@ def resolve_snapshot(
             str(repo_or_path),
             allow_patterns=list(allow_patterns) if allow_patterns is not None else None,
             repo_type=repo_type,
-            **(hub or HubOptions(**legacy)).kwargs(),
+            **(hub or HubOptions()).kwargs(),
         )
     )
 

@@ -8,9 +8,10 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers_training import tiny_config
+from helpers_training import tiny_config, tiny_run
 
 WORLD = 2
 
@@ -56,9 +57,8 @@ def _train(rank: int, tmp: Path, mode: str) -> None:
     (tmp / f"{mode}-rank{rank}.json").write_text(json.dumps(result))
 
 
+@pytest.mark.slow
 def test_two_process_training(tmp_path):
-    from test_trainer import tiny_run
-
     tiny_run(tmp_path)  # build the model and cache once, before the ranks start
     mp.spawn(_worker, args=(str(tmp_path), _free_port()), nprocs=WORLD, join=True)
     for mode in ("ddp", "fsdp"):

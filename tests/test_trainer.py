@@ -183,6 +183,7 @@ def _run_state(trainer) -> tuple[dict, dict]:
             get_optimizer_state_dict(trainer.model, trainer.optimizer))
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     from medim.training import Trainer
 

@@ -297,6 +297,7 @@ def test_model_card_only_when_asked_and_on_push(tmp_path: Path, monkeypatch):
     assert all(torch.equal(seen["loaded"].state_dict()[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_chameleon_config_512px():
     config = VQGANConfig()  # the released vqgan.yaml values
     with torch.device("meta"):

@@ -12,6 +12,8 @@ import json
 import logging
 from pathlib import Path
 
+from medim.commands.common import add_hub_arguments, hub_options
+
 HELP = "encode images and reports once into a token cache (resumable)"
 
 logger = logging.getLogger(__name__)
@@ -33,8 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--model", default=None,
-        help="a saved MeDiMPipeline (directory or Hub repo): its vqgan/, tokenizer/ and layout are used",
+        help="a saved MeDiMPipeline (directory, Hub repo, or the bundled 'medim-demo'): its vqgan/, tokenizer/ "
+        "and layout are used",
     )
+    add_hub_arguments(parser, "--model")
     parser.add_argument("--vqgan", default=None, help="VQGAN directory or repo (instead of --model)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or repo (instead of --model)")
     parser.add_argument(
@@ -58,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     from medim.data.cache import build_token_cache
     from medim.data.datasets import build_dataset
-    from medim.hub import resolve_file, resolve_snapshot
+    from medim.hub import bundled_model_path, resolve_snapshot
     from medim.layout import SequenceLayout
     from medim.models.vqgan import VQGAN
 
@@ -76,9 +80,10 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     if args.model is not None:
-        root = resolve_snapshot(args.model, ["model_index.json", "vqgan/*", "tokenizer/*"])
-        layout = SequenceLayout.from_dict(json.loads(resolve_file(root, "model_index.json").read_text())["layout"])
-        vqgan = VQGAN.from_pretrained(root, subfolder="vqgan", device=device)
+        root = bundled_model_path(args.model) or resolve_snapshot(
+            args.model, ["model_index.json", "vqgan/*", "tokenizer/*"], hub=hub_options(args))
+        layout = SequenceLayout.from_dict(json.loads((root / "model_index.json").read_text())["layout"])
+        vqgan = VQGAN.from_pretrained(root / "vqgan", device=device)
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
         tokenizer_name = str(args.model)
     else:

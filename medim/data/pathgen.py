@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from medim.data.records import IMAGE_SUFFIXES, PairedRecord, clean_text, existing_dir, open_text, read_csv
-from medim.hub import resolve_file
+from medim.hub import HubOptions, resolve_file
 
 __all__ = ["pathgen_records"]
 
@@ -27,15 +27,8 @@ def pathgen_records(
 ) -> tuple[list[PairedRecord], Counter]:
     """The records of `PairedDataset.from_pathgen` (see there for the arguments) and the skipped
     counts by reason."""
-    path = resolve_file(
-        records,
-        filename,
-        repo_type="dataset",
-        revision=revision,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        token=token,
-    )
+    path = resolve_file(records, filename, repo_type="dataset",
+                        hub=HubOptions(revision, cache_dir, local_files_only, token))
     patches = _index_images(existing_dir(patch_dir, "patch_dir"))
     out, skipped, seen = [], Counter(), set()
     for n, row in enumerate(_read_rows(path), 1):

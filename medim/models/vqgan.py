@@ -30,7 +30,7 @@ from torch import nn
 
 from medim import __version__
 from medim.checks import check_dtype_device, check_state_shapes
-from medim.hub import atomic_directory, resolve_file
+from medim.hub import HubOptions, atomic_directory, resolve_file
 from medim.models.taming import Decoder, Encoder, Quantizer
 
 __all__ = ["VQGAN", "VQGANConfig"]
@@ -311,8 +311,8 @@ class VQGAN(nn.Module, PyTorchModelHubMixin, library_name="medim", tags=["vqgan"
             >>> vqgan = VQGAN.from_taming("Junfeng5/Liquid_demo", repo_type="space", subfolder="chameleon")
         """
         dtype, device = check_dtype_device(dtype, device)
-        hub = dict(subfolder=subfolder, repo_type=repo_type, revision=revision, cache_dir=cache_dir,
-                   local_files_only=local_files_only, token=token)
+        hub = dict(subfolder=subfolder, repo_type=repo_type,
+                   hub=HubOptions(revision, cache_dir, local_files_only, token))
         ckpt_is_file = Path(ckpt).expanduser().is_file()
         if isinstance(config, (str, os.PathLike)):
             config = VQGANConfig.from_taming(resolve_file(config))
@@ -368,8 +368,7 @@ class VQGAN(nn.Module, PyTorchModelHubMixin, library_name="medim", tags=["vqgan"
         # model's dtype (we need a listed strict check and a float32 codebook), drops unknown
         # config keys silently when it decodes the dataclass, and prints to stdout on local loads.
         dtype, device = check_dtype_device(dtype, device)
-        hub = dict(subfolder=subfolder, revision=revision, cache_dir=cache_dir,
-                   local_files_only=local_files_only, token=token)
+        hub = dict(subfolder=subfolder, hub=HubOptions(revision, cache_dir, local_files_only, token))
         config_path = resolve_file(repo_or_dir, CONFIG_NAME, **hub)
         try:
             config = VQGANConfig.from_dict(json.loads(config_path.read_text()))

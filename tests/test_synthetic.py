@@ -52,7 +52,8 @@ def test_readers_are_exact_on_generator_output(pairs):
         compare([read_image(im) for im, _, _ in pairs], truth),
         compare([parse_report(r) for _, r, _ in pairs], truth),
     ):
-        assert scores.exact == scores.count == scores.presence == scores.size == scores.density == 1.0
+        assert scores.exact == scores.count == scores.presence == scores.attributes == 1.0
+        assert scores.size == scores.density == 1.0
         assert scores.n == 300 and scores.matched == sum(len(s.lesions) for s in truth)
 
 
@@ -112,7 +113,25 @@ def test_compare_partial_scores():
     scores = compare([a, PhantomSpec()], [b, PhantomSpec()])
     assert scores.exact == 0.5 and scores.count == 0.5
     assert scores.presence == 7 / 8 and scores.size == 0.0 and scores.density == 1.0 and scores.matched == 1
+    # quadrants described in full: the first pair's two empty ones, all four of the second
+    assert scores.attributes == 6 / 8
     assert math.isnan(compare([PhantomSpec()], [PhantomSpec()]).size)
+
+
+def test_compare_attributes_need_the_whole_description():
+    truth = PhantomSpec((Lesion("right", "upper", "large", "bright"),))
+    # A lesion in the right place counts for presence only when its description is whole and right.
+    for wrong in (Lesion("right", "upper", None, "bright"), Lesion("right", "upper", "large", "dark")):
+        scores = compare([PhantomSpec((wrong,))], [truth])
+        assert scores.presence == 1.0 and scores.attributes == 3 / 4 and scores.exact == 0.0
+    assert compare([truth], [truth]).attributes == 1.0
+    # Answering "no lesion" everywhere: every quadrant holding a lesion is missed, the rest are right.
+    pairs = make_dataset(50, seed=9)
+    truth = [s for _, _, s in pairs]
+    lesions = sum(len(s.lesions) for s in truth)
+    scores = compare([PhantomSpec()] * 50, truth)
+    assert scores.attributes == scores.presence == 1 - lesions / 200
+    assert scores.exact == sum(not s.lesions for s in truth) / 50
 
 
 def test_spec_round_trip_and_validation():

@@ -1,25 +1,38 @@
-"""`medim demo`: the shipped phantom model, offline, in seconds."""
+"""`medim demo`: the shipped phantom model, offline, in seconds; or its evaluation, or a retraining."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from medim.demo.settings import DEMO_NAME, BuildSettings  # torch-free: the parser reads the defaults
+
 HELP = "Run the tiny phantom MeDiM that ships with medim (no download, no GPU needed)."
+
+# The `--retrain` sizes that have an option: BuildSettings field -> what it sets.
+RETRAIN_SIZES = {
+    "num_train": "training phantom pairs",
+    "vqgan_steps": "VQGAN optimizer steps",
+    "model_steps": "MeDiM optimizer steps",
+    "batch_size": "MeDiM batch size",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
-        "With no options: writes text-to-image, image-to-report and pair results of the shipped model "
-        "to ./medim-demo/. --evaluate scores it on held-out phantoms; --retrain DIR trains a new one."
+        f"With no options: writes text-to-image, image-to-report and pair results of the shipped model "
+        f"to ./{DEMO_NAME}/. --evaluate scores it on held-out phantoms; --retrain DIR trains a new one."
     )
-    parser.add_argument("--out", default="medim-demo", help="folder for the demo outputs (default: ./medim-demo)")
-    parser.add_argument("--overwrite", action="store_true", help="replace files already in --out")
+    parser.add_argument("--out", default=DEMO_NAME, help=f"folder for the demo outputs (default: ./{DEMO_NAME})")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace files already in --out (or the folder given to --retrain)")
     parser.add_argument("--steps", type=int, default=None,
                         help="sampling steps per generation (default: the model's saved sampler settings)")
-    parser.add_argument("--seed", type=int, default=0, help="base seed; output i uses seed * 1000003 + i")
-    parser.add_argument("--model", default="medim-demo",
-                        help="pipeline to run or evaluate (default: the shipped 'medim-demo'; a folder "
+    parser.add_argument("--seed", type=int, default=0,
+                        help="base seed: output i uses seed * 1000003 + i; with --retrain, the training seed "
+                             "(default: 0)")
+    parser.add_argument("--model", default=DEMO_NAME,
+                        help=f"pipeline to run or evaluate (default: the shipped {DEMO_NAME!r}; a folder "
                              "written by --retrain works too)")
     parser.add_argument("--evaluate", action="store_true",
                         help="instead of writing examples, print the accuracies of the three tasks on "
@@ -28,12 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retrain", metavar="DIR",
                         help="instead, retrain the demo pipeline from scratch and save it to DIR "
                              "(about 1 h 45 min on two CPU cores at the default sizes)")
-    parser.add_argument("--device", default=None, help="device for --retrain (default: cuda if available, else cpu)")
-    # --retrain sizes default to None = medim.demo.BuildSettings (the help repeats its values).
-    parser.add_argument("--num-train", type=int, help="--retrain: training phantoms (default: 100000)")
-    parser.add_argument("--vqgan-steps", type=int, help="--retrain: VQGAN optimizer steps (default: 600)")
-    parser.add_argument("--model-steps", type=int, help="--retrain: MeDiM optimizer steps (default: 20000)")
-    parser.add_argument("--batch-size", type=int, help="--retrain: MeDiM batch size (default: 32)")
+    parser.add_argument("--device", default=None, help="--retrain: device to train on (default: cuda if "
+                                                       "available, else cpu)")
+    defaults = BuildSettings()
+    for name, what in RETRAIN_SIZES.items():  # None = the BuildSettings default, stated in the help
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int,
+                            help=f"--retrain: {what} (default: {getattr(defaults, name)})")
     parser.add_argument("--vqgan", metavar="DIR",
                         help="--retrain: reuse this VQGAN folder (e.g. DIR/vqgan of an earlier build) "
                              "instead of training one, so only the MeDiM part is retrained")
@@ -43,13 +56,12 @@ def run(args: argparse.Namespace) -> int:
     from medim import demo
     from medim.pipeline import MeDiMPipeline
 
-    sizes = ("num_train", "vqgan_steps", "model_steps", "batch_size")
-    for name in ("steps", "n", *sizes):
+    for name in ("steps", "n", *RETRAIN_SIZES):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"medim demo: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.retrain:
-        chosen = {name: getattr(args, name) for name in sizes if getattr(args, name) is not None}
-        settings = demo.BuildSettings(seed=args.seed, **chosen)
+        chosen = {name: getattr(args, name) for name in RETRAIN_SIZES if getattr(args, name) is not None}
+        settings = BuildSettings(seed=args.seed, **chosen)
         path = demo.build_demo(args.retrain, settings, device=args.device, overwrite=args.overwrite,
                                vqgan=args.vqgan)
         print(f"demo pipeline saved to {path}; load it with MeDiMPipeline.from_pretrained({str(path)!r})")

@@ -348,6 +348,8 @@ class PhantomScores:
     - `exact`: fraction of pairs whose attributes all match.
     - `count`: fraction with the right number of lesions.
     - `presence`: fraction of the 4 x n quadrants whose presence/absence matches.
+    - `attributes`: fraction of the 4 x n quadrants whose whole description matches: no lesion in
+      either, or a lesion of the same size and density in both (what `medim.demo` reports).
     - `size`, `density`: accuracy over quadrants where both hold a lesion (nan if there are none).
     """
 
@@ -355,6 +357,7 @@ class PhantomScores:
     exact: float
     count: float
     presence: float
+    attributes: float
     size: float
     density: float
     matched: int = field(default=0)  # quadrants holding a lesion in both (the size/density denominator)
@@ -374,7 +377,7 @@ def compare(predicted: Sequence[PhantomSpec], reference: Sequence[PhantomSpec]) 
         )
     if not reference:
         raise ValueError("reference must hold at least one PhantomSpec")
-    exact = count = presence = size = density = matched = 0
+    exact = count = presence = attributes = size = density = matched = 0
     for pred, ref in zip(predicted, reference):
         exact += pred == ref
         count += len(pred.lesions) == len(ref.lesions)
@@ -382,6 +385,7 @@ def compare(predicted: Sequence[PhantomSpec], reference: Sequence[PhantomSpec]) 
             for level in LEVELS:
                 p, r = pred.at(side, level), ref.at(side, level)
                 presence += (p is None) == (r is None)
+                attributes += p == r
                 if p is not None and r is not None:
                     matched += 1
                     size += p.size == r.size
@@ -392,6 +396,7 @@ def compare(predicted: Sequence[PhantomSpec], reference: Sequence[PhantomSpec]) 
         exact=exact / n,
         count=count / n,
         presence=presence / (4 * n),
+        attributes=attributes / (4 * n),
         size=size / matched if matched else math.nan,
         density=density / matched if matched else math.nan,
         matched=matched,

@@ -3,7 +3,7 @@
     python benchmarks/bench_load.py                     # hidden 512, 28 layers, 4 shards (~0.4 GB)
     python benchmarks/bench_load.py --hidden 1024 --intermediate 8192
 
-A random checkpoint in Liquid_V1_7B's file format (FORMATS section 1: 4 bf16 shards + index,
+A random checkpoint in Liquid_V1_7B's file format (docs/formats.md, section 1: 4 bf16 shards + index,
 GemmaForCausalLM keys, Liquid's config.json) is written at a reduced width, then loaded by
 `MeDiMModel.from_liquid(num_layers=10, dtype=bfloat16)` in a fresh subprocess. Peak memory is
 the high-water resident size (VmHWM = ru_maxrss, reset after the imports) minus the resident size after the imports, against the bytes of the kept weights.

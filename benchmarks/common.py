@@ -30,7 +30,7 @@ from medim.models.medim import MeDiMConfig, MeDiMModel
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 # Model sizes. "liquid" is Liquid_V1_7B cut to 10 layers with the release's 40196-row table
-# (FORMATS sections 1 and 4); the others keep its vocabulary and sequence shape at a small width.
+# (docs/formats.md, sections 1 and 4); the others keep its vocabulary and sequence shape at a small width.
 SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, head_dim=16),
     "tiny128": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, head_dim=32),
@@ -84,7 +84,7 @@ def release_style_sample(model: MeDiMModel, x: torch.Tensor, known: torch.Tensor
                          num_steps: int, guidance_scale: float, generators: Sequence[torch.Generator],
                          confidence_temperature: float = 10.0) -> torch.Tensor:
     """The released sampler's way of working: one sample at a time, the unconditional pass as its
-    own forward, logits over the whole vocabulary at every backbone position, then FORMATS
+    own forward, logits over the whole vocabulary at every backbone position, then docs/formats.md
     section 4's maths (mask id -> -inf, the modality's ids only, log-softmax, CFG (1 + w) c - w u
     with w = cfg (1 - t), sample, confidence log p + 10 t Gumbel, commit the arccos counts).
 

@@ -199,7 +199,7 @@ class SequenceLayout(ABC):
 
 
 class MeDiMV1Layout(SequenceLayout):
-    """The released MeDiM checkpoint's layout (FORMATS section 4).
+    """The released MeDiM checkpoint's layout (docs/formats.md, section 4).
 
     Vocabulary: `base_vocab_size` Llama-2 ids, then `<boi>`, `<eoi>`, `<eos>`, the mask id and the
     image codes. Backbone input per row: `[<boi>] + image + [<eoi>] + cond + text + [<eos>]`, where

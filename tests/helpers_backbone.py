@@ -1,4 +1,4 @@
-"""Tiny backbones and checkpoints written in the exact upstream file formats (FORMATS.md 1 and 4).
+"""Tiny backbones and checkpoints written in the exact upstream file formats (docs/formats.md, sections 1 and 4).
 
 Reusable by any test: nothing here touches the network.
 - `tiny_gemma_config()` / `tiny_llama_config()`: small transformers configs.
@@ -114,7 +114,7 @@ def release_state_dict(
     num_layers: int = 2, hidden_size: int = 32, intermediate: int = 64, heads: int = 4, kv_heads: int = 2,
     head_dim: int = 8, base_vocab: int = TINY_BASE_VOCAB, image_vocab: int = TINY_IMAGE_VOCAB, seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Random tensors under the released key names and shapes (FORMATS section 4)."""
+    """Random tensors under the released key names and shapes (docs/formats.md, section 4)."""
     gen = torch.Generator().manual_seed(seed)
     H = hidden_size
     shapes = {

@@ -1,4 +1,4 @@
-"""Tiny Chameleon-style VQGANs and the upstream taming checkpoint format (FORMATS.md 2).
+"""Tiny Chameleon-style VQGANs and the upstream taming checkpoint format (docs/formats.md, section 2).
 
 - `tiny_model(seed, **overrides)`: a small random `VQGAN` (32 px -> 16x16 codes out of 64 by default).
 - `write_taming(model, folder)`: `vqgan.ckpt` (`{"state_dict": ...}` with loss entries, as in the

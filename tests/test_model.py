@@ -160,7 +160,7 @@ def test_liquid_shaped_model_size_on_meta():
     assert extra == (256 * 3072 + 3072) + (3072 * 3072 + 3072) + 10 * (3072 * 6 * 3072 + 6 * 3072)
 
 
-# ---- the released model (FORMATS section 4) -------------------------------------------------------
+# ---- the released model (docs/formats.md, section 4) -------------------------------------------------------
 
 
 def release_reference(state, config, layout, x, sigma, cond_ids):

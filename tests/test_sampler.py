@@ -169,7 +169,7 @@ def test_greedy_ignores_the_seed_and_filters_are_exact():
 
 
 def release_reference(toy, x, known, gens, steps=128, cfg=5.0, r_temp=10.0):
-    """A naive transcription of FORMATS section 4 / the release sampler: loops over steps and rows,
+    """A naive transcription of docs/formats.md, section 4 / the release sampler: loops over steps and rows,
     full-vocabulary logits, mask id and other-modality ids -> -inf after mixing."""
     x = x.clone()
     B, N = x.shape

@@ -138,11 +138,13 @@ def _read_manifest(path: Path) -> dict[int, dict]:
 
 
 def _load_pipeline(args: argparse.Namespace, dtype, device):
-    from medim.hub import resolve_file
+    from medim.hub import bundled_model_path, resolve_file
     from medim.pipeline import MeDiMPipeline
 
     hub = hub_options(args)
     loader = args.loader
+    if loader == "auto" and bundled_model_path(args.model) is not None:
+        loader = "pretrained"
     if loader == "auto":
         try:
             resolve_file(args.model, "model_index.json", hub=hub)

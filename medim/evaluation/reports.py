@@ -1,7 +1,7 @@
 """Report metrics: the MeDiM paper's protocol and the COCO caption protocol, computed by the
 packages that define them (`nltk`, `rouge`, `pycocoevalcap`), with a fallback for COCO's.
 
-"medim" reproduces the released `report_metric.py` (FORMATS.md section 6): per-report NLTK BLEU-1..4
+"medim" reproduces the released `report_metric.py` (docs/formats.md, section 6): per-report NLTK BLEU-1..4
 (smoothing method1), ROUGE-1/2/L F of the `rouge==1.0.1` package, NLTK METEOR; all averaged over
 reports. One deliberate change: the release skipped empty predictions, here they score zero (the
 count is in the result), so a model cannot gain by staying silent.

@@ -1,8 +1,9 @@
-"""`medim evaluate reports|fid`: score what `medim generate` wrote.
+"""`medim evaluate reports|fid|is|pairs`: score what `medim generate` wrote.
 
 Reports are read from a folder of `.txt` files (id = file stem), a `manifest.jsonl` (one JSON object
 per line with "report" and an "id" or a file name), or a folder holding a `manifest.jsonl`;
-predictions are matched to references by id.
+predictions are matched to references by id. Image-report pairs are read from a `medim generate`
+folder (its `manifest.jsonl`) or the release's layout (`image_<i>.png` + `text_<i>.txt`).
 """
 
 from __future__ import annotations
@@ -10,16 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 from pathlib import Path
 
-from medim.data.datasets import iter_jsonl
-from medim.hub import atomic_file
+from medim.commands.common import add_hub_arguments, hub_options
 
-HELP = "score generated reports (BLEU/ROUGE/METEOR/CIDEr-D) or images (FID) against references"
+HELP = "score generated reports (BLEU/ROUGE/METEOR/CIDEr-D) or images (FID, IS, VLM-judged pair match)"
 
 logger = logging.getLogger(__name__)
 
 _NAME_KEYS = ("id", "file_name", "file", "report_file", "image")
+_DEVICE_HELP = "default: cuda if available, else cpu"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,19 +34,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     rep.add_argument("--wordnet", default=None, help="WordNet folder for METEOR, or 'none' to skip METEOR")
     rep.add_argument("--output", default=None, help="write the result as JSON here")
+
     img = sub.add_parser(
         "fid", help="FID between two image folders", description="FID (pytorch-fid defaults)"
     )
     img.add_argument("--real", required=True, help="folder of real images")
     img.add_argument("--fake", required=True, help="folder of generated images")
     img.add_argument("--weights", required=True, help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
-    img.add_argument("--batch-size", type=int, default=50)
-    img.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    img.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default: 50)")
+    img.add_argument("--device", default=None, help=_DEVICE_HELP)
     img.add_argument("--output", default=None, help="write the result as JSON here")
+
+    is_ = sub.add_parser(
+        "is", help="Inception Score of an image folder",
+        description="Inception Score the release's way (is_score.py): the folder's PNGs in name order, "
+        "256x256 bicubic, [-1, 1], 299x299 bilinear, torchvision's ImageNet Inception-v3, N // splits "
+        "images per part (the remainder is dropped), mean and std over parts.",
+    )
+    is_.add_argument("--images", required=True, help="folder of .png images (e.g. a medim generate --out)")
+    is_.add_argument(
+        "--weights", default=None,
+        help="torchvision's inception_v3_google-0cc3c7bd.pth (default: that file in torch's hub cache, "
+        "$TORCH_HOME/hub/checkpoints; never downloaded)",
+    )
+    is_.add_argument("--splits", type=int, default=10, help="consecutive parts (default: 10, the release's)")
+    is_.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default: 50)")
+    is_.add_argument("--device", default=None, help=_DEVICE_HELP)
+    is_.add_argument("--output", default=None, help="write the result as JSON here")
+
+    pairs = sub.add_parser(
+        "pairs", help="image-report match judged by a vision-language model (Qwen2-VL)",
+        description="Asks a Qwen2-VL judge, for each image-report pair, for a matching score from 0 to 1 "
+        "(the release's pair_metric.py); reports the mean over answers holding a number.",
+    )
+    pairs.add_argument(
+        "--dir", required=True,
+        help="a medim generate folder (manifest.jsonl) or the release's layout (image_<i>.png + text_<i>.txt)",
+    )
+    pairs.add_argument(
+        "--judge", default="Qwen/Qwen2-VL-7B-Instruct",
+        help="Hub id or local folder of a Qwen2-VL-compatible model (default: Qwen/Qwen2-VL-7B-Instruct)",
+    )
+    pairs.add_argument("--batch-size", type=int, default=8, help="pairs per generate call (default: 8)")
+    pairs.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default: 128)")
+    pairs.add_argument("--device", default=None, help=_DEVICE_HELP)
+    pairs.add_argument(
+        "--dtype", choices=("float16", "bfloat16", "float32"), default=None,
+        help="judge weights dtype (default: float16 on cuda, the release's; float32 on cpu)",
+    )
+    pairs.add_argument("--prompt", default=None, help="the question after the image, with {report} (default: the release's)")
+    pairs.add_argument("--pattern", default=None, help="regular expression whose first match is the score (default: the release's)")
+    pairs.add_argument("--output", default=None, help="write the summary as JSON here")
+    pairs.add_argument(
+        "--csv", default=None, help="write per-pair scores and answers here (default: --output with .csv)"
+    )
+    add_hub_arguments(pairs, "--judge")
 
 
 def read_reports(source: str | Path) -> dict[str, str]:
     """id -> report text from a folder of .txt files, a manifest.jsonl, or a folder holding one."""
+    from medim.data.datasets import iter_jsonl
+
     path = Path(source).expanduser()
     if path.is_dir() and (path / "manifest.jsonl").is_file():
         path = path / "manifest.jsonl"
@@ -68,8 +118,59 @@ def read_reports(source: str | Path) -> dict[str, str]:
     return reports
 
 
+def read_pairs(folder: str | Path) -> tuple[list[Path], list[str], list[str]]:
+    """(image paths, report texts, names) of the pairs in a folder.
+
+    A `medim generate` folder: every manifest line, in index order; the text is the sample's report
+    file ("pairs", "report" tasks) or its prompt ("image" task: the report the image was made from);
+    the image is the sample's file or, for "report", its source image. Otherwise the release's layout:
+    `image_<i>.png` with `text_<i>.txt`, by i; images without a text are skipped (logged)."""
+    from medim.data.datasets import iter_jsonl
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--dir: {folder} is not a folder")
+    images, texts, names = [], [], []
+    manifest = folder / "manifest.jsonl"
+    if manifest.is_file():
+        rows = sorted(((row.get("index", n), n, row) for n, row in iter_jsonl(manifest) if isinstance(row, dict)),
+                      key=lambda r: r[:2])
+        for _, n, row in rows:
+            image = folder / row["image"] if row.get("image") else row.get("source_image")
+            if not image or not Path(image).is_file():
+                raise FileNotFoundError(f"{manifest}:{n}: image {image!r} not found")
+            if row.get("report"):
+                text = (folder / row["report"]).read_text(encoding="utf-8")
+            elif isinstance(row.get("prompt"), str):
+                text = row["prompt"]
+            else:
+                raise ValueError(f"{manifest}:{n} has neither a 'report' file nor a 'prompt'")
+            images.append(Path(image))
+            texts.append(text.strip())
+            names.append(Path(image).name)
+    else:
+        found = {}
+        for p in folder.glob("image_*.png"):
+            match = re.fullmatch(r"image_(\d+)\.png", p.name)
+            if match:
+                found[int(match.group(1))] = (p, folder / f"text_{match.group(1)}.txt")
+        missing = [i for i, (_, t) in found.items() if not t.is_file()]
+        if missing:
+            logger.warning("%d images have no text_<i>.txt and are skipped (e.g. image_%d.png)", len(missing), missing[0])
+        for i in sorted(set(found) - set(missing)):
+            image, text = found[i]
+            images.append(image)
+            texts.append(text.read_text(encoding="utf-8").strip())
+            names.append(image.name)
+    if not images:
+        raise ValueError(f"--dir: {folder} holds no pairs (neither manifest.jsonl nor image_<i>.png + text_<i>.txt)")
+    return images, texts, names
+
+
 def _write(result: dict, output: str | None) -> None:
     if output:
+        from medim.hub import atomic_file
+
         with atomic_file(output) as f:
             json.dump(result, f, indent=2)
         print(f"wrote {output}")
@@ -113,5 +214,47 @@ def _run_fid(args) -> int:
     return 0
 
 
+def _run_is(args) -> int:
+    from medim.evaluation import inception_score
+
+    out = inception_score(
+        args.images, weights=args.weights, splits=args.splits, batch_size=args.batch_size, device=args.device
+    )
+    print(f"IS {out.mean:.4f} +- {out.std:.4f}  ({out.num_scored} of {out.num_images} images, "
+          f"{out.splits} splits, {out.classifier})")
+    _write(out.to_dict(), args.output)
+    return 0
+
+
+def _run_pairs(args) -> int:
+    import csv
+
+    import torch
+
+    from medim.evaluation.pair_match import PROMPT, SCORE_PATTERN, pair_match
+    from medim.hub import atomic_file
+
+    csv_path = args.csv or (str(Path(args.output).with_suffix(".csv")) if args.output else None)
+    images, reports, names = read_pairs(args.dir)
+    # pair_match checks every input before it loads the judge.
+    out = pair_match(
+        images, reports, args.judge, prompt=args.prompt or PROMPT, pattern=args.pattern or SCORE_PATTERN,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=args.device,
+        dtype=getattr(torch, args.dtype) if args.dtype else None, hub=hub_options(args),
+    )
+    mean = "n/a" if out.mean is None else f"{out.mean:.4f}"
+    print(f"pair match {mean}  ({out.num_scored} of {out.num_pairs} pairs scored, judge {out.judge})")
+    result = out.to_dict(per_pair=False)
+    result["dir"] = str(args.dir)
+    _write(result, args.output)
+    if csv_path:
+        with atomic_file(csv_path, "w") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image", "score", "answer"])
+            writer.writerows([n, "" if s is None else s, a] for n, s, a in zip(names, out.scores, out.answers))
+        print(f"wrote {csv_path}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    return _run_reports(args) if args.what == "reports" else _run_fid(args)
+    return {"reports": _run_reports, "fid": _run_fid, "is": _run_is, "pairs": _run_pairs}[args.what](args)

@@ -2,7 +2,7 @@
 
 The feature extractor is the FID Inception-v3 (TensorFlow's 2015-12-05 graph as ported by
 pytorch-fid): input resized to 299x299 bilinearly, scaled from [0, 1] to [-1, 1], 2048-d pool3
-features. Module names follow torchvision's Inception3, so pytorch-fid's weights file
+features (the network is in `inception.py`). pytorch-fid's weights file
 (`pt_inception-2015-12-05-6726825d.pth`, from its GitHub releases) loads as is; medim never
 downloads it. Any callable `images [B, 3, 299, 299] in [0, 1] -> features [B, D]` can replace it.
 """
@@ -21,205 +21,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 from tqdm.auto import tqdm
 
 from medim.data.images import load_image
-from medim.hub import resolve_file
+from medim.evaluation.inception import INCEPTION_SIZE, FIDInceptionV3
 
 __all__ = ["FIDInceptionV3", "FIDResult", "fid", "frechet_distance", "feature_statistics", "load_images"]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
-INCEPTION_SIZE = 299
 MIN_RECOMMENDED_IMAGES = 2000
-
-
-# ---------------------------------------------------------------- the FID Inception-v3
-class BasicConv2d(nn.Module):
-    def __init__(self, cin: int, cout: int, **kwargs):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, bias=False, **kwargs)
-        self.bn = nn.BatchNorm2d(cout, eps=0.001)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
-
-def _avg_pool(x):
-    # TensorFlow's average pooling ignores the zero padding.
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-
-
-class InceptionA(nn.Module):
-    def __init__(self, cin: int, pool_features: int):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch5x5_1 = BasicConv2d(cin, 48, kernel_size=1)
-        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
-        self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
-
-    def forward(self, x):
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(_avg_pool(x))], 1)
-
-
-class InceptionB(nn.Module):
-    def __init__(self, cin: int):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
-
-    def forward(self, x):
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch3x3(x), b3, F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class InceptionC(nn.Module):
-    def __init__(self, cin: int, c7: int):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(cin, c7, kernel_size=1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
-
-    def forward(self, x):
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        d = x
-        for i in range(1, 6):
-            d = getattr(self, f"branch7x7dbl_{i}")(d)
-        return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(_avg_pool(x))], 1)
-
-
-class InceptionD(nn.Module):
-    def __init__(self, cin: int):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
-
-    def forward(self, x):
-        b3 = self.branch3x3_2(self.branch3x3_1(x))
-        b7 = x
-        for i in range(1, 5):
-            b7 = getattr(self, f"branch7x7x3_{i}")(b7)
-        return torch.cat([b3, b7, F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class InceptionE(nn.Module):
-    """`max_pool=True` is the FID graph's last block, which pools with max instead of average."""
-
-    def __init__(self, cin: int, max_pool: bool):
-        super().__init__()
-        self.max_pool = max_pool
-        self.branch1x1 = BasicConv2d(cin, 320, kernel_size=1)
-        self.branch3x3_1 = BasicConv2d(cin, 384, kernel_size=1)
-        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(cin, 448, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
-
-    def forward(self, x):
-        b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        d = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
-        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg_pool(x)
-        return torch.cat([self.branch1x1(x), b3, d, self.branch_pool(pooled)], 1)
-
-
-class FIDInceptionV3(nn.Module):
-    """pytorch-fid's FID Inception-v3 up to the final average pool: `[B, 3, H, W]` in [0, 1] ->
-    `[B, 2048]`. Build with random weights, then `load_weights(path)`; or `from_weights(path)`.
-
-    Example:
-        >>> net = FIDInceptionV3.from_weights("pt_inception-2015-12-05-6726825d.pth")  # doctest: +SKIP
-        >>> net(torch.rand(2, 3, 512, 512)).shape  # doctest: +SKIP
-        torch.Size([2, 2048])
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
-        self.Mixed_5b = InceptionA(192, pool_features=32)
-        self.Mixed_5c = InceptionA(256, pool_features=64)
-        self.Mixed_5d = InceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, c7=128)
-        self.Mixed_6c = InceptionC(768, c7=160)
-        self.Mixed_6d = InceptionC(768, c7=160)
-        self.Mixed_6e = InceptionC(768, c7=192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280, max_pool=False)
-        self.Mixed_7c = InceptionE(2048, max_pool=True)
-        self.eval()
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(images, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
-        x = 2 * x - 1
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = F.max_pool2d(x, 3, stride=2)
-        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)
-        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
-            x = getattr(self, f"Mixed_{name}")(x)
-        return x.mean(dim=(2, 3))
-
-    def load_weights(self, path: str | os.PathLike) -> FIDInceptionV3:
-        """Load pytorch-fid's `.pth` (read with `weights_only=True`) or a `.safetensors` copy.
-        The classifier (`fc.*`) is not used and is ignored; any other missing or unexpected key
-        raises, listing them."""
-        path = resolve_file(path)
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise ValueError(f"weights={str(path)!r} is not a readable PyTorch state dict: {e}") from e
-        if not isinstance(state, dict):
-            raise ValueError(f"weights={str(path)!r} does not hold a state dict")
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        own = self.state_dict()
-        missing = sorted(k for k in own if k not in state and not k.endswith("num_batches_tracked"))
-        unexpected = sorted(k for k in state if k not in own)
-        wrong = sorted(k for k in own if k in state and state[k].shape != own[k].shape)
-        if missing or unexpected or wrong:
-            raise ValueError(
-                f"weights={str(path)!r} is not an FID Inception-v3 state dict: missing {missing[:5]} "
-                f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)}), wrong shape "
-                f"{wrong[:5]} ({len(wrong)})"
-            )
-        self.load_state_dict(state, strict=False)
-        return self
-
-    @classmethod
-    def from_weights(cls, path: str | os.PathLike) -> FIDInceptionV3:
-        return cls().load_weights(path)
 
 
 # ---------------------------------------------------------------- the distance
@@ -265,16 +77,16 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 ImageSource = str | os.PathLike | Sequence[Any]
 
 
-def load_images(source: ImageSource) -> list[Any]:
-    """A folder (its image files, sorted by name, not recursive) or a list of paths / PIL images
-    -> list of paths and PIL images (files are opened lazily, batch by batch)."""
+def load_images(source: ImageSource, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Any]:
+    """A folder (its files with one of `extensions`, sorted by name, not recursive) or a list of
+    paths / PIL images -> list of paths and PIL images (files are opened lazily, batch by batch)."""
     if isinstance(source, (str, os.PathLike)):
         folder = Path(source).expanduser()
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder} is not a folder of images")
-        items = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        items = sorted(p for p in folder.iterdir() if p.suffix.lower() in extensions and p.is_file())
         if not items:
-            raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise ValueError(f"{folder} holds no images ({', '.join(extensions)})")
         return items
     if not isinstance(source, Sequence):
         raise TypeError(f"images must be a folder or a list of paths/PIL images, got {type(source).__name__}")

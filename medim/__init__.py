@@ -19,6 +19,8 @@ _EXPORTS: dict[str, str] = {
     "ReportMetrics": "medim.evaluation",
     "fid": "medim.evaluation",
     "FIDResult": "medim.evaluation",
+    "inception_score": "medim.evaluation",
+    "pair_match": "medim.evaluation",
     "VQGAN": "medim.models.vqgan",
     "VQGANConfig": "medim.models.vqgan",
     "MeDiMPipeline": "medim.pipeline",

@@ -320,3 +320,14 @@ def test_cli_rejects_bad_manifest(tmp_path):
     bad.write_text('{"text": "no report key"}\n')
     with pytest.raises(ValueError, match="'report'"):
         main(["evaluate", "reports", "--pred", str(bad), "--ref", str(bad), "--wordnet", "none"])
+
+
+def test_reads_a_medim_generate_folder(tmp_path):
+    # `medim generate` writes NNNNNN.txt and a manifest whose "report" names that file.
+    from medim.commands.evaluate import read_reports
+
+    for i, text in enumerate(["the heart is normal.", "no effusion."]):
+        (tmp_path / f"{i:06d}.txt").write_text(text + "\n")
+    rows = [{"index": i, "seed": i, "source_image": f"in/{i}.png", "report": f"{i:06d}.txt"} for i in range(2)]
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_reports(tmp_path) == {"000000": "the heart is normal.", "000001": "no effusion."}

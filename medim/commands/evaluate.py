@@ -92,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_reports(source: str | Path) -> dict[str, str]:
-    """id -> report text from a folder of .txt files, a manifest.jsonl, or a folder holding one."""
+    """id -> report text from a folder of .txt files, a manifest.jsonl, or a folder holding one
+    (including `medim generate`'s, whose "report" field names each sample's .txt file)."""
     from medim.data.datasets import iter_jsonl
 
     path = Path(source).expanduser()
@@ -107,14 +108,20 @@ def read_reports(source: str | Path) -> dict[str, str]:
         raise FileNotFoundError(f"{path} is not a folder or a manifest.jsonl")
     reports = {}
     for n, row in iter_jsonl(path):
-        name = next((k for k in _NAME_KEYS if isinstance(row, dict) and row.get(k) is not None), None)
-        if name is None or not isinstance(row.get("report"), str):
-            raise ValueError(f"{path}:{n} needs a 'report' string and one of {_NAME_KEYS}")
-        # An "id" is used as is; a file name matches the stem of a .txt report.
-        key = str(row[name]) if name == "id" else Path(str(row[name])).stem
+        report = row.get("report") if isinstance(row, dict) else None
+        sample_file = path.parent / report if isinstance(report, str) and report.endswith(".txt") else None
+        if sample_file is not None and sample_file.is_file():
+            # A `medim generate` manifest: "report" names the sample's file; its stem is the id.
+            key, text = str(row.get("id", sample_file.stem)), sample_file.read_text(encoding="utf-8")
+        else:
+            name = next((k for k in _NAME_KEYS if isinstance(row, dict) and row.get(k) is not None), None)
+            if name is None or not isinstance(report, str):
+                raise ValueError(f"{path}:{n} needs a 'report' string and one of {_NAME_KEYS}")
+            # An "id" is used as is; a file name matches the stem of a .txt report.
+            key, text = (str(row[name]) if name == "id" else Path(str(row[name])).stem), report
         if key in reports:
             raise ValueError(f"{path}:{n} repeats id {key!r}")
-        reports[key] = row["report"].strip()
+        reports[key] = text.strip()
     return reports
 
 

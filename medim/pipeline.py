@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -33,8 +35,9 @@ from medim import loaders
 from medim.checks import check_dtype_device
 from medim.diffusion.config import RELEASE_SAMPLER, SamplerConfig
 from medim.generation import GenerationMixin, MeDiMOutput
-from medim.hub import HubOptions
+from medim.hub import HubOptions, atomic_directory
 from medim.layout import SequenceLayout
+from medim.model_card import CARD_NAME, CardInfo, card_info, hub_repo_id, write_card
 from medim.models.medim import MeDiMModel
 from medim.models.vqgan import VQGAN
 from medim.task_names import TASKS
@@ -88,6 +91,9 @@ class MeDiMPipeline(GenerationMixin):
         else:  # a dict, e.g. model_index.json's "sampler": the release's settings under it
             self.sampler_config = RELEASE_SAMPLER.replace(**sampler_config)
         self._progress_bar_config: dict[str, Any] = {}
+        # The Hub repo the weights come from, for the model card's base_model (set by from_original
+        # and from_base_models when they read one).
+        self.base_model: str | None = None
 
     @property
     def sampler_defaults(self) -> Mapping[str, Any]:
@@ -189,8 +195,10 @@ class MeDiMPipeline(GenerationMixin):
         """
         dtype, device = check_dtype_device(dtype, device)
         hub = HubOptions(revision, cache_dir, local_files_only, token)
-        return cls(*loaders.original_parts(checkpoint, backbone, tokenizer, vqgan, vqgan_subfolder, vqgan_repo_type,
+        pipe = cls(*loaders.original_parts(checkpoint, backbone, tokenizer, vqgan, vqgan_subfolder, vqgan_repo_type,
                                            num_layers, layout, hub, dtype, device))
+        pipe.base_model = hub_repo_id(checkpoint)
+        return pipe
 
     @classmethod
     def from_base_models(
@@ -222,17 +230,31 @@ class MeDiMPipeline(GenerationMixin):
         """
         dtype, device = check_dtype_device(dtype, device)
         hub = HubOptions(revision, cache_dir, local_files_only, token)
-        return cls(*loaders.base_model_parts(backbone, vqgan, tokenizer, num_layers, layout, vqgan_subfolder,
+        pipe = cls(*loaders.base_model_parts(backbone, vqgan, tokenizer, num_layers, layout, vqgan_subfolder,
                                              vqgan_repo_type, text_len, image_len, image_offset, hub, dtype, device))
+        pipe.base_model = hub_repo_id(backbone)
+        return pipe
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB", overwrite: bool = False
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        max_shard_size: int | str = "5GB",
+        overwrite: bool = False,
+        model_card: bool | Mapping[str, Any] | CardInfo = True,
+        overwrite_card: bool = False,
     ) -> Path:
-        """Write model_index.json + model/ + vqgan/ + tokenizer/ (safetensors and JSON only)
-        atomically: an existing non-empty folder is replaced only with `overwrite=True`.
+        """Write model_index.json + model/ + vqgan/ + tokenizer/ (safetensors and JSON only) and a
+        model card (README.md) atomically: an existing non-empty folder is replaced only with
+        `overwrite=True`, and a README.md already in it is kept unless `overwrite_card=True`.
+
+        Args:
+            model_card: True (a card from what the pipeline knows), False (none), or what to add to
+                it: a dict of `medim.model_card.CardInfo` fields (repo_id, base_model, license,
+                datasets, training), e.g. `{"license": "mit", "training": {"steps": 2000}}`.
 
         Example:
-            >>> pipe.save_pretrained("medim-cxr", max_shard_size="2GB")
+            >>> pipe.save_pretrained("medim-cxr", max_shard_size="2GB", model_card={"license": "mit"})
         """
         import transformers
 
@@ -249,8 +271,20 @@ class MeDiMPipeline(GenerationMixin):
             "vqgan": ["medim", type(self.vqgan).__name__],
             "tokenizer": ["transformers", type(self.tokenizer).__name__],
         }
-        return loaders.save_parts(save_directory, (self.model, self.vqgan, self.tokenizer), index,
-                                  max_shard_size=max_shard_size, overwrite=overwrite)
+        info = card_info(model_card)
+        old_card = Path(save_directory).expanduser() / CARD_NAME
+        keep = old_card if old_card.is_file() and not overwrite_card else None
+        # One atomic write holds the parts and the card: save_parts fills this temporary folder (its
+        # own atomic write renames into it), so a crash leaves the old folder, its README included.
+        with atomic_directory(save_directory, overwrite=overwrite) as tmp:
+            loaders.save_parts(tmp, (self.model, self.vqgan, self.tokenizer), index,
+                               max_shard_size=max_shard_size, overwrite=True)
+            if keep is not None:
+                shutil.copy2(keep, tmp / CARD_NAME)
+                logger.info("kept the existing %s (overwrite_card=True replaces it)", old_card)
+            elif info is not None:
+                write_card(self, tmp, info, repo_id=str(save_directory))
+        return Path(save_directory).expanduser().resolve()
 
     def push_to_hub(
         self,
@@ -261,19 +295,26 @@ class MeDiMPipeline(GenerationMixin):
         commit_message: str = "Upload MeDiMPipeline",
         max_shard_size: int | str = "5GB",
         revision: str | None = None,
+        model_card: bool | Mapping[str, Any] | CardInfo = True,
+        overwrite_card: bool = False,
     ) -> str:
-        """Save into a temporary folder and upload it to `repo_id` (created if needed). Returns the
-        commit URL.
+        """Save into a temporary folder and upload it to `repo_id` (created if needed), with a model
+        card whose usage snippet loads `repo_id` (`model_card` as for `save_pretrained`); a
+        README.md already in the repo is kept unless `overwrite_card=True`. Returns the commit URL.
 
         Example:
-            >>> pipe.push_to_hub("my-org/medim-cxr", private=True)
+            >>> pipe.push_to_hub("my-org/medim-cxr", private=True, model_card={"license": "mit"})
         """
         from huggingface_hub import HfApi
 
+        info = card_info(model_card)
         api = HfApi(token=token)
         with tempfile.TemporaryDirectory(prefix="medim-push-") as tmp:
-            folder = self.save_pretrained(Path(tmp) / "pipeline", max_shard_size=max_shard_size)
+            folder = self.save_pretrained(Path(tmp) / "pipeline", max_shard_size=max_shard_size,
+                                          model_card=False if info is None else replace(info, repo_id=info.repo_id or repo_id))
             api.create_repo(repo_id, private=private, exist_ok=True)
+            if not overwrite_card and api.file_exists(repo_id, CARD_NAME, revision=revision):
+                (folder / CARD_NAME).unlink(missing_ok=True)  # upload_folder leaves the remote one as it is
             commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
                                        revision=revision)
         return str(getattr(commit, "commit_url", commit))

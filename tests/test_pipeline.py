@@ -98,7 +98,7 @@ def test_output_types_and_dispatch(v1):
 def test_save_load_identical_and_atomic(v1, tmp_path):
     target = v1.save_pretrained(tmp_path / "saved", max_shard_size="20KB")
     files = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
-    assert all(f.endswith((".json", ".safetensors")) for f in files), files  # no pickle anywhere
+    assert all(f.endswith((".json", ".safetensors")) for f in files if f != "README.md"), files  # no pickle anywhere
     assert sum(f.startswith("model/model-") for f in files) > 1  # sharded
     index = json.loads((target / "model_index.json").read_text())
     assert index["_class_name"] == "MeDiMPipeline" and index["layout"] == V1_LAYOUT
@@ -213,6 +213,9 @@ def test_push_to_hub_uploads_a_saved_folder(v1, monkeypatch):
 
         def create_repo(self, repo_id, private=None, exist_ok=False):
             seen["create"] = (repo_id, private, exist_ok)
+
+        def file_exists(self, repo_id, filename, revision=None):  # the model card check
+            return False
 
         def upload_folder(self, repo_id, folder_path, commit_message, revision=None):
             folder = Path(folder_path)

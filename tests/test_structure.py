@@ -20,7 +20,7 @@ LAYERS = [
     ["medim.layout"],
     ["medim.models", "medim.data"],
     ["medim.data.cache"],
-    ["medim.loaders", "medim.generation", "medim.pipeline"],
+    ["medim.loaders", "medim.generation", "medim.model_card", "medim.pipeline"],
     ["medim.training", "medim.evaluation"],
     ["medim.demo", "medim.app"],
     ["medim.commands", "medim.cli", "medim.__main__", "medim.training.__main__"],

@@ -3,7 +3,8 @@
 Three sources: a folder written by `MeDiMPipeline.save_pretrained` (or a bundled model by name),
 the released MeDiM with its upstream pieces (Liquid's config, the Llama-2 tokenizer, the Chameleon
 VQGAN), and a fresh model cut from Liquid for training. `MeDiMPipeline.from_*` call these and wrap
-the parts; nothing here generates.
+the parts; nothing here generates. Loading is strict: weights must match their config tensor for
+tensor, and no file can make medim run code (`trust_remote_code=False`, `auto_map` refused).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from medim.checks import check_state_shapes
 from medim.hub import HubOptions, atomic_directory, bundled_model_path, resolve_file, resolve_snapshot
 from medim.layout import MeDiMV1Layout, SequenceLayout
 from medim.models.backbone import backbone_config_from_dict, fix_liquid_activation
-from medim.models.medim import MeDiMModel
+from medim.models.medim import MeDiMConfig, MeDiMModel
 from medim.models.vqgan import VQGAN
 
 __all__ = [
@@ -28,6 +31,8 @@ __all__ = [
     "MEDIM_V1_SPECIALS",
     "load_tokenizer",
     "load_vqgan",
+    "json_object",
+    "saved_pipeline_index",
     "load_saved",
     "original_parts",
     "base_model_parts",
@@ -49,13 +54,57 @@ MEDIM_V1_SPECIALS = ("<boi>", "<eoi>", "<eos>")
 Parts = tuple[MeDiMModel, VQGAN, PreTrainedTokenizerBase]
 
 
+def json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; errors name the file."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(value).__name__}")
+    return value
+
+
+def _auto_map(value: Any) -> Any:
+    """The first `auto_map` entry anywhere in a config (sub-configs included), or None."""
+    if isinstance(value, dict):
+        if "auto_map" in value:
+            return value["auto_map"]
+        return next((found for v in value.values() if (found := _auto_map(v)) is not None), None)
+    return None
+
+
+def _refuse_remote_code(folder: Path) -> None:
+    """Raise if the config.json or tokenizer_config.json of `folder` asks for code of its own
+    (`auto_map`): medim loads only classes that ship with transformers and never runs code from a
+    model folder or repo, so such a folder is refused rather than loaded with other classes than
+    its author meant."""
+    for name in ("config.json", "tokenizer_config.json"):
+        path = folder / name
+        if path.is_file() and (entry := _auto_map(json_object(path))) is not None:
+            raise ValueError(
+                f"{path} asks for custom code (auto_map: {json.dumps(entry)[:200]}); medim never runs code from a "
+                "model folder (trust_remote_code=False). Remove the auto_map entry to load it with the classes "
+                "that ship with transformers."
+            )
+
+
 def load_tokenizer(source: Any, hub: HubOptions) -> PreTrainedTokenizerBase:
-    """A tokenizer object as is, or the fast tokenizer files of a folder or Hub repo (no weights)."""
+    """A tokenizer object as is, or the fast tokenizer files of a folder or Hub repo (no weights),
+    with `trust_remote_code=False` (a folder asking for custom code is refused)."""
     if isinstance(source, PreTrainedTokenizerBase):
         return source
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"tokenizer must be a transformers tokenizer, a folder or a Hub repo id, got {type(source).__name__}")
-    return AutoTokenizer.from_pretrained(str(resolve_snapshot(source, TOKENIZER_PATTERNS, hub=hub)))
+    folder = resolve_snapshot(source, TOKENIZER_PATTERNS, hub=hub)
+    _refuse_remote_code(folder)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception as e:  # the tokenizers library raises a bare Exception for a corrupt file
+        if (folder / "tokenizer.json").is_file():
+            json_object(folder / "tokenizer.json")  # names the file when it is not JSON at all
+        files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        raise ValueError(f"could not load a tokenizer from {folder} (files: {files}): {type(e).__name__}: {e}") from e
 
 
 def load_vqgan(source: Any, hub: HubOptions, dtype: torch.dtype | None, device: str | torch.device | None,
@@ -75,31 +124,103 @@ def load_vqgan(source: Any, hub: HubOptions, dtype: torch.dtype | None, device: 
                              dtype=dtype, device=device, **hub.kwargs())
 
 
-def load_saved(repo_or_dir: str | os.PathLike, hub: HubOptions, dtype: torch.dtype | None,
-               device: torch.device | None) -> tuple[Parts, dict[str, Any]]:
-    """The parts of a saved pipeline (a folder, a Hub repo, or a bundled model's name) and its
-    model_index.json."""
-    root = bundled_model_path(repo_or_dir) or resolve_snapshot(repo_or_dir, PIPELINE_PATTERNS, hub=hub)
+def _looks_like_a_path(name: str) -> bool:
+    # A Hub repo id is "name" or "owner/name"; anything else can only be meant as a local path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def saved_pipeline_index(repo_or_dir: str | os.PathLike, hub: HubOptions,
+                         patterns: tuple[str, ...] = PIPELINE_PATTERNS) -> tuple[Path, dict[str, Any]]:
+    """The local folder of a saved pipeline (a folder, a Hub repo fetched with `patterns`, or a
+    bundled model's name) and its model_index.json, checked to be a JSON object. Errors say which:
+    no such folder, a folder that is not a saved pipeline, or a name the Hub does not have."""
+    bundled = bundled_model_path(repo_or_dir)
+    name = str(repo_or_dir)
+    path = Path(name).expanduser()
+    if bundled is not None:
+        root = bundled
+    elif path.is_dir():
+        root = path
+    elif path.exists():
+        raise NotADirectoryError(f"{name} is a file, not a folder holding a saved MeDiMPipeline")
+    elif _looks_like_a_path(name):
+        raise FileNotFoundError(f"{name}: no such folder")
+    else:
+        try:
+            root = resolve_snapshot(name, patterns, hub=hub)
+        except (OSError, ValueError) as e:  # not found, offline, or not a valid repo id
+            raise FileNotFoundError(f"{name}: no such folder, and no Hub repo of that name could be loaded "
+                                    f"({type(e).__name__}: {e})") from e
     index_path = root / MODEL_INDEX
     if not index_path.is_file():
         raise FileNotFoundError(
-            f"{repo_or_dir} holds no {MODEL_INDEX}: not a saved MeDiMPipeline (for the released "
-            "checkpoint use MeDiMPipeline.from_original)"
+            f"{name} holds no {MODEL_INDEX}: not a saved MeDiMPipeline (for the released checkpoint use "
+            "MeDiMPipeline.from_original)"
         )
-    try:
-        index = json.loads(index_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{index_path} is not valid JSON: {e}") from e
+    return root, json_object(index_path)
+
+
+def _saved_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of a transformers save (one safetensors file or an index of
+    shards), read from the file headers only. Pickled weights are never read."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no weight_map object")
+        files = sorted(set(weight_map.values()))
+        outside = [f for f in files if not isinstance(f, str) or Path(f).name != f]
+        if outside:
+            raise ValueError(f"{index} names shard files outside {folder}: {outside}")
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder} holds no model.safetensors or model.safetensors.index.json "
+                                "(medim reads weights only from safetensors)")
+    shapes = {}
+    for file in files:
+        try:
+            with safe_open(str(folder / file), framework="pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"could not read {folder / file} as safetensors: {e}") from e
+    return shapes
+
+
+def _load_model(folder: Path, dtype: torch.dtype) -> MeDiMModel:
+    """The saved model, after checking that its weights are exactly those its config.json builds:
+    transformers would load a mismatch (a changed layer count or weight tying) with a printed
+    report, fresh random tensors where weights are missing, and different samples."""
+    _refuse_remote_code(folder)
+    config = MeDiMConfig.from_dict(json_object(folder / "config.json"))
+    with torch.device("meta"):  # only names and shapes: nothing allocated
+        skeleton = MeDiMModel(config)
+    expected, seen = {}, set()
+    for name, tensor in skeleton.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:  # a tied weight is saved once, under its first name
+            expected[name] = tuple(tensor.shape)
+            seen.add(id(tensor))
+    check_state_shapes(expected, _saved_shapes(folder), f"the weights in {folder} (config: {folder / 'config.json'})")
+    return MeDiMModel.from_pretrained(folder, config=config, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+
+
+def load_saved(repo_or_dir: str | os.PathLike, hub: HubOptions, dtype: torch.dtype | None,
+               device: torch.device | None) -> tuple[Parts, dict[str, Any]]:
+    """The parts of a saved pipeline (a folder, a Hub repo, or a bundled model's name) and its
+    model_index.json. The parts are read from the fixed subfolders model/, vqgan/ and tokenizer/,
+    never from paths in model_index.json, so nothing outside the folder is read."""
+    root, index = saved_pipeline_index(repo_or_dir, hub)
     for part in PARTS:
         if not (root / part).is_dir():
             raise FileNotFoundError(f"{root} has no {part}/ folder (a saved pipeline holds model/, vqgan/, tokenizer/)")
-    model = MeDiMModel.from_pretrained(root / "model", dtype=dtype or torch.float32)
+    model = _load_model(root / "model", dtype or torch.float32)
     if device is not None:
         model.to(device)
     if model.layout.to_dict() != index.get("layout"):
-        raise ValueError(f"{index_path} layout {index.get('layout')} differs from model/config.json's {model.layout.to_dict()}")
+        raise ValueError(f"{root / MODEL_INDEX} layout {index.get('layout')} differs from model/config.json's "
+                         f"{model.layout.to_dict()}")
     vqgan = VQGAN.from_pretrained(root / "vqgan", dtype=dtype, device=device)
-    tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+    tokenizer = load_tokenizer(root / "tokenizer", hub)
     return (model, vqgan, tokenizer), index
 
 

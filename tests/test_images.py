@@ -128,3 +128,36 @@ def test_bad_inputs_fail_clearly(tmp_path: Path):
         postprocess(torch.zeros(1, 1, 2, 2))
     with pytest.raises(TypeError, match="float tensor"):
         postprocess(torch.zeros(1, 3, 2, 2, dtype=torch.uint8))
+
+
+def test_non_finite_float_images_are_refused_by_name(tmp_path: Path):
+    # Before: a PIL "F" image with NaN was stretched by a NaN range into a black image and got a report.
+    nan = np.full((8, 8), 0.5, dtype=np.float32)
+    nan[2, 3] = np.nan
+    inf = np.full((8, 8), 0.5, dtype=np.float32)
+    inf[0, :2] = [np.inf, -np.inf]
+    with pytest.raises(ValueError, match=r"^image \(PIL mode 'F'\) holds 1 NaN or infinite value\(s\) out of 64"):
+        load_image(Image.fromarray(nan * 1000))
+    with pytest.raises(ValueError, match=r"^image \(PIL mode 'F'\) holds 2 NaN"):
+        load_image(Image.fromarray(inf))
+    with pytest.raises(ValueError, match=r"^image array holds 1 NaN"):
+        load_image(nan)
+    with pytest.raises(ValueError, match=r"^image tensor holds 2 NaN"):
+        load_image(torch.from_numpy(inf)[None].to(torch.bfloat16))
+    Image.fromarray(nan).save(tmp_path / "nan.tif")
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'nan.tif'} \\(PIL mode 'F'\\) holds 1 NaN"):
+        load_image(tmp_path / "nan.tif")
+    good = Image.fromarray(gradient(8, 8)).convert("F")
+    with pytest.raises(ValueError, match=r"^images\[2\] \(.*nan.tif\) \(PIL mode 'F'\) holds 1 NaN"):
+        preprocess([good, good, tmp_path / "nan.tif"], size=8)
+    with pytest.raises(ValueError, match=r"^images\[1\] holds 2 NaN"):
+        preprocess(np.stack([np.full((8, 8), 0.5, dtype=np.float32), inf])[..., None], size=8)
+    assert np.asarray(load_image(good)).max() == 255  # finite "F" images still load
+
+
+def test_truncated_file_is_named(tmp_path: Path):
+    Image.fromarray(gradient(64, 64)).save(tmp_path / "cut.png")
+    data = (tmp_path / "cut.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'cut.png'} could not be decoded: .*truncated"):
+        load_image(tmp_path / "cut.png")

@@ -2,7 +2,9 @@
 
 Images go through the VQGAN once (batched, on the GPU when there is one) and reports through the
 tokenizer for the layout; the result is safetensors shards + index.json, resumable after an
-interruption (finished shards are kept).
+interruption (finished shards are kept) by the same command: index.json records the dataset
+(--dataset, --dataset-args, --data-root), the VQGAN and tokenizer hashes and the settings, and a
+re-run with other inputs is refused.
 """
 
 from __future__ import annotations
@@ -57,14 +59,8 @@ _ROOT_ARG = {"folder": "root", "jsonl": "manifest", "pathgen": "records", "mimic
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoTokenizer
-
     from medim.data.cache import build_token_cache
     from medim.data.datasets import build_dataset
-    from medim.hub import bundled_model_path, resolve_snapshot
-    from medim.layout import SequenceLayout
-    from medim.models.vqgan import VQGAN
 
     parts = [p is not None for p in (args.vqgan, args.tokenizer, args.layout)]
     if (args.model is None and not all(parts)) or (args.model is not None and any(parts)):
@@ -73,29 +69,52 @@ def run(args: argparse.Namespace) -> int:
         dataset_kwargs = json.loads(args.dataset_args)
     except json.JSONDecodeError as e:
         raise SystemExit(f"medim cache: --dataset-args is not valid JSON: {e}") from e
+    if not isinstance(dataset_kwargs, dict):
+        raise SystemExit(f"medim cache: --dataset-args must be a JSON object, got {args.dataset_args!r}")
     if args.data_root is not None:
         if args.dataset not in _ROOT_ARG:
             raise SystemExit(f"medim cache: --data-root does not apply to --dataset {args.dataset}")
-        dataset_kwargs[_ROOT_ARG[args.dataset]] = args.data_root
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-    if args.model is not None:
-        root = bundled_model_path(args.model) or resolve_snapshot(
-            args.model, ["model_index.json", "vqgan/*", "tokenizer/*"], hub=hub_options(args))
-        layout = SequenceLayout.from_dict(json.loads((root / "model_index.json").read_text())["layout"])
-        vqgan = VQGAN.from_pretrained(root / "vqgan", device=device)
-        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-        tokenizer_name = str(args.model)
-    else:
-        layout = SequenceLayout.from_dict(json.loads(Path(args.layout).read_text()))
-        vqgan = VQGAN.from_pretrained(args.vqgan, device=device)
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        tokenizer_name = str(args.tokenizer)
-    summary = build_token_cache(
-        build_dataset(args.dataset, **dataset_kwargs), args.out, vqgan=vqgan, tokenizer=tokenizer,
-        layout=layout, tokenizer_name=tokenizer_name, shard_size=args.shard_size,
-        batch_size=args.batch_size, resize=args.resize, overwrite=args.overwrite,
-    )
+        # Absolute, so that the cache records which data it holds whatever the working directory.
+        dataset_kwargs[_ROOT_ARG[args.dataset]] = str(Path(args.data_root).expanduser().resolve())
+    try:
+        dataset = build_dataset(args.dataset, **dataset_kwargs)
+        vqgan, tokenizer, layout, tokenizer_name = _parts(args)
+        summary = build_token_cache(
+            dataset, args.out, vqgan=vqgan, tokenizer=tokenizer, layout=layout,
+            source={"kind": args.dataset, "args": dataset_kwargs}, tokenizer_name=tokenizer_name,
+            shard_size=args.shard_size, batch_size=args.batch_size, resize=args.resize, overwrite=args.overwrite,
+        )
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, TypeError) as e:
+        raise SystemExit(f"medim cache: {e}") from e
     print(f"{summary.path}: {summary.num_items} items cached, skipped {summary.skipped or 'none'} "
           f"({summary.shards_written} shards written, {summary.shards_reused} reused)")
     return 0
+
+
+def _parts(args: argparse.Namespace):
+    """The VQGAN, tokenizer, layout and a name for the tokenizer, from --model or the three options."""
+    import torch
+
+    from medim import loaders
+    from medim.layout import SequenceLayout
+    from medim.models.vqgan import VQGAN
+
+    hub = hub_options(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.model is not None:
+        try:
+            root, index = loaders.saved_pipeline_index(args.model, hub, (loaders.MODEL_INDEX, "vqgan/*", "tokenizer/*"))
+        except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+            raise SystemExit(f"medim cache: --model {e}") from e
+        if not isinstance(index.get("layout"), dict):
+            raise SystemExit(f"medim cache: --model {root / loaders.MODEL_INDEX} holds no layout object")
+        layout = SequenceLayout.from_dict(index["layout"])
+        return (VQGAN.from_pretrained(root / "vqgan", device=device), loaders.load_tokenizer(root / "tokenizer", hub),
+                layout, str(args.model))
+    layout_path = Path(args.layout)
+    if not layout_path.is_file():
+        raise SystemExit(f"medim cache: --layout {layout_path}: no such file")
+    layout = SequenceLayout.from_dict(loaders.json_object(layout_path))
+    others = hub.without_revision()  # --revision names a commit of --model only
+    vqgan = VQGAN.from_pretrained(args.vqgan, device=device, **others.kwargs())
+    return vqgan, loaders.load_tokenizer(args.tokenizer, others), layout, str(args.tokenizer)

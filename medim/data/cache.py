@@ -2,24 +2,28 @@
 so training reads small integer tensors instead of decoding JPEGs and running the VQGAN each step.
 
 On disk (no pickle):
-  index.json                 format, layout, tokenizer, VQGAN config, image size, finished shards
+  index.json                 the fingerprint of every input that decides the contents (data source
+                             and item count, layout, VQGAN config + sha256 of its weights, sha256
+                             of the tokenizer, image size, resize mode, shard size), finished shards
   shard_00000.safetensors    image_codes [n, image_len] int16 (int32 if the codebook needs it),
                              text_ids [n, text_len] int32, sizes [n, 2] int32 (original width,
                              height), prefix_len [n] int32 (tokens of the report's first sentence);
                              the item ids in the metadata ("ids", JSON list)
 Shard k holds the good items among dataset items [k * shard_size, (k + 1) * shard_size). Each shard
 is written atomically and only then listed in index.json, so an interrupted run resumes after the
-last listed shard without redoing any.
+last listed shard without redoing any; a re-run whose fingerprint differs is refused (it would mix
+two datasets, or two tokenizations, in one cache).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
-import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,7 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from medim.data.datasets import PairLoadError
-from medim.data.images import preprocess
+from medim.data.images import RESIZE_MODES, preprocess
 from medim.hub import atomic_file
 from medim.layout import SequenceLayout
 
@@ -39,8 +43,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["build_token_cache", "TokenCacheDataset", "CacheSummary", "first_sentence_length"]
 
 FORMAT = "medim-token-cache"
-VERSION = 1
+VERSION = 2  # 2: the header holds the fingerprint of the inputs (version 1 caches still load)
 INDEX = "index.json"
+# Header entries that describe but do not decide the contents: not compared on resume.
+INFO_KEYS = ("tokenizer",)
 
 
 @dataclass
@@ -56,8 +62,10 @@ class CacheSummary:
 
 
 def first_sentence_length(layout: SequenceLayout, tokenizer: Any, reports: list[str]) -> torch.Tensor:
-    """Leading text tokens of each encoded report that belong to its first sentence (through the
-    first '.'), as the longest common prefix of the encodings of the report and of that sentence."""
+    """Leading text tokens of each encoded report that belong to its first sentence, the release's
+    rule: the text before the first "." anywhere in the report, without the period (a report with
+    no "." is all first sentence). Counted as the longest common prefix of the encodings of the
+    report and of that text, so a token that straddles the cut is not kept."""
     sentences = [_first_sentence(r) for r in reports]
     full = layout.encode_reports(tokenizer, reports)
     head = layout.encode_reports(tokenizer, sentences)
@@ -68,8 +76,45 @@ def first_sentence_length(layout: SequenceLayout, tokenizer: Any, reports: list[
 
 
 def _first_sentence(text: str) -> str:
-    m = re.search(r"\.(\s|$)", text)
-    return text[: m.start() + 1] if m else text
+    # The release: report[:report.find(".")].strip(). Where there is no ".", find gives -1 and the
+    # release dropped the report's last character by accident; the whole report is kept here.
+    cut = text.find(".")
+    return (text[:cut] if cut >= 0 else text).strip()
+
+
+def _state_sha256(module: torch.nn.Module) -> str:
+    """sha256 over a module's tensors (names, dtypes, shapes and bytes): the identity of its weights."""
+    digest = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _tokenizer_sha256(tokenizer: Any) -> str:
+    """sha256 of what decides a tokenizer's ids: its serialised fast tokenizer (vocabulary,
+    normaliser, pre-tokeniser, post-processor, added tokens) or else its vocabulary, and its
+    special tokens. Independent of the folder or class name it was loaded under."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    return hashlib.sha256((text + specials).encode()).hexdigest()
+
+
+def _differences(cached: Any, now: Any, key: str = "") -> list[str]:
+    """Each leaf of two JSON values that differs, as "key.path: cached value in the cache, value now"."""
+    if isinstance(cached, dict) and isinstance(now, dict):
+        return [line for k in sorted(cached.keys() | now.keys())
+                for line in _differences(cached.get(k), now.get(k), f"{key}.{k}" if key else k)]
+    if cached == now:
+        return []
+    return [f"{key}: {_shown(cached)} in the cache, {_shown(now)} now"]
+
+
+def _shown(value: Any, limit: int = 100) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_index(out: Path) -> dict | None:
@@ -80,8 +125,9 @@ def _read_index(out: Path) -> dict | None:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); pass overwrite=True to rebuild the cache") from e
-    if index.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a medim token cache index (format={index.get('format')!r})")
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        found = index.get("format") if isinstance(index, dict) else type(index).__name__
+        raise ValueError(f"{path} is not a medim token cache index (format={found!r})")
     return index
 
 
@@ -97,6 +143,7 @@ def build_token_cache(
     vqgan: torch.nn.Module,
     tokenizer: Any,
     layout: SequenceLayout,
+    source: Mapping[str, Any] | None = None,
     tokenizer_name: str = "",
     shard_size: int = 1024,
     batch_size: int = 16,
@@ -109,17 +156,31 @@ def build_token_cache(
 
     Images are preprocessed to the square size the layout needs (`sqrt(image_len) * f` pixels) and
     encoded in batches on the VQGAN's device. Items whose image cannot be read or preprocessed are
-    skipped and counted (`PairLoadError` from the dataset, or a preprocessing error). Re-running on the same `out_dir` resumes after the last finished shard.
+    skipped and counted (`PairLoadError` from the dataset, or a preprocessing error).
+
+    Re-running on the same `out_dir` resumes after the last finished shard, if the cache was built
+    from the same inputs: index.json records `source`, the dataset's length, the layout, the VQGAN
+    (config and sha256 of its weights), the tokenizer (sha256), image size, `resize` and
+    `shard_size`, and a re-run where any of them differs is refused with the differences listed
+    (`overwrite=True` rebuilds). `source` says what the dataset is, e.g. `{"kind": "jsonl",
+    "args": {"manifest": "/data/train.jsonl"}}` (`medim cache` records its --dataset,
+    --dataset-args and --data-root); without it only the dataset's length identifies the data.
+    `tokenizer_name` is recorded for people to read, not compared.
 
     Example:
         >>> vqgan = VQGAN.from_pretrained("runs/base", subfolder="vqgan", device="cuda")
         >>> build_token_cache(build_dataset("jsonl", manifest="train.jsonl"), "cache/train",
-        ...                   vqgan=vqgan, tokenizer=tok, layout=layout)
+        ...                   vqgan=vqgan, tokenizer=tok, layout=layout,
+        ...                   source={"kind": "jsonl", "args": {"manifest": "train.jsonl"}})
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be an integer >= 1, got {shard_size!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if resize not in RESIZE_MODES:  # else every item would be skipped as a bad image
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    if source is not None and not isinstance(source, Mapping):
+        raise TypeError(f"source must be a dict describing the dataset or None, got {type(source).__name__}")
     side = math.isqrt(layout.image_len)
     if side * side != layout.image_len:
         raise ValueError(f"layout.image_len={layout.image_len} is not a square number of codes")
@@ -129,19 +190,21 @@ def build_token_cache(
     header = {
         "format": FORMAT,
         "version": VERSION,
+        # As JSON stores it (tuples become lists, paths strings), so a resume compares like with like.
+        "source": None if source is None else json.loads(json.dumps(dict(source), default=str)),
+        "num_items": len(dataset),
         "layout": layout.to_dict(),
         "tokenizer": tokenizer_name,
+        "tokenizer_sha256": _tokenizer_sha256(tokenizer),
         "vqgan": vqgan.config.to_dict(),
+        "vqgan_sha256": _state_sha256(vqgan),
         "image_size": image_size,
         "resize": resize,
         "shard_size": shard_size,
     }
     index = None if overwrite else _read_index(out)
     if index is not None:
-        differs = [k for k, v in header.items() if index.get(k) != v]
-        if differs:
-            raise ValueError(f"{out} holds a cache built with other settings ({differs}); "
-                             "pass overwrite=True to rebuild it or choose another out_dir")
+        _check_same_inputs(out, index, header)
     elif out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty and holds no token cache; pass overwrite=True")
     if index is None or overwrite:
@@ -156,6 +219,9 @@ def build_token_cache(
         return _summary(out, index, written=0, reused=len(index["shards"]))
 
     reused = len(index["shards"])
+    if reused and index["source"] is None:
+        logger.warning("resuming %s: its data source was not recorded (source=None), so only the dataset's "
+                       "length (%d items) says it is the same data", out, len(dataset))
     start = sum(sh["items_read"] for sh in index["shards"])
     index["index_skipped"] = dict(getattr(dataset, "skipped", {}))  # dropped while indexing
     bar = tqdm(total=len(dataset), initial=start, desc="caching", unit="item", disable=not show_progress)
@@ -179,6 +245,19 @@ def build_token_cache(
     summary = _summary(out, index, written=written, reused=reused)
     logger.info("token cache %s: %d items, skipped %s", out, summary.num_items, summary.skipped)
     return summary
+
+
+def _check_same_inputs(out: Path, index: dict, header: dict) -> None:
+    """Refuse to continue a cache built from other inputs, listing what differs."""
+    advice = "Rebuild it with overwrite=True (`medim cache --overwrite`) or choose another output folder."
+    if index.get("version") != VERSION:
+        raise ValueError(f"{out} holds a token cache of format version {index.get('version')}, which records no "
+                         f"fingerprint of its inputs (this medim writes version {VERSION}). {advice}")
+    differs = _differences({k: index.get(k) for k in header if k not in INFO_KEYS},
+                           {k: v for k, v in header.items() if k not in INFO_KEYS})
+    if differs:
+        raise ValueError(f"{out} holds a token cache built from other inputs; continuing would mix them:\n  "
+                         + "\n  ".join(differs) + f"\n{advice}")
 
 
 def _summary(out: Path, index: dict, written: int, reused: int) -> CacheSummary:

@@ -44,6 +44,14 @@ def _range_to_uint8(a: np.ndarray) -> np.ndarray:
     return np.rint((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
+def _check_finite(a: np.ndarray, what: str) -> None:
+    # NaN/inf would turn the range stretch (or the [0, 1] check) into a black or garbage image.
+    bad = ~np.isfinite(a)
+    if bad.any():
+        raise ValueError(f"{what} holds {int(bad.sum())} NaN or infinite value(s) out of {a.size}; "
+                         "replace them or leave the image out")
+
+
 def _array_to_pil(a: np.ndarray, what: str) -> Image.Image:
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
@@ -58,7 +66,8 @@ def _array_to_pil(a: np.ndarray, what: str) -> Image.Image:
     elif np.issubdtype(a.dtype, np.integer):
         a = _range_to_uint8(a)
     elif np.issubdtype(a.dtype, np.floating):
-        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+        _check_finite(a, what)
+        if a.min() < 0 or a.max() > 1:
             raise ValueError(f"float {what} must hold finite values in [0, 1], got [{a.min()}, {a.max()}]; "
                              "rescale it first (decoded [-1, 1] pixels go through postprocess)")
         a = np.rint(a * 255.0).astype(np.uint8)
@@ -67,13 +76,15 @@ def _array_to_pil(a: np.ndarray, what: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a))  # uint8 HxW -> "L", HxWx3 -> "RGB", HxWx4 -> "RGBA"
 
 
-def load_image(image: ImageInput) -> Image.Image:
+def load_image(image: ImageInput, name: str | None = None) -> Image.Image:
     """Return `image` as an RGB PIL image.
 
     Accepts a PIL image of any common mode (L, 1, P, RGB, CMYK, ...; 16/32-bit "I;16", "I", "F"
     are rescaled to 8 bit by their actual min/max; alpha modes are composited on white), a file
     path, a numpy array HxW or HxWxC (C = 1, 3, 4; uint8, other ints rescaled by range, floats in
-    [0, 1]) or a tensor CxHxW / HxW with the same dtype rules.
+    [0, 1]) or a tensor CxHxW / HxW with the same dtype rules. Float images holding NaN or inf
+    are refused. `name` is what errors call the input (default: its file path, else "image",
+    "image array" or "image tensor").
 
     Example:
         >>> load_image(np.zeros((64, 48), dtype=np.uint16)).mode
@@ -86,32 +97,40 @@ def load_image(image: ImageInput) -> Image.Image:
         try:
             with Image.open(path) as opened:
                 opened.load()
-                return load_image(opened)
+                return load_image(opened, f"{name} ({path})" if name else str(path))
         except UnidentifiedImageError as e:
             raise ValueError(f"{path} is not an image file PIL can read") from e
+        except OSError as e:  # e.g. "image file is truncated"
+            raise ValueError(f"{path} could not be decoded: {e}") from e
     if isinstance(image, torch.Tensor):
+        what = name or "image tensor"
         t = image.detach().cpu()
         if t.ndim == 3:
             if t.shape[0] not in (1, 3, 4):
-                raise ValueError(f"image tensor must be CxHxW with C in (1, 3, 4), got shape {list(t.shape)}")
+                raise ValueError(f"{what} must be CxHxW with C in (1, 3, 4), got shape {list(t.shape)}")
             t = t.permute(1, 2, 0)
         elif t.ndim != 2:
-            raise ValueError(f"image tensor must be CxHxW or HxW, got shape {list(t.shape)}")
+            raise ValueError(f"{what} must be CxHxW or HxW, got shape {list(t.shape)}")
         if t.dtype == torch.bfloat16 or t.dtype == torch.float16:
             t = t.float()
-        return load_image(t.numpy())
+        return load_image(t.numpy(), what)
     if isinstance(image, np.ndarray):
-        return load_image(_array_to_pil(image, "image array"))
+        what = name or "image array"
+        return load_image(_array_to_pil(image, what), what)
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL image, a path, a numpy array or a tensor, got {type(image).__name__}")
 
+    what = name or getattr(image, "filename", "") or "image"
     if image.width == 0 or image.height == 0:
-        raise ValueError(f"image is empty ({image.width}x{image.height})")
+        raise ValueError(f"{what} is empty ({image.width}x{image.height})")
     mode = image.mode
     if mode == "RGB":
         return image
     if mode in HIGH_DEPTH_MODES:
-        return Image.fromarray(_range_to_uint8(np.asarray(image))).convert("RGB")
+        a = np.asarray(image)
+        if np.issubdtype(a.dtype, np.floating):
+            _check_finite(a, f"{what} (PIL mode {mode!r})")
+        return Image.fromarray(_range_to_uint8(a)).convert("RGB")
     if mode == "P" and "transparency" in image.info:
         mode, image = "RGBA", image.convert("RGBA")
     if mode in ALPHA_MODES:
@@ -120,7 +139,7 @@ def load_image(image: ImageInput) -> Image.Image:
         return Image.alpha_composite(white, rgba).convert("RGB")
     if mode in PLAIN_MODES:
         return image.convert("RGB")
-    raise ValueError(f"unsupported image mode {mode!r}; accepted: {', '.join(PLAIN_MODES + HIGH_DEPTH_MODES + ALPHA_MODES)}")
+    raise ValueError(f"{what} has unsupported image mode {mode!r}; accepted: {', '.join(PLAIN_MODES + HIGH_DEPTH_MODES + ALPHA_MODES)}")
 
 
 def _pad_to_square(image: Image.Image) -> Image.Image:
@@ -175,7 +194,7 @@ def preprocess(
         batch = [images]
     if not batch:
         raise ValueError("images is empty: pass at least one image")
-    rgb = [load_image(image) for image in batch]
+    rgb = [load_image(image, name=f"images[{i}]" if len(batch) > 1 else None) for i, image in enumerate(batch)]
     sizes = [im.size for im in rgb]
     if resize == "pad":
         rgb = [_pad_to_square(im).resize((size, size), Image.Resampling.LANCZOS) for im in rgb]

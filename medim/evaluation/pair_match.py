@@ -165,7 +165,7 @@ def load_judge(
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     judge = str(judge)
     options = (hub or HubOptions()).kwargs()
-    tokenizer = AutoTokenizer.from_pretrained(judge, **options)
+    tokenizer = AutoTokenizer.from_pretrained(judge, trust_remote_code=False, **options)
     tokenizer.padding_side = "left"  # batched generation continues every row from its last token
     image_processor = _image_processor_class().from_pretrained(
         judge, min_pixels=min_pixels, max_pixels=max_pixels, **options

@@ -74,19 +74,18 @@ def _auto_map(value: Any) -> Any:
     return None
 
 
-def _refuse_remote_code(folder: Path) -> None:
-    """Raise if the config.json or tokenizer_config.json of `folder` asks for code of its own
-    (`auto_map`): medim loads only classes that ship with transformers and never runs code from a
-    model folder or repo, so such a folder is refused rather than loaded with other classes than
-    its author meant."""
-    for name in ("config.json", "tokenizer_config.json"):
-        path = folder / name
-        if path.is_file() and (entry := _auto_map(json_object(path))) is not None:
-            raise ValueError(
-                f"{path} asks for custom code (auto_map: {json.dumps(entry)[:200]}); medim never runs code from a "
-                "model folder (trust_remote_code=False). Remove the auto_map entry to load it with the classes "
-                "that ship with transformers."
-            )
+def _refuse_remote_code(path: Path, auto_class: str | None = None) -> None:
+    """Raise if the config file `path` (when there is one) asks for code of its own (`auto_map`;
+    with `auto_class`, only an entry for that class counts). medim loads only classes that ship
+    with transformers and never runs code from a model folder or repo, so such a folder is refused
+    rather than loaded with other classes than its author meant."""
+    entry = _auto_map(json_object(path)) if path.is_file() else None
+    if entry is not None and (auto_class is None or not isinstance(entry, dict) or auto_class in entry):
+        raise ValueError(
+            f"{path} asks for custom code (auto_map: {json.dumps(entry)[:200]}); medim never runs code from a "
+            "model folder (trust_remote_code=False). Remove the auto_map entry to load it with the classes "
+            "that ship with transformers."
+        )
 
 
 def load_tokenizer(source: Any, hub: HubOptions) -> PreTrainedTokenizerBase:
@@ -97,7 +96,10 @@ def load_tokenizer(source: Any, hub: HubOptions) -> PreTrainedTokenizerBase:
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"tokenizer must be a transformers tokenizer, a folder or a Hub repo id, got {type(source).__name__}")
     folder = resolve_snapshot(source, TOKENIZER_PATTERNS, hub=hub)
-    _refuse_remote_code(folder)
+    _refuse_remote_code(folder / "tokenizer_config.json")
+    # AutoTokenizer reads a model's config.json beside it too (a Hub snapshot may hold one); only its
+    # tokenizer entry matters here: a backbone with modelling code of its own can have a plain tokenizer.
+    _refuse_remote_code(folder / "config.json", "AutoTokenizer")
     try:
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as e:  # the tokenizers library raises a bare Exception for a corrupt file
@@ -191,7 +193,7 @@ def _load_model(folder: Path, dtype: torch.dtype) -> MeDiMModel:
     """The saved model, after checking that its weights are exactly those its config.json builds:
     transformers would load a mismatch (a changed layer count or weight tying) with a printed
     report, fresh random tensors where weights are missing, and different samples."""
-    _refuse_remote_code(folder)
+    _refuse_remote_code(folder / "config.json")
     config = MeDiMConfig.from_dict(json_object(folder / "config.json"))
     with torch.device("meta"):  # only names and shapes: nothing allocated
         skeleton = MeDiMModel(config)

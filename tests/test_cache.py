@@ -75,6 +75,9 @@ def test_interrupted_run_resumes_without_redoing_shards(tmp_path, monkeypatch):
     assert sum(calls) == 12 - 5  # the finished shard's items were not encoded again
     a, b = TokenCacheDataset(tmp_path / "ref"), TokenCacheDataset(tmp_path / "cache")
     assert a.ids == b.ids and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    files = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert all((tmp_path / "ref" / f).read_bytes() == (tmp_path / "cache" / f).read_bytes() for f in files)
     assert reference.num_items == 12
     calls.clear()
     assert make_cache(tmp_path / "cache").shards_written == 0 and not calls  # complete: nothing to do

@@ -138,8 +138,15 @@ def test_folders_asking_for_custom_code_are_refused(copy, tmp_path, monkeypatch)
               "--out", str(tmp_path / "c")])
     assert not marker.exists() and not asked
 
+    # A model's config.json beside a tokenizer (a Hub snapshot holds both) counts only for its tokenizer.
     shutil.rmtree(copy / "tokenizer")
     tiny_tokenizer().save_pretrained(str(copy / "tokenizer"))
+    (copy / "tokenizer" / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "modeling_x.X"}}))
+    assert load_tokenizer(copy / "tokenizer", HubOptions()).convert_tokens_to_ids("<eos>") == 1
+    (copy / "tokenizer" / "config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["x.X", None]}}))
+    with pytest.raises(ValueError, match=r"tokenizer/config.json asks for custom code"):
+        load_tokenizer(copy / "tokenizer", HubOptions())
+    (copy / "tokenizer" / "config.json").unlink()
     edit_json(copy / "model" / "config.json",
               lambda c: c["backbone_config"].update(auto_map={"AutoModel": "modeling_evil.EvilModel"}))
     with pytest.raises(ValueError, match=r"model/config.json asks for custom code \(auto_map: \{\"AutoModel\""):

@@ -1,6 +1,6 @@
 """The three generation tasks of the pipeline (`GenerationMixin`: text_to_image, image_to_report,
 generate_pairs), their output, and what they share: input checks, the sampler settings of a call,
-one generator per output, chunked sampling with a progress bar, decoding tokens back to images.
+one generator per output, chunked sampling with a progress bar, the VQGAN one image at a time.
 
 The checks run once, at the pipeline's public edge, before any compute; what is below them
 (layout, tasks, sampler) takes their output as valid.
@@ -8,6 +8,7 @@ The checks run once, at the pipeline's public edge, before any compute; what is 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +22,9 @@ from medim.diffusion import tasks
 from medim.diffusion.config import SamplerConfig
 from medim.diffusion.sampler import check_generator, sample
 
-__all__ = ["MeDiMOutput", "GenerationMixin", "OUTPUT_TYPES", "check_prompts", "check_image_size", "check_call",
-           "sampler_settings", "row_generators", "run_chunks", "prompt_task", "decode_images"]
+__all__ = ["MeDiMOutput", "GenerationMixin", "OUTPUT_TYPES", "check_text", "check_prompts", "check_image_size",
+           "check_call", "sampler_settings", "row_generators", "run_chunks", "prompt_task", "per_image",
+           "decode_images"]
 
 OUTPUT_TYPES = ("pil", "pt", "tokens")
 
@@ -50,8 +52,19 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def check_text(text: str, name: str) -> str:
+    """`text` as given, if it can be written as UTF-8 (the tokenizer's input, and the files a run
+    writes): a lone surrogate such as "\\ud800" cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid text: it holds a lone surrogate {text[e.start]!r} at position "
+                         f"{e.start} (a broken decode?)") from None
+    return text
+
+
 def check_prompts(prompts: Any, name: str = "prompts", allow_empty_text: bool = False) -> list[str]:
-    """A non-empty list of str (each non-blank unless `allow_empty_text`)."""
+    """A non-empty list of str (each non-blank unless `allow_empty_text`, each valid UTF-8 text)."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise TypeError(f"{name} must be a list of str, got {type(prompts).__name__}")
     if not prompts:
@@ -61,6 +74,7 @@ def check_prompts(prompts: Any, name: str = "prompts", allow_empty_text: bool = 
             raise TypeError(f"{name}[{i}] must be a str, got {type(p).__name__}")
         if not allow_empty_text and not p.strip():
             raise ValueError(f"{name}[{i}] is empty")
+        check_text(p, f"{name}[{i}]")
     return list(prompts)
 
 
@@ -146,14 +160,38 @@ def run_chunks(pipe: Any, task: tasks.TaskInputs, condition: dict[str, torch.Ten
     return torch.cat(out), nfe
 
 
-def decode_images(pipe: Any, tokens: torch.Tensor, output_type: str, batch_size: int | None) -> list[Image.Image] | torch.Tensor:
+# CPU kernels (oneDNN convolutions, channels-last GroupNorm) sum in an order that depends on the
+# batch size and the thread count (GPU libraries pick kernels by shape); decoded pixels are rounded
+# to 8 bits, so another split would move some pixels by one level, and near-ties of the code
+# search could pick another code. One image at a time, on one CPU thread, makes each output a
+# function of its own input only: chunking, resuming and sharding a run (`medim generate` under
+# torchrun, one thread per process) give the same bytes. Cost: benchmarks/bench_generate.py.
+_ONE_THREAD = threading.Lock()
+
+
+def per_image(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor,
+              device: torch.device) -> torch.Tensor:
+    """`fn` applied to every row of `batch` on its own (`fn` takes and returns a batch of one),
+    with one intra-op thread when `device` is the CPU; the results concatenated."""
+    if device.type != "cpu":
+        return torch.cat([fn(row[None]) for row in batch])
+    with _ONE_THREAD:  # set_num_threads is process-wide: concurrent calls must not interleave
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return torch.cat([fn(row[None]) for row in batch])
+        finally:
+            torch.set_num_threads(threads)
+
+
+def decode_images(pipe: Any, tokens: torch.Tensor, output_type: str) -> list[Image.Image] | torch.Tensor:
     """The image part of final states as `output_type`: VQ codes ("tokens"), [0, 1] pixels ("pt")
-    or RGB PIL images ("pil")."""
+    or RGB PIL images ("pil"). A sample's pixels depend only on its codes (`per_image`)."""
     image = pipe.layout.image_segment
     codes = tokens[:, image.start : image.stop] - image.vocab_start
     if output_type == "tokens":
         return codes
-    pixels = torch.cat([pipe.vqgan.decode(c).float().cpu() for c in codes.split(batch_size or len(codes))])
+    pixels = per_image(lambda c: pipe.vqgan.decode(c).float().cpu(), codes, pipe.vqgan.device)
     return postprocess(pixels) if output_type == "pil" else (pixels + 1) / 2
 
 
@@ -206,7 +244,7 @@ class GenerationMixin:
         task = tasks.text_to_image(self.layout, self.layout.encode_reports(self.tokenizer, prompts))
         condition = self.layout.condition(self.tokenizer, [size] * len(prompts))
         tokens, nfe = run_chunks(self, task, condition, config, batch_size, generator, callback_on_step_end)
-        out = MeDiMOutput(decode_images(self, tokens, output_type, batch_size), list(prompts), tokens, nfe)
+        out = MeDiMOutput(decode_images(self, tokens, output_type), list(prompts), tokens, nfe)
         return out if return_dict else (out.images, out.reports)
 
     def image_to_report(
@@ -247,7 +285,10 @@ class GenerationMixin:
         rgb = [load_image(image) for image in (images if isinstance(images, (list, tuple)) else [images])]
         prompts = None
         if prompt is not None:
-            prompts = [prompt] * len(rgb) if isinstance(prompt, str) else check_prompts(prompt, "prompt")
+            if isinstance(prompt, str):
+                prompts = [check_text(prompt, "prompt")] * len(rgb)
+            else:
+                prompts = check_prompts(prompt, "prompt")
             if len(prompts) != len(rgb):
                 raise ValueError(f"prompt: give one str or one per image ({len(rgb)}), got {len(prompts)}")
         check_call(len(rgb), batch_size, output_type, generator, callback_on_step_end, sampler_kwargs)
@@ -255,7 +296,7 @@ class GenerationMixin:
                                       guidance_scale=guidance_scale, strategy=strategy, temperature=temperature,
                                       top_k=top_k, top_p=top_p)
         pixels, sizes = preprocess(rgb, size=self.image_resolution, return_sizes=True)
-        codes = torch.cat([self.vqgan.encode(p.to(self.vqgan.device)) for p in pixels.split(batch_size or len(rgb))])
+        codes = per_image(lambda p: self.vqgan.encode(p.to(self.vqgan.device)), pixels, self.vqgan.device)
         task = tasks.image_to_report(self.layout, codes.to(self.device))
         if prompts is not None:
             given = prompt_task(self.layout, self.tokenizer, prompts, self.device)
@@ -306,6 +347,6 @@ class GenerationMixin:
         task = prompt_task(self.layout, self.tokenizer, prompts, self.device)
         condition = self.layout.condition(self.tokenizer, [size] * len(prompts))
         tokens, nfe = run_chunks(self, task, condition, config, batch_size, generator, callback_on_step_end)
-        out = MeDiMOutput(decode_images(self, tokens, output_type, batch_size),
+        out = MeDiMOutput(decode_images(self, tokens, output_type),
                           self.layout.decode_reports(self.tokenizer, tokens), tokens, nfe)
         return out if return_dict else (out.images, out.reports)

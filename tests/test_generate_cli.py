@@ -1,6 +1,7 @@
 """`medim generate`: outputs, manifest, resume after an interruption without rewriting finished files."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,120 @@ def test_help_explains_every_option():
     text = sub.format_help()
     for option in ("--model", "--prompts", "--images", "--num-per-prompt", "--out", "--seed", "--batch-size", "--steps"):
         assert option in text
+
+
+# ------------------------------------------------------- bad inputs: a clear error before any compute
+
+
+def bad(tmp_path: Path, *argv) -> str:
+    """The message `medim generate` stops with (a folder that loads nothing as --model: every
+    check here must fire before the model is read)."""
+    with pytest.raises(SystemExit) as stop:
+        main(["generate", *map(str, argv), "--out", str(tmp_path / "o")])
+    return str(stop.value)
+
+
+def test_model_folder_errors(prompts, tmp_path):
+    message = bad(tmp_path, "pairs", "--prompts", prompts, "--model", tmp_path / "nope")
+    assert message == f"--model {tmp_path / 'nope'}: no such folder"
+    assert "no such folder" in bad(tmp_path, "pairs", "--prompts", prompts, "--model", "./nope")
+    (tmp_path / "empty").mkdir()
+    assert "holds neither a saved MeDiMPipeline (model_index.json) nor the released checkpoint" in bad(
+        tmp_path, "pairs", "--prompts", prompts, "--model", tmp_path / "empty")
+    assert "is a file" in bad(tmp_path, "pairs", "--prompts", prompts, "--model", prompts)
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_auto_loader_reads_a_release_folder_as_the_original_checkpoint(prompts, tmp_path, monkeypatch):
+    release = tmp_path / "release"
+    (release / "checkpoint_7").mkdir(parents=True)
+    (release / "checkpoint_7" / "model.safetensors").write_bytes(b"")
+    calls = []
+
+    def from_original(checkpoint, **kwargs):
+        calls.append(checkpoint)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(MeDiMPipeline, "from_original", from_original)
+    with pytest.raises(RuntimeError, match="stop here"):
+        main(["generate", "pairs", "--prompts", str(prompts), "--model", str(release), "--out", str(tmp_path / "o")])
+    assert calls == [str(release)]
+
+
+def test_bundled_model_by_name(prompts, tmp_path):
+    assert main(["generate", "image", "--model", "medim-demo", "--prompts", str(prompts), "--steps", "2",
+                 "--out", str(tmp_path / "o")]) == 0
+    assert [e["loader"] for e in manifest(tmp_path / "o")] == ["pretrained", "pretrained"]
+
+
+def test_prompts_file_that_is_not_utf8(tmp_path, model_dir):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("the chest\nno p\xe9nible finding\n".encode("latin-1"))
+    message = bad(tmp_path, "pairs", "--prompts", path, "--model", model_dir)
+    assert message.startswith(f"--prompts: {path} line 2 is not valid UTF-8")
+
+
+@pytest.mark.parametrize("extra, match", [
+    (("--seed", 2**63), r"--seed: sample i uses seed \+ i, which must stay in \[0, 9223372036854775807\]"),
+    (("--seed", 2**63 - 3, "--num-per-prompt", 2), r"gives \[9223372036854775805, 9223372036854775808\]"),
+    (("--seed", -1), "--seed"),
+    (("--steps", 10**9), r"--steps: num_steps .* must be an int in \[1, 65536\], got 1000000000"),
+    (("--top-p", 1.5), r"--top-p: top_p must be None or a number in \(0, 1\]"),
+    (("--strategy", "beam"), "--strategy: strategy must be one of"),
+])
+def test_out_of_range_options(extra, match, prompts, tmp_path):
+    # "--seed 2**63 - 3" with 2 prompts x 2 copies: the last sample's seed is 2**63, one too many.
+    assert re.search(match, bad(tmp_path, "pairs", "--prompts", prompts, "--model", tmp_path, *extra))
+
+
+def test_lone_surrogate_prompt(tmp_path, model_dir):
+    image = tmp_path / "x.png"
+    Image.new("L", (IMAGE_PX, IMAGE_PX)).save(image)
+    assert "--prompt is not valid text: it holds a lone surrogate '\\ud800' at position 3" in bad(
+        tmp_path, "report", "--images", image, "--prompt", "the\ud800", "--model", tmp_path)
+    pipe = MeDiMPipeline.from_pretrained(model_dir)
+    with pytest.raises(ValueError, match=r"prompts\[1\] is not valid text: it holds a lone surrogate"):
+        pipe.text_to_image(["the chest", "\ud800"])
+    with pytest.raises(ValueError, match="prompt is not valid text"):
+        pipe.image_to_report([image], prompt="\udcff")
+
+
+def test_huge_request_is_planned_lazily(prompts, tmp_path, monkeypatch):
+    """A billion samples per prompt: checks and planning take no memory; the load is reached."""
+    import tracemalloc
+
+    import medim.commands.generate as generate_command
+
+    def load(*args, **kwargs):
+        raise RuntimeError(f"reached the model load; peak {tracemalloc.get_traced_memory()[1]} bytes")
+
+    monkeypatch.setattr(generate_command, "_load_pipeline", load)
+    tracemalloc.start()
+    try:
+        with pytest.raises(RuntimeError, match="reached the model load") as reached:
+            main(["generate", "pairs", "--prompts", str(prompts), "--model", "medim-demo",
+                  "--num-per-prompt", str(10**9), "--out", str(tmp_path / "o")])
+    finally:
+        tracemalloc.stop()
+    peak = int(str(reached.value).split()[-2])
+    assert peak < 10 * 2**20, f"planning {2 * 10**9} samples allocated {peak} bytes"
+
+
+def test_unreadable_image_is_skipped_and_recorded(model_dir, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a", "c"):
+        Image.effect_noise((128, 128), 60).save(images / f"{name}.png")
+    whole = (images / "a.png").read_bytes()
+    (images / "b.png").write_bytes(whole[: len(whole) * 2 // 3])  # cut short, as by a failed copy
+    out = tmp_path / "rep"
+    assert generate("report", model_dir, out, "--images", str(images / "*.png")) == 0
+    entries = manifest(out)
+    assert [e["index"] for e in entries] == [0, 1, 2]
+    assert "report" in entries[0] and "report" in entries[2]
+    assert "report" not in entries[1] and entries[1]["source_image"] == str(images / "b.png")
+    assert "truncated" in entries[1]["error"]
+    assert sorted(p.name for p in out.iterdir()) == ["000000.txt", "000002.txt", "manifest.jsonl"]
+    stamp = (out / "manifest.jsonl").stat().st_mtime_ns
+    assert generate("report", model_dir, out, "--images", str(images / "*.png")) == 0  # all done: not retried
+    assert (out / "manifest.jsonl").stat().st_mtime_ns == stamp

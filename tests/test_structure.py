@@ -15,7 +15,7 @@ MAX_LINES = 450
 
 # Bottom to top (docs/architecture.md). A module may import its own layer and the ones below.
 LAYERS = [
-    ["medim", "medim.checks", "medim.hub", "medim.task_names"],
+    ["medim", "medim.checks", "medim.hub", "medim.sharding", "medim.task_names"],
     ["medim.diffusion"],
     ["medim.layout"],
     ["medim.models", "medim.data"],

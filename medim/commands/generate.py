@@ -1,33 +1,45 @@
-"""`medim generate {pairs,image,report}`: batch generation to a folder, resumable.
+"""`medim generate {pairs,image,report}`: batch generation to a folder, resumable, on one process or
+many (`torchrun --nproc_per_node N -m medim generate ...`).
 
 Every sample gets an index (prompt-major: prompt 0 copy 0, prompt 0 copy 1, ...) and the seed
-`--seed + index`, so a run that was stopped and started again produces exactly the samples it would
-have produced in one go. Finished samples are listed in `manifest.jsonl` (one JSON object a line,
-written after the sample's files); a rerun skips them and never rewrites their files.
+`--seed + index`, and its files depend on nothing else: not the batch size, not which process made
+it, not how many there were. So a run that was stopped and started again, with any number of
+processes, produces exactly the samples of one uninterrupted run. Finished samples are listed in
+`manifest.jsonl` (one JSON object a line, written after the sample's files); a rerun skips them and
+never rewrites their files. Under torchrun the k-th unfinished sample (in index order) goes to rank
+k % world_size (`medim.sharding.shard`); each rank appends to its own `manifest.rank<r>.jsonl`, and
+when all are done rank 0 merges them into `manifest.jsonl` in index order.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
+import itertools
 import json
 import logging
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 from medim.commands.common import add_hub_arguments, hub_options
+from medim.commands.manifest import MANIFEST, collect, merge, part_path, prepare
 from medim.task_names import TASKS
 
-HELP = "generate images, reports or image-report pairs in batch (resumable)"
+HELP = "generate images, reports or image-report pairs in batch (resumable; torchrun for several processes)"
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.jsonl"
-# Settings that change what a sample looks like: a resumed run must use the same ones.
-SETTING_KEYS = (
-    "task", "model", "loader", "revision", "num_inference_steps", "guidance_scale", "strategy",
-    "temperature", "top_k", "top_p", "image_size", "prompt", "dtype", "seed", "num_per_prompt",
-)
+MAX_SEED = 2**63 - 1
+# Sampler options of the command line -> SamplerConfig fields, checked before the model loads.
+SAMPLER_OPTIONS = (("--steps", "num_steps", "steps"), ("--guidance-scale", "guidance_scale", "guidance_scale"),
+                   ("--strategy", "strategy", "strategy"), ("--temperature", "temperature", "temperature"),
+                   ("--top-k", "top_k", "top_k"), ("--top-p", "top_p", "top_p"))
+# Ranks finish at different times (shard sizes, model loads, a rank with nothing left to do), so
+# the final barrier may wait long; a dead rank is noticed by torchrun, not by this timeout.
+BARRIER_TIMEOUT_H = 72
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,33 +51,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--model", default="JiaMao/medim_ckpts",
-        help="Hub repo id or local directory: a saved MeDiMPipeline (model_index.json) or the "
-        "released MeDiM checkpoint",
+        help="Hub repo id, local folder or bundled model name (medim-demo): a saved MeDiMPipeline "
+        "(model_index.json) or the released MeDiM checkpoint",
     )
     parser.add_argument(
         "--loader", choices=("auto", "pretrained", "original"), default="auto",
         help="how to read --model: 'pretrained' = MeDiMPipeline.from_pretrained, 'original' = "
-        "MeDiMPipeline.from_original (released checkpoint), 'auto' = pretrained when --model "
-        "holds a model_index.json",
+        "MeDiMPipeline.from_original (released checkpoint), 'auto' = pretrained for a bundled name or "
+        "when --model holds a model_index.json, original for a folder holding model.safetensors "
+        "(at the top or in checkpoint_<step>/) or a Hub repo without model_index.json",
     )
     add_hub_arguments(parser, "--model")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created; resumed if it exists)")
     parser.add_argument(
         "--prompts", type=Path, default=None,
-        help="text file, one prompt a line (blank lines skipped); reports for 'image', report "
+        help="UTF-8 text file, one prompt a line (blank lines skipped); reports for 'image', report "
         "beginnings for 'pairs'",
     )
     parser.add_argument(
         "--images", nargs="+", default=None,
-        help="input images or glob patterns (quote them), for 'report'",
+        help="input images or glob patterns (quote them), for 'report'; an image that cannot be read "
+        "is skipped and recorded in the manifest with an 'error'",
     )
     parser.add_argument(
         "--prompt", default=None,
         help="'report' only: a beginning every report starts with (e.g. the dataset's fixed prefix)",
     )
     parser.add_argument("--num-per-prompt", type=int, default=1, help="samples per prompt or image")
-    parser.add_argument("--seed", type=int, default=0, help="base seed; sample i uses seed + i")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward batch")
+    parser.add_argument("--seed", type=int, default=0,
+                        help=f"base seed; sample i uses seed + i, which must stay in [0, 2**63 - 1 = {MAX_SEED}]")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="samples per forward batch (per process); outputs do not depend on it")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale, 0 = off (default: the model's)")
     parser.add_argument("--strategy", default=None, help="sampler strategy: maskgit, threshold or ddpm (default: the model's)")
@@ -78,7 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    parser.add_argument("--device", default=None,
+                        help="torch device (default: cuda when available; under torchrun each process "
+                        "takes the GPU of its LOCAL_RANK)")
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -89,6 +107,22 @@ def _image_size(text: str) -> tuple[int, int]:
     if width < 1 or height < 1:
         raise SystemExit(f"--image-size must be positive, got {text!r}")
     return width, height
+
+
+def _read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise SystemExit(f"--prompts: {path} is not a file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise SystemExit(f"--prompts: {path} line {line} is not valid UTF-8 ({e.reason} at byte {e.start}); "
+                         "save the file as UTF-8") from None
+    prompts = [p for p in (line.strip() for line in text.splitlines()) if p]
+    if not prompts:
+        raise SystemExit(f"--prompts: {path} holds no prompt")
+    return prompts
 
 
 def _inputs(args: argparse.Namespace) -> list[str]:
@@ -105,79 +139,197 @@ def _inputs(args: argparse.Namespace) -> list[str]:
         return paths
     if args.prompts is None:
         raise SystemExit(f"medim generate {args.task} needs --prompts (a text file, one prompt a line)")
-    if not args.prompts.is_file():
-        raise SystemExit(f"--prompts: {args.prompts} is not a file")
-    prompts = [line.strip() for line in args.prompts.read_text(encoding="utf-8").splitlines()]
-    prompts = [p for p in prompts if p]
-    if not prompts:
-        raise SystemExit(f"--prompts: {args.prompts} holds no prompt")
-    return prompts
+    return _read_prompts(args.prompts)
 
 
-def _read_manifest(path: Path) -> dict[int, dict]:
-    """Finished samples by index. A line cut short by an interruption is dropped (and the file
-    rewritten without it) so appending continues on a clean line."""
-    if not path.exists():
-        return {}
-    done: dict[int, dict] = {}
-    text = path.read_text(encoding="utf-8")
-    clean = True
-    for line in text.splitlines():
-        try:
-            entry = json.loads(line)
-            done[int(entry["index"])] = entry
-        except (ValueError, KeyError, TypeError):
-            clean = False
-    if not clean or (text and not text.endswith("\n")):
-        from medim.hub import atomic_file
+def _check_options(args: argparse.Namespace, total: int) -> None:
+    """Every option that can be checked without the model, each error naming its option."""
+    from medim.diffusion.config import SamplerConfig
+    from medim.generation import check_text
 
-        logger.warning("%s: dropping an incomplete line left by an interrupted run", path)
-        with atomic_file(path) as f:
-            f.writelines(json.dumps(e) + "\n" for e in done.values())
-    return done
-
-
-def _load_pipeline(args: argparse.Namespace, dtype, device):
-    from medim.hub import bundled_model_path, resolve_file
-    from medim.pipeline import MeDiMPipeline
-
-    hub = hub_options(args)
-    loader = args.loader
-    if loader == "auto" and bundled_model_path(args.model) is not None:
-        loader = "pretrained"
-    if loader == "auto":
-        try:
-            resolve_file(args.model, "model_index.json", hub=hub)
-            loader = "pretrained"
-        except Exception as err:  # missing locally or on the Hub: it is a released checkpoint
-            logger.info("no model_index.json in %s (%s): reading it as the released checkpoint", args.model, err)
-            loader = "original"
-    load = MeDiMPipeline.from_pretrained if loader == "pretrained" else MeDiMPipeline.from_original
-    return load(args.model, dtype=dtype, device=device, **hub.kwargs()), loader
-
-
-def run(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm.auto import tqdm
-
-    from medim.hub import atomic_file
-
-    # Check everything that can be checked before the (slow) model load.
     if args.num_per_prompt < 1:
         raise SystemExit(f"--num-per-prompt must be >= 1, got {args.num_per_prompt}")
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.prompt is not None and args.task != "report":
         raise SystemExit("--prompt is for 'report'; give prompts to 'image' and 'pairs' with --prompts")
+    if args.prompt is not None:
+        try:
+            check_text(args.prompt, "--prompt")
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    if args.seed < 0 or args.seed + total - 1 > MAX_SEED:
+        raise SystemExit(f"--seed: sample i uses seed + i, which must stay in [0, {MAX_SEED}]; with {total} samples "
+                         f"--seed {args.seed} gives [{args.seed}, {args.seed + total - 1}]")
+    for option, field, attribute in SAMPLER_OPTIONS:
+        value = getattr(args, attribute)
+        if value is not None:
+            try:
+                SamplerConfig(**{field: value})
+            except ValueError as e:
+                raise SystemExit(f"{option}: {e}") from None
+
+
+def _resolve_loader(args: argparse.Namespace) -> str:
+    """'pretrained' or 'original' for --model, decided before anything is loaded."""
+    from medim.hub import bundled_model_path, resolve_file
+
+    name = str(args.model)
+    try:
+        if bundled_model_path(name) is not None:
+            return "pretrained" if args.loader == "auto" else args.loader
+    except FileNotFoundError as e:
+        raise SystemExit(f"--model: {e}") from None
+    path = Path(name).expanduser()
+    # A Hub repo id is "name" or "owner/name"; anything else can only be meant as a local path.
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        if not path.exists():
+            raise SystemExit(f"--model {name}: no such folder")
+        if not path.is_dir():
+            raise SystemExit(f"--model {name} is a file; give the folder that holds the model")
+        if args.loader != "auto":
+            return args.loader
+        if (path / "model_index.json").is_file():
+            return "pretrained"
+        if (path / "model.safetensors").is_file() or any(path.glob("checkpoint_*/model.safetensors")):
+            return "original"
+        raise SystemExit(f"--model {name} holds neither a saved MeDiMPipeline (model_index.json) nor the released "
+                         "checkpoint (model.safetensors at the top or in checkpoint_<step>/)")
+    if args.loader != "auto":
+        return args.loader
+    try:
+        resolve_file(name, "model_index.json", hub=hub_options(args))
+        return "pretrained"
+    except Exception as err:  # not in the repo, or not reachable: read it as the released checkpoint
+        logger.info("no model_index.json in %s (%s): reading it as the released checkpoint", name, err)
+        return "original"
+
+
+def _device(args: argparse.Namespace, local_rank: int, world_size: int):
+    import torch
+
+    from medim.checks import check_dtype_device
+
+    text = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        _, device = check_dtype_device(None, text)
+    except ValueError as e:
+        raise SystemExit(f"--device: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {text}: CUDA is not available")
+        if device.index is None and world_size > 1:
+            if local_rank >= torch.cuda.device_count():
+                raise SystemExit(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
+                                 "start at most one process per GPU")
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+# ----------------------------------------------------------------------------------- running
+
+
+@contextlib.contextmanager
+def _process_group(world_size: int) -> Iterator:
+    """A barrier across the ranks (nothing else is exchanged, so gloo does it on every machine)."""
+    if world_size == 1:
+        yield lambda: None
+        return
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=BARRIER_TIMEOUT_H))
+    try:
+        yield dist.barrier
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM (torchrun stopping the other ranks when one fails, a scheduler's preemption) raises
+    SystemExit, so the atomic writers remove their temporary files on the way out."""
+    def stop(signum, frame):
+        raise SystemExit(f"medim generate: stopped by signal {signum}; start it again to resume")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _load_images(paths: list[str], entries: list[dict]) -> list:
+    """The images of a report chunk, None where the file cannot be read: that sample is skipped
+    and its entry records the error, so one bad file does not stop a long run."""
+    from PIL import Image
+
+    from medim.data.images import load_image
+
+    images = []
+    for path, entry in zip(paths, entries):
+        try:
+            images.append(load_image(path))
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            logger.warning("%s: skipped, the image cannot be read (%s)", path, err)
+            entry["error"] = f"{type(err).__name__}: {err}"
+            images.append(None)
+    return images
+
+
+def _generate(args, pipe, method, chunk: list[int], inputs: list[str], entries: list[dict], image_size, sampling):
+    """Make the samples of `chunk` and write their files; fills in their manifest entries."""
+    import torch
+
+    from medim.hub import atomic_file
+
+    sources = [inputs[i // args.num_per_prompt] for i in chunk]
+    keep = list(range(len(chunk)))
+    for entry, source in zip(entries, sources):
+        entry["source_image" if args.task == "report" else "prompt"] = source
+    if args.task == "report":
+        images = _load_images(sources, entries)
+        keep = [n for n, image in enumerate(images) if image is not None]
+        if not keep:
+            return
+        sources = [images[n] for n in keep]
+    generators = [torch.Generator(pipe.device).manual_seed(args.seed + chunk[n]) for n in keep]
+    if args.task == "report":
+        out = method(sources, prompt=args.prompt, generator=generators, **sampling)
+    else:
+        out = method(sources, generator=generators, image_size=image_size, **sampling)
+    for k, n in enumerate(keep):
+        entry, i = entries[n], chunk[n]
+        if args.task != "report":
+            entry["image"] = f"{i:06d}.png"
+            with atomic_file(args.out / entry["image"], "wb") as f:
+                out.images[k].save(f, format="PNG")
+        if args.task != "image":
+            entry["report"] = f"{i:06d}.txt"
+            with atomic_file(args.out / entry["report"]) as f:
+                f.write(out.reports[k] + "\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from medim.sharding import current_shard, shard
+
+    # Check everything that can be checked before the (slow) model load; every rank does the same.
     image_size = _image_size(args.image_size)
     inputs = _inputs(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    total = len(inputs) * max(args.num_per_prompt, 1)
+    _check_options(args, total)
+    loader = _resolve_loader(args)
+    where = current_shard()
+    device = _device(args, where.local_rank, where.world_size)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    manifest = args.out / MANIFEST
-    done = _read_manifest(manifest)
-    total = len(inputs) * args.num_per_prompt
     settings = dict(
         task=args.task, model=args.model, loader=args.loader, revision=args.revision,
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, strategy=args.strategy,
@@ -185,59 +337,61 @@ def run(args: argparse.Namespace) -> int:
         image_size=list(image_size), prompt=args.prompt, dtype=str(dtype).removeprefix("torch."),
         seed=args.seed, num_per_prompt=args.num_per_prompt,
     )
-    for entry in done.values():
-        old = {k: entry.get("settings", {}).get(k) for k in SETTING_KEYS}
-        if old != settings:
-            changed = sorted(k for k in SETTING_KEYS if old[k] != settings[k])
-            raise SystemExit(
-                f"{args.out} holds samples made with other settings ({', '.join(changed)}); "
-                "use the same options to resume or a new --out"
-            )
-        source = entry.get("source_image", entry.get("prompt"))
-        if entry["index"] >= total or source != inputs[entry["index"] // args.num_per_prompt]:
-            raise SystemExit(f"{args.out}: sample {entry['index']} was made from other inputs ({source!r}); "
-                             "use the same --prompts/--images/--num-per-prompt to resume, or a new --out")
-    pending = [i for i in range(total) if i not in done]
-    logger.info("%d samples, %d already done in %s", total, total - len(pending), args.out)
-    if not pending:
-        print(f"all {total} samples already in {manifest}")
-        return 0
+    with _stop_on_sigterm(), _process_group(where.world_size) as barrier:
+        if where.rank == 0:
+            prepare(args.out, settings, inputs, args.num_per_prompt)
+        barrier()
+        done = set(collect(args.out)[0])
+        # Planned lazily: memory does not grow with the number of samples asked for.
+        mine = shard((i for i in range(total) if i not in done), where.rank, where.world_size)
+        count = len(range(where.rank, total - len(done), where.world_size))
+        logger.info("%d samples, %d already done in %s; rank %d of %d makes %d", total, len(done), args.out,
+                    where.rank, where.world_size, count)
+        if count:
+            pipe = _load_pipeline(args, loader, dtype, device)
+            _make(args, pipe, mine, count, inputs, dict(loader=loader, settings=settings), image_size, where)
+        barrier()
+        if where.rank == 0:
+            lines, dirty = collect(args.out)
+            if dirty:
+                merge(args.out, lines)
+            skipped = sum("error" in json.loads(line) for line in lines.values())
+            note = f"; {skipped} skipped (unreadable images, see 'error' in the manifest)" if skipped else ""
+            print(f"{len(lines)} samples in {args.out} (manifest: {args.out / MANIFEST}){note}")
+    return 0
 
-    pipe, loader = _load_pipeline(args, dtype, device)
+
+def _make(args: argparse.Namespace, pipe, mine: Iterator[int], count: int, inputs: list[str], common: dict,
+          image_size: tuple[int, int], where) -> None:
+    """Make this rank's samples in chunks of --batch-size; each one's manifest line (with `common`)
+    goes to the rank's part after its files."""
+    from tqdm.auto import tqdm
+
     pipe.set_progress_bar_config(disable=True)
-    sampling = dict(
-        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, strategy=args.strategy,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-    )
+    sampling = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, strategy=args.strategy,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     sampling = {k: v for k, v in sampling.items() if v is not None}
     method = getattr(pipe, TASKS[args.task])
-    with tqdm(total=total, initial=total - len(pending), desc=f"medim generate {args.task}", unit="sample") as bar:
-        for start in range(0, len(pending), args.batch_size):
-            chunk = pending[start : start + args.batch_size]
-            sources = [inputs[i // args.num_per_prompt] for i in chunk]
-            generators = [torch.Generator(pipe.device).manual_seed(args.seed + i) for i in chunk]
-            if args.task == "report":
-                out = method(sources, prompt=args.prompt, generator=generators, **sampling)
-            else:
-                out = method(sources, generator=generators, image_size=image_size, **sampling)
-            for n, i in enumerate(chunk):
-                entry = dict(index=i, seed=args.seed + i, loader=loader, settings=settings)
-                if args.task == "report":
-                    entry["source_image"] = sources[n]
-                else:
-                    entry["prompt"] = sources[n]
-                    entry["image"] = f"{i:06d}.png"
-                    with atomic_file(args.out / entry["image"], "wb") as f:
-                        out.images[n].save(f, format="PNG")
-                if args.task != "image":
-                    entry["report"] = f"{i:06d}.txt"
-                    with atomic_file(args.out / entry["report"]) as f:
-                        f.write(out.reports[n] + "\n")
-                # The manifest line is written last: a sample without one is not finished.
-                with open(manifest, "a", encoding="utf-8") as f:
+    part = part_path(args.out, where.rank, where.world_size)
+    who = f"rank {where.rank} of {where.world_size}" if where.world_size > 1 else "medim generate"
+    with tqdm(total=count, desc=f"medim generate {args.task}", unit="sample", disable=where.rank != 0) as bar:
+        while chunk := list(itertools.islice(mine, args.batch_size)):
+            entries = [dict(index=i, seed=args.seed + i, **common) for i in chunk]
+            try:
+                _generate(args, pipe, method, chunk, inputs, entries, image_size, sampling)
+            except Exception:
+                logger.error("%s failed while making samples %s", who, chunk)
+                raise
+            for entry in entries:  # the manifest line is written last: without one, a sample is not finished
+                with open(part, "a", encoding="utf-8") as f:
                     f.write(json.dumps(entry) + "\n")
                     f.flush()
                     os.fsync(f.fileno())
-                bar.update(1)
-    print(f"{total} samples in {args.out} (manifest: {manifest})")
-    return 0
+            bar.update(len(chunk))
+
+
+def _load_pipeline(args: argparse.Namespace, loader: str, dtype, device):
+    from medim.pipeline import MeDiMPipeline
+
+    load = MeDiMPipeline.from_pretrained if loader == "pretrained" else MeDiMPipeline.from_original
+    return load(args.model, dtype=dtype, device=device, **hub_options(args).kwargs())

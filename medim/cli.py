@@ -14,7 +14,7 @@ import sys
 
 # name -> module under medim.commands; each module documents its own options.
 COMMANDS: dict[str, str] = {"evaluate": "evaluate", "generate": "generate", "train": "train", "cache": "cache",
-                           "convert": "convert", "demo": "demo"}
+                           "convert": "convert", "demo": "demo", "app": "app"}
 
 
 def build_parser() -> argparse.ArgumentParser:

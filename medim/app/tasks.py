@@ -1,0 +1,150 @@
+"""What the web app's buttons run: the pipeline's tasks on the values of its widgets, with no Gradio in
+sight, so they are tested as plain functions. Bad inputs raise ValueError or TypeError (the
+pipeline's own, or ours for what only the app knows) before any compute; the app shows them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from medim.data.synthetic import make_pair
+
+__all__ = ["MAX_COUNT", "Sampling", "Progress", "text_to_image", "image_to_report", "generate_pairs", "inpaint",
+           "mask_from_editor", "example_phantoms"]
+
+# Outputs of one click: the app runs on a laptop as well as on a GPU, and every click holds the device.
+MAX_COUNT = 8
+
+Progress = Callable[[int, int], None]  # (steps done, steps in all)
+
+
+def _int(value: Any, name: str, low: int, high: int | None = None) -> int:
+    """A widget's number as an int: sliders may send 16.0 for 16."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The sampler controls: steps, guidance, strategy and seed (checked by the pipeline, except
+    the seed, which only the app turns into a generator)."""
+
+    steps: Any
+    guidance: Any
+    strategy: Any
+    seed: Any
+
+    def kwargs(self, progress: Progress | None, total: int) -> dict[str, Any]:
+        """Keyword arguments of a pipeline task; `progress` hears of each of the `total` steps."""
+        seed = _int(self.seed, "seed", 0, 2**63 - 1)
+        steps = _int(self.steps, "steps", 1) if isinstance(self.steps, float) else self.steps
+        done = [0]
+
+        def on_step(pipe: Any, step: int, t: float, tokens: torch.Tensor) -> None:
+            done[0] += 1
+            progress(done[0], total)
+
+        return dict(num_inference_steps=steps, guidance_scale=self.guidance, strategy=self.strategy,
+                    generator=torch.Generator().manual_seed(seed),
+                    callback_on_step_end=on_step if progress is not None else None)
+
+
+def _text(value: Any, name: str, required: bool) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise ValueError(f"the {name} is empty: write one first")
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"the {name} must be text, got {type(value).__name__}")
+    return value.strip()
+
+
+def _steps(pipe: Any, sampling: Sampling) -> int:
+    """Steps the progress bar counts (one chunk: the app samples all outputs of a click at once)."""
+    steps = sampling.steps if sampling.steps is not None else pipe.sampler_config.num_steps
+    return int(steps) if isinstance(steps, (int, float)) and not isinstance(steps, bool) else 1
+
+
+def text_to_image(pipe: Any, report: Any, count: Any, sampling: Sampling,
+                  progress: Progress | None = None) -> list[Image.Image]:
+    """`count` images of one report."""
+    report = _text(report, "report", required=True)
+    count = _int(count, "the number of images", 1, MAX_COUNT)
+    out = pipe.text_to_image([report] * count, **sampling.kwargs(progress, _steps(pipe, sampling)))
+    return out.images
+
+
+def image_to_report(pipe: Any, image: Any, prompt: Any, sampling: Sampling,
+                    progress: Progress | None = None) -> str:
+    """The report of one image; a `prompt` is the beginning the report keeps."""
+    if image is None:
+        raise ValueError("no image: upload one or pick an example phantom")
+    out = pipe.image_to_report([image], prompt=_text(prompt, "prompt", required=False),
+                               **sampling.kwargs(progress, _steps(pipe, sampling)))
+    return out.reports[0]
+
+
+def generate_pairs(pipe: Any, prompt: Any, count: Any, sampling: Sampling,
+                   progress: Progress | None = None) -> list[tuple[Image.Image, str]]:
+    """`count` image-report pairs whose reports begin with `prompt` (may be empty)."""
+    prompt = _text(prompt, "prompt", required=False) or ""
+    count = _int(count, "the number of pairs", 1, MAX_COUNT)
+    out = pipe.generate_pairs([prompt], num_pairs_per_prompt=count,
+                              **sampling.kwargs(progress, _steps(pipe, sampling)))
+    return list(zip(out.images, out.reports))
+
+
+def mask_from_editor(value: Any) -> tuple[Image.Image, Image.Image]:
+    """The image and the drawn region of an image editor's value (`{"background", "layers",
+    "composite"}`): the mask is white where any layer was painted."""
+    if not isinstance(value, Mapping) or value.get("background") is None:
+        raise ValueError("no image: upload one or pick an example phantom, then paint the region to redraw")
+    background = value["background"]
+    if not isinstance(background, Image.Image):
+        background = Image.fromarray(np.asarray(background))
+    painted = np.zeros((background.height, background.width), dtype=bool)
+    for layer in value.get("layers") or []:
+        if layer is None:
+            continue
+        alpha = np.asarray(layer.convert("RGBA") if isinstance(layer, Image.Image) else layer)
+        if alpha.ndim == 3 and alpha.shape[2] == 4 and alpha.shape[:2] == painted.shape:
+            painted |= alpha[:, :, 3] > 0
+    if not painted.any():
+        raise ValueError("nothing painted: paint the region of the image to redraw")
+    return background.convert("RGB"), Image.fromarray(painted.astype(np.uint8) * 255, mode="L")
+
+
+def inpaint(pipe: Any, editor: Any, report: Any, grow: Any, sampling: Sampling,
+            progress: Progress | None = None) -> tuple[Image.Image, str]:
+    """Redraw the painted region of an image (`pipe.inpaint`) to match a report, or with no report
+    written, together with a new one; `grow` widens the region by that many codes."""
+    image, mask = mask_from_editor(editor)
+    report = _text(report, "report", required=False)
+    out = pipe.inpaint([image], [mask], None if report is None else [report], mask_dilation=_int(grow, "grow", 0, 8),
+                       **sampling.kwargs(progress, _steps(pipe, sampling)))
+    return out.images[0], out.reports[0]
+
+
+def example_phantoms(folder: str | Path, size: int, seeds: range = range(4)) -> list[tuple[Path, str]]:
+    """Phantom images (`medim.data.synthetic`) as PNG files in `folder`, each with its true report:
+    the examples of the image tabs."""
+    folder = Path(folder)
+    side = min(max(size, 32), 2048)
+    examples = []
+    for seed in seeds:
+        image, report, _ = make_pair(seed, size=side)
+        path = folder / f"phantom_{seed}.png"
+        image.save(path)
+        examples.append((path, report))
+    return examples

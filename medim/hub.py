@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -139,12 +139,50 @@ def resolve_snapshot(
     )
 
 
+def _temporary_sibling(target: Path, create: Callable[[Path], Any]) -> tuple[Path, Any]:
+    """Create a fresh hidden `.<name>.tmp-<random>` next to `target` with `create` (os.mkdir or an
+    os.open): a plain mkdir()/open() gets the mode the user's umask gives, where tempfile's
+    mkdtemp/mkstemp would force 0700/0600 onto the finished output."""
+    for _ in range(100):
+        path = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
+        try:
+            return path, create(path)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary sibling of {target}")
+
+
+def _umask() -> int:
+    # /proc names it without changing it; os.umask can only read it by setting it for a moment.
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _plain_permissions(root: Path) -> None:
+    """Give every folder and file under `root` the mode a plain mkdir()/open() gives under the umask
+    (0777/0666 less the umask; executables keep their x bits): writers such as safetensors' save_file
+    create their files 0600."""
+    mask = _umask()
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                executable = os.stat(path).st_mode & 0o111
+                os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to `target`; on success it replaces `target`.
 
     An existing non-empty `target` is only replaced with `overwrite=True` (checked before any work).
-    On an exception the temporary directory is removed and `target` is left untouched.
+    On an exception the temporary directory is removed and `target` is left untouched. What lands
+    has the permissions of a plain mkdir()/open() under the user's umask.
     """
     target = Path(target).expanduser().resolve()
     if target.exists() and not target.is_dir():
@@ -152,9 +190,10 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} is not empty; pass overwrite=True to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp, _ = _temporary_sibling(target, os.mkdir)
     try:
         yield tmp
+        _plain_permissions(tmp)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -169,10 +208,12 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
 
 @contextlib.contextmanager
 def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator:
-    """Open a temporary file next to `target` and rename it into place when the block succeeds."""
+    """Open a temporary file next to `target` and rename it into place when the block succeeds
+    (created like a plain open(): the umask decides its permissions)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    tmp, fd = _temporary_sibling(target, lambda p: os.open(p, flags, 0o666))
     try:
         with os.fdopen(fd, mode) as f:
             yield f

@@ -1,6 +1,6 @@
 """Builders shared by the training-side tests (token cache, trainer, distributed): a word-level
-tokenizer over the phantom reports, a tiny VQGAN and native layout, a phantom token cache, and a
-saved tiny pipeline + cache + config for the trainer."""
+tokenizer over the phantom reports, a tiny VQGAN and native layout, a phantom token cache, a
+saved tiny pipeline + cache + config for the trainer, and a counter of host-syncing operations."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
 from transformers import PreTrainedTokenizerFast
 
 from medim.data.cache import build_token_cache
@@ -73,3 +74,43 @@ def tiny_config(tmp_path: Path, out: str, *overrides: str):
     base, cache = tiny_run(tmp_path)
     return load_config(REPO / "configs/tiny.yaml", [
         f"model.init={base}", f"data.cache={cache}", f"train.output_dir={tmp_path / out}", *overrides])
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts the operations that make the host wait for an accelerator (found on CPU too, where
+    they would be free): reading a value (`.item()`, `float()`, `bool()`, `int()` all reach
+    `_local_scalar_dense`), data-dependent shapes (nonzero, masked_select, bool-mask indexing),
+    `equal`; plus `Tensor.tolist()` / `.numpy()`, which bypass dispatch. `calls` lists them."""
+
+    SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonzero", "_unique2",
+               "unique_consecutive", "unique_dim")
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        bool_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
+        if name in self.SYNCING or bool_index:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._patched = {m: getattr(torch.Tensor, m) for m in ("tolist", "numpy")}
+        for m, original in self._patched.items():
+            setattr(torch.Tensor, m, self._counting(m, original))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for m, original in self._patched.items():
+            setattr(torch.Tensor, m, original)
+        return super().__exit__(*exc)
+
+    def _counting(self, name, original):
+        def method(tensor, *args, **kwargs):
+            if _get_current_dispatch_mode() is self:  # not while the mode is set aside
+                self.calls.append(name)
+            return original(tensor, *args, **kwargs)
+        return method

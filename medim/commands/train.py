@@ -27,13 +27,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from medim.training import load_config, train
+    from medim.training import TrainingDiverged, load_config, train
+    from medim.training.checkpoint import CheckpointError
+    from medim.training.resume import ResumeRefused
 
     config = load_config(args.config, args.overrides)
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
-    out = train(config)
+    try:
+        out = train(config)
+    except (TrainingDiverged, ResumeRefused, CheckpointError) as e:  # expected stops: the message, no traceback
+        raise SystemExit(f"medim train: {e}") from None
     if out.final_dir is not None:
         logger.info("finished at step %d; pipeline saved to %s", out.step, out.final_dir)
     return 0

@@ -6,6 +6,7 @@ Example:
 """
 
 from medim.training.config import TrainConfig, load_config
+from medim.training.guard import TrainingDiverged
 from medim.training.trainer import Trainer, TrainOutput, train
 
-__all__ = ["TrainConfig", "load_config", "Trainer", "TrainOutput", "train"]
+__all__ = ["TrainConfig", "load_config", "Trainer", "TrainOutput", "TrainingDiverged", "train"]

@@ -1,30 +1,36 @@
-"""Training checkpoints: written atomically, found again by `resume="latest"`, pruned to the last k.
+"""Training checkpoints: written atomically with checksums, verified and found again by `resume`, pruned.
 
 A checkpoint is a directory `checkpoint_<step:08d>/` holding only safetensors and JSON/YAML:
   model.safetensors      full (unsharded) weights; tied tensors stored once (aliases in metadata)
   ema.safetensors        the EMA weights, when EMA is on
   optimizer.safetensors  AdamW state keyed "<param fqn>/<name>", param groups in metadata
   rng.safetensors        python / numpy / torch / cuda / loss-generator RNG states of every rank
-  trainer_state.json     step, samples seen, LR-scheduler state
+  trainer_state.json     step, applied updates, skipped steps, samples seen, world size, data identity
   config.yaml            the run's full config
+  manifest.json          size and sha256 of each file above, written last
 It is written into a temporary sibling folder and renamed (medim.hub.atomic_directory); only then
 is the `latest` pointer file replaced, so a crash at any moment leaves the previous checkpoint whole
-and `latest` naming it.
+and `latest` naming it. A checkpoint damaged later (a truncated copy, a bad disk) fails its
+checksums: `find_checkpoint(root, "latest")` then warns, naming the file, and falls back to the
+newest intact one, leaving the damaged one in place.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from medim.hub import atomic_directory, atomic_file
@@ -32,7 +38,9 @@ from medim.hub import atomic_directory, atomic_file
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CheckpointError",
     "save_checkpoint",
+    "verify_checkpoint",
     "load_checkpoint",
     "find_checkpoint",
     "list_checkpoints",
@@ -44,6 +52,12 @@ __all__ = [
 
 _NAME = re.compile(r"^checkpoint_(\d+)$")
 LATEST = "latest"
+MANIFEST = "manifest.json"
+REQUIRED = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer_state.json", "config.yaml")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete, damaged or unreadable; the message names the file."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -63,23 +77,93 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def find_checkpoint(root: str | os.PathLike, resume: str) -> Path | None:
-    """Resolve `resume`: "latest" -> the checkpoint `root/latest` names (or the highest step when the
-    pointer is missing; None when there is none yet), or an explicit checkpoint directory."""
+def find_checkpoint(root: str | os.PathLike, resume: str, verify: bool = True) -> Path | None:
+    """Resolve `resume` to a checkpoint directory that passes `verify_checkpoint`.
+
+    "latest": the checkpoint `root/latest` names, else the highest step; a damaged one is reported in
+    a warning naming its file and the next newest is tried (nothing is deleted). None when `root`
+    holds no checkpoint yet; CheckpointError when it holds only damaged ones. Any other value is an
+    explicit checkpoint directory, which must be intact.
+    """
     root = Path(root)
     if resume != LATEST:
         path = Path(resume).expanduser()
         if not (path / "trainer_state.json").is_file():
             raise FileNotFoundError(f"resume={resume!r} is not a checkpoint directory (no trainer_state.json)")
+        if verify:
+            verify_checkpoint(path)
         return path
+    candidates = [p for _, p in reversed(list_checkpoints(root))]
     pointer = root / LATEST
     if pointer.is_file():
-        path = root / pointer.read_text().strip()
-        if (path / "trainer_state.json").is_file():
+        named = root / pointer.read_text().strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+        else:
+            logger.warning("%s names %s, which is gone; using the newest checkpoint instead", pointer, named)
+    damaged = []
+    for path in candidates:
+        try:
+            if verify:
+                verify_checkpoint(path)
             return path
-        logger.warning("%s names %s, which is gone; using the newest checkpoint instead", pointer, path)
-    found = list_checkpoints(root)
-    return found[-1][1] if found else None
+        except CheckpointError as e:
+            logger.warning("%s; falling back to an older checkpoint (the damaged one is kept)", e)
+            damaged.append(str(e))
+    if damaged:
+        raise CheckpointError(f"no intact checkpoint in {root}: " + "; ".join(damaged))
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)  # hashlib drops the GIL on large updates: files hash in parallel
+    return digest.hexdigest()
+
+
+def _hash_files(paths: list[Path]) -> list[str]:
+    with ThreadPoolExecutor(max_workers=min(8, len(paths))) as pool:
+        return list(pool.map(_sha256, paths))
+
+
+def _write_manifest(directory: Path, step: int) -> None:
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    entries = {p.name: {"bytes": p.stat().st_size, "sha256": h} for p, h in zip(files, _hash_files(files))}
+    (directory / MANIFEST).write_text(json.dumps({"step": step, "files": entries}, indent=2))
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Check every file of a checkpoint against the sizes and sha256 sums in its manifest.json.
+
+    Raises CheckpointError naming the first file that is missing, of the wrong size or content.
+    Cost: one read of the checkpoint (files are hashed in parallel).
+    """
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} has no {MANIFEST} (incomplete, or written by an older medim): "
+                              "its files cannot be verified") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is damaged ({e})") from None
+    missing = [n for n in REQUIRED if n not in files]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} lists no {missing}")
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path}: {name} is missing")
+        if file.stat().st_size != entry["bytes"]:
+            raise CheckpointError(f"checkpoint {path}: {name} is damaged ({file.stat().st_size} bytes, "
+                                  f"{entry['bytes']} written)")
+    names = list(files)
+    for name, digest in zip(names, _hash_files([path / n for n in names])):
+        if digest != files[name]["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: {name} is damaged (its sha256 differs from {MANIFEST})")
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
@@ -111,7 +195,9 @@ def _flatten_optimizer(optim_state: dict) -> tuple[dict[str, torch.Tensor], dict
     for fqn, values in optim_state["state"].items():
         for name, v in values.items():
             tensors[f"{fqn}/{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    return tensors, {"param_groups": json.dumps(optim_state["param_groups"])}
+    # The trainer's learning rate is a device tensor (set every step from its schedule): store its value.
+    groups = [{k: v.item() if torch.is_tensor(v) else v for k, v in g.items()} for g in optim_state["param_groups"]]
+    return tensors, {"param_groups": json.dumps(groups)}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
@@ -185,6 +271,7 @@ def save_checkpoint(
         save_file(rng_tensors, str(tmp / "rng.safetensors"), metadata=rng_meta)
         (tmp / "config.yaml").write_text(config_yaml)
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        _write_manifest(tmp, step)  # last: it vouches for everything above
     with atomic_file(root / LATEST) as f:
         f.write(name)
     _prune(root, keep_last, keep=root / name)
@@ -192,34 +279,48 @@ def save_checkpoint(
 
 
 def _prune(root: Path, keep_last: int, keep: Path) -> None:
-    # Leftovers of a killed writer: atomic_directory's temporary folders start with ".checkpoint_".
-    for p in root.glob(".checkpoint_*.tmp-*"):
+    # Leftovers of a killed writer or pruner: hidden ".checkpoint_*" folders are never checkpoints.
+    for p in [*root.glob(".checkpoint_*.tmp-*"), *root.glob(".checkpoint_*.del-*")]:
         shutil.rmtree(p, ignore_errors=True)
     if keep_last <= 0:
         return
     found = [p for _, p in list_checkpoints(root)]
     for p in found[:-keep_last]:
         if p != keep:
-            shutil.rmtree(p, ignore_errors=True)
+            # Hide it first (one rename), so a kill during the removal leaves no half-deleted checkpoint.
+            hidden = p.with_name(f".{p.name}.del-{os.getpid()}")
+            os.replace(p, hidden)
+            shutil.rmtree(hidden, ignore_errors=True)
             logger.info("pruned old checkpoint %s", p)
 
 
-def load_checkpoint(path: str | os.PathLike, rank: int = 0) -> dict:
-    """Read a checkpoint written by `save_checkpoint`. Returns model/ema/optimizer state dicts, the
-    trainer state and this rank's RNG state (None when the checkpoint had fewer ranks)."""
+def load_checkpoint(path: str | os.PathLike, rank: int = 0, verify: bool = True) -> dict:
+    """Read a checkpoint written by `save_checkpoint` (checked against its manifest first unless
+    `verify=False`). Returns model/ema/optimizer state dicts, the trainer state and this rank's RNG
+    state (None when the checkpoint had fewer ranks). A damaged file raises CheckpointError naming it.
+    """
     path = Path(path)
-    needed = ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer_state.json"]
-    missing = [n for n in needed if not (path / n).is_file()]
+    missing = [n for n in REQUIRED if not (path / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {missing}")
-    model_state, _ = load_state_dict_file(path / "model.safetensors")
-    ema_state = load_state_dict_file(path / "ema.safetensors")[0] if (path / "ema.safetensors").is_file() else None
-    optim_tensors = load_file(str(path / "optimizer.safetensors"))
-    with safe_open(str(path / "optimizer.safetensors"), framework="pt") as f:
-        optim_state = _unflatten_optimizer(optim_tensors, f.metadata())
-    rng_tensors = load_file(str(path / "rng.safetensors"))
-    with safe_open(str(path / "rng.safetensors"), framework="pt") as f:
-        rng_meta = json.loads(f.metadata()["ranks"])
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {missing}")
+    if verify:
+        verify_checkpoint(path)
+    with reading(path / "model.safetensors"):
+        model_state, _ = load_state_dict_file(path / "model.safetensors")
+    ema_state = None
+    if (path / "ema.safetensors").is_file():
+        with reading(path / "ema.safetensors"):
+            ema_state = load_state_dict_file(path / "ema.safetensors")[0]
+    with reading(path / "optimizer.safetensors"):
+        optim_tensors = load_file(str(path / "optimizer.safetensors"))
+        with safe_open(str(path / "optimizer.safetensors"), framework="pt") as f:
+            optim_state = _unflatten_optimizer(optim_tensors, f.metadata())
+    with reading(path / "rng.safetensors"):
+        rng_tensors = load_file(str(path / "rng.safetensors"))
+        with safe_open(str(path / "rng.safetensors"), framework="pt") as f:
+            rng_meta = json.loads(f.metadata()["ranks"])
+    with reading(path / "trainer_state.json"):
+        trainer_state = json.loads((path / "trainer_state.json").read_text())
     rng = None
     if rank < len(rng_meta):
         prefix = f"rank{rank}."
@@ -229,7 +330,17 @@ def load_checkpoint(path: str | os.PathLike, rank: int = 0) -> dict:
         "model": model_state,
         "ema": ema_state,
         "optimizer": optim_state,
-        "trainer_state": json.loads((path / "trainer_state.json").read_text()),
+        "trainer_state": trainer_state,
         "rng": rng,
         "path": path,
     }
+
+
+@contextlib.contextmanager
+def reading(file: Path):
+    """Re-raise a parse error of `file` (safetensors, JSON, a missing metadata key) as CheckpointError."""
+    try:
+        yield
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {file.parent}: {file.name} is damaged or unreadable "
+                              f"({type(e).__name__}: {e})") from e

@@ -16,12 +16,17 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["TrainConfig", "load_config", "SCHEDULERS", "PARALLEL_MODES", "PRECISIONS"]
+__all__ = ["TrainConfig", "load_config", "resume_differences", "SCHEDULERS", "PARALLEL_MODES", "PRECISIONS",
+           "FREE_ON_RESUME"]
 
 # transformers.get_scheduler names we support (the release used warmup + cosine with restarts).
 SCHEDULERS = ("constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 PRECISIONS = ("bf16", "fp32")
+# Options that cannot change the trained weights, so a resumed run may change them freely (a name ending
+# in "." is a whole section). Every other option must match the checkpoint's unless it is named in
+# checkpoint.allow_changed (docs/training.md, "Resuming", has the table).
+FREE_ON_RESUME = ("log.", "eval.", "checkpoint.", "train.output_dir", "train.max_bad_steps")
 
 
 @dataclass
@@ -72,6 +77,9 @@ class TrainSection:
     precision: str = "bf16"  # one of PRECISIONS; bf16 = autocast, fp32 master weights
     parallel: str = "auto"  # one of PARALLEL_MODES; auto = DDP when several ranks, else none
     device: str = "auto"  # auto = this rank's CUDA device if present, else cpu
+    compile: bool = False  # torch.compile each transformer block (one graph, reused by every layer)
+    reduce_precision: str = "fp32"  # one of PRECISIONS: FSDP's gradient reduce-scatter under bf16 (bf16 halves it)
+    max_bad_steps: int = 10  # stop (non-zero exit) after this many non-finite steps in a row; each is skipped
 
 
 @dataclass
@@ -93,6 +101,7 @@ class CheckpointConfig:
     every: int = 1000  # steps between checkpoints (the last step is always saved); 0 = end only
     keep_last: int = 3  # keep only the newest k checkpoints; 0 keeps all
     resume: str | None = None  # None, "latest" (in output_dir) or a checkpoint directory
+    allow_changed: list[str] = field(default_factory=list)  # options (or sections, or world_size) a resume may change
 
 
 @dataclass
@@ -143,12 +152,17 @@ class TrainConfig:
                "an integer >= train.micro_batch_size")
         _check(self.train.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}")
         _check(self.train.parallel in PARALLEL_MODES, "train.parallel", f"one of {PARALLEL_MODES}")
+        _check(self.train.reduce_precision in PRECISIONS, "train.reduce_precision", f"one of {PRECISIONS}")
+        _check(self.train.max_bad_steps >= 1, "train.max_bad_steps", "an integer >= 1")
         _check(self.log.every >= 1, "log.every", "an integer >= 1")
         _check(self.eval.every >= 0, "eval.every", "an integer >= 0")
         _check(all(isinstance(p, str) for p in self.eval.prompts), "eval.prompts", "a list of strings")
         _check(self.eval.num_inference_steps >= 1, "eval.num_inference_steps", "an integer >= 1")
         _check(self.checkpoint.every >= 0, "checkpoint.every", "an integer >= 0")
         _check(self.checkpoint.keep_last >= 0, "checkpoint.keep_last", "an integer >= 0")
+        unknown = [k for k in self.checkpoint.allow_changed if k != "world_size" and _option_type(k) is None]
+        _check(not unknown, "checkpoint.allow_changed",
+               f"option names (e.g. optim.lr), section names or world_size; unknown: {unknown}")
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per rank per optimizer step so that the global batch is reached exactly."""
@@ -165,6 +179,39 @@ class TrainConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def resume_differences(saved: dict, config: TrainConfig) -> list[tuple[str, object, object]]:
+    """The options whose value in `config` differs from the checkpoint's `saved` config (a dict as
+    stored in its config.yaml) and that can change the trained weights: [(option, old, new)].
+
+    `train.max_steps` only matters through the LR schedule, so it is free under constant_with_warmup.
+    Options the saved config lacks (older medim) count with their defaults.
+    """
+    old, new = _flatten(_defaults(TrainConfig)) | _flatten(saved), _flatten(config.to_dict())
+    free = FREE_ON_RESUME
+    if old.get("optim.scheduler") == new["optim.scheduler"] == "constant_with_warmup":
+        free = (*free, "train.max_steps")
+    return [(key, old.get(key), value) for key, value in new.items()
+            if old.get(key) != value and not any(key == f or (f.endswith(".") and key.startswith(f)) for f in free)]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:  # YAML gives lists where the dataclasses hold tuples
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _defaults(tp) -> dict:
+    out = {}
+    for f in dataclasses.fields(tp):
+        value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        out[f.name] = _defaults(type(value)) if dataclasses.is_dataclass(value) else value
+    return out
 
 
 def _check(ok: bool, name: str, accepted: str) -> None:

@@ -2,16 +2,19 @@
 
 One optimizer step consumes exactly `train.global_batch_size` samples: `accumulation_steps`
 micro-batches of `micro_batch_size` on each of `world_size` ranks. The sample stream is a seeded
-permutation per epoch (medim.training.distributed.sample_indices), so the step number alone says
-where the data stands, and a resumed run reads exactly what the uninterrupted run would have.
+permutation per epoch (medim.training.distributed.sample_indices), so the count of samples seen
+says where the data stands, and a resumed run reads exactly what the uninterrupted run would have.
+
+Nothing in a step reads a device value back to the host: metrics, the non-finite guard and the
+learning rate stay on the device, and are read once per log, eval or checkpoint boundary.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,15 +29,19 @@ from tqdm.auto import tqdm
 
 from medim.data.cache import TokenCacheDataset
 from medim.diffusion.loss import diffusion_loss
+from medim.diffusion.segments import check_tokens
 from medim.hub import atomic_directory
 from medim.training import checkpoint as ckpt
 from medim.training.config import TrainConfig
-from medim.training.distributed import all_mean, sample_indices, setup_distributed, wrap_model
-from medim.training.optim import EMA, build_optimizer, build_scheduler
+from medim.training.distributed import all_mean, compile_blocks, sample_indices, setup_distributed, wrap_model
+from medim.training.guard import StepGuard, TrainingDiverged
+from medim.training.logs import RunLog
+from medim.training.optim import EMA, apply_hyperparameters, build_optimizer, lr_table
+from medim.training.resume import check_settings, choose_checkpoint, data_identity
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "TrainOutput", "train"]
+__all__ = ["Trainer", "TrainOutput", "TrainingDiverged", "train"]
 
 
 @dataclass
@@ -52,7 +59,9 @@ class Trainer:
     """Train a MeDiMPipeline's model on a token cache.
 
     Launch with `torchrun --nproc_per_node N -m medim.training --config cfg.yaml`, `medim train`,
-    or in Python (one process, or one per rank under torchrun):
+    or in Python (one process, or one per rank under torchrun). `pipeline` and `dataset` replace
+    `model.init` and `data.cache` (a dataset is anything with `layout`, `len()` and
+    `batch(indices) -> {"x0", "sizes", "prefix_len"}`, like TokenCacheDataset).
 
     Example:
         >>> from medim.training import Trainer, load_config
@@ -61,50 +70,60 @@ class Trainer:
         >>> MeDiMPipeline.from_pretrained(out.final_dir)
     """
 
-    def __init__(self, config: TrainConfig, pipeline=None):
+    def __init__(self, config: TrainConfig, pipeline=None, dataset=None):
         from medim.pipeline import MeDiMPipeline
 
         config.validate()
         self.cfg = cfg = config
-        self.info = setup_distributed(cfg.train.device)
-        self.accum = cfg.accumulation_steps(self.info.world_size)
+        self.info = info = setup_distributed(cfg.train.device)
+        self.accum = cfg.accumulation_steps(info.world_size)
         self.out_dir = Path(cfg.train.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
 
-        data = TokenCacheDataset(cfg.data.cache)
+        data = dataset if dataset is not None else TokenCacheDataset(cfg.data.cache)
         if cfg.data.val_size >= len(data):
             raise ValueError(f"data.val_size={cfg.data.val_size} must be smaller than the cache ({len(data)} items)")
         self.data = data
         self.num_train = len(data) - cfg.data.val_size
+        # Checksums and settings of the checkpoint to resume from, before any model is built.
+        resume_from = choose_checkpoint(self.ckpt_dir, cfg.checkpoint.resume, info) if cfg.checkpoint.resume else None
+        if resume_from is not None:
+            check_settings(resume_from, cfg, info.world_size, data_identity(data))
+        elif cfg.checkpoint.resume:
+            logger.info("resume=%s: no checkpoint in %s yet, starting from step 0", cfg.checkpoint.resume, self.ckpt_dir)
 
         # Per-rank seeds: ranks must draw different masks/times, but the same initial weights.
-        self._seed_everything(cfg.train.seed * 1000 + self.info.rank)
+        self._seed_everything(cfg.train.seed * 1000 + info.rank)
         if pipeline is None:
             pipeline = MeDiMPipeline.from_pretrained(
-                cfg.model.init, revision=cfg.model.revision, dtype=torch.float32, device=self.info.device
+                cfg.model.init, revision=cfg.model.revision, dtype=torch.float32, device=info.device
             )
         self.pipe = pipeline
         self.layout = pipeline.layout
         if self.layout != data.layout:
             raise ValueError(f"data.cache was built for layout {data.layout.to_dict()}, but model.init uses "
                              f"{self.layout.to_dict()}; rebuild the cache with this model")
-        self.model = pipeline.model.to(self.info.device).train()
+        self.model = pipeline.model.to(info.device).train()
         if cfg.model.gradient_checkpointing:
             self.model.set_activation_checkpointing(True)
-        self.wrapped, self.mode = wrap_model(self.model, cfg.train.parallel, self.info)
+        if cfg.train.compile:
+            compile_blocks(self.model)
+        self.wrapped, self.mode = wrap_model(self.model, cfg.train.parallel, info, cfg.train.precision,
+                                             cfg.train.reduce_precision)
         # After wrapping: under FSDP the averages must be sharded like the weights.
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         self.optimizer = build_optimizer(self.model, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.generator = torch.Generator(self.info.device).manual_seed(cfg.train.seed * 1000 + self.info.rank)
+        apply_hyperparameters(self.optimizer, cfg, info.device)
+        self.fused = self.optimizer.param_groups[0]["fused"]
+        self.lrs = lr_table(cfg, info.device)
+        self.guard = StepGuard(cfg.train.max_bad_steps, info.device)
+        self.generator = torch.Generator(info.device).manual_seed(cfg.train.seed * 1000 + info.rank)
         self.step = 0
-        self.history: list[dict] = []
+        self.samples_seen = 0
         self.last_checkpoint: Path | None = None
-        self._writers: list = []
-        if cfg.checkpoint.resume:
-            self._resume(cfg.checkpoint.resume)
-        if self.info.is_main:
-            self._open_logs()
+        if resume_from is not None:
+            self._load(resume_from)
+        self.run_log = RunLog(self.out_dir, cfg, self.step) if info.is_main else None
 
     # ------------------------------------------------------------------ setup helpers
     @staticmethod
@@ -113,42 +132,21 @@ class Trainer:
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
 
-    def _open_logs(self) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.out_dir / "log.jsonl"
-        if self.log_path.is_file():
-            # A resumed run redoes the steps after its checkpoint: drop their old lines.
-            lines = [ln for ln in self.log_path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln)["step"] <= self.step]
-            self.log_path.write_text("".join(ln + "\n" for ln in kept))
-        if self.cfg.log.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ImportError("log.tensorboard=true needs `pip install tensorboard`") from e
-            self._writers.append(("tb", SummaryWriter(str(self.out_dir / "tensorboard"))))
-        if self.cfg.log.wandb_project:
-            try:
-                import wandb
-            except ImportError as e:
-                raise ImportError("log.wandb_project needs `pip install wandb`") from e
-            self._writers.append(("wandb", wandb.init(project=self.cfg.log.wandb_project, config=self.cfg.to_dict())))
-
-    def _resume(self, resume: str) -> None:
-        path = ckpt.find_checkpoint(self.ckpt_dir, resume)
-        if path is None:
-            logger.info("resume=latest: no checkpoint in %s yet, starting from step 0", self.ckpt_dir)
-            return
-        state = ckpt.load_checkpoint(path, rank=self.info.rank)
+    def _load(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path, rank=self.info.rank, verify=False)  # verified by choose_checkpoint
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        # The stored param groups replaced the config's: put back this run's (allowed) values.
+        apply_hyperparameters(self.optimizer, self.cfg, self.info.device)
         if self.ema is not None:
             if state["ema"] is None:
                 raise ValueError(f"optim.ema_decay is set but checkpoint {path} has no ema.safetensors")
             self.ema.load_full_state_dict(state["ema"])
         trainer_state = state["trainer_state"]
-        self.scheduler.load_state_dict(trainer_state["scheduler"])
         self.step = trainer_state["step"]
+        self.samples_seen = trainer_state.get("samples_seen", self.step * self.cfg.train.global_batch_size)
+        self.guard["updates"].fill_(trainer_state.get("updates", self.step))
+        self.guard["skipped"].fill_(trainer_state.get("skipped", 0))
         if state["rng"] is None:
             logger.warning("checkpoint %s was written by fewer ranks: rank %d keeps fresh RNG seeds", path, self.info.rank)
         else:
@@ -160,10 +158,28 @@ class Trainer:
     def _denoiser(self, x, sigma, positions, **kwargs):
         return self.wrapped(x, sigma, positions=positions, **kwargs).logprobs
 
-    def _loss(self, batch: dict, generator: torch.Generator):
-        x0 = batch["x0"].to(self.info.device)
-        sizes = [tuple(int(v) for v in s) for s in batch["sizes"]]
-        condition = {k: v.to(self.info.device) for k, v in self.layout.condition(self.pipe.tokenizer, sizes).items()}
+    def _next_batch(self, k: int) -> dict[str, torch.Tensor]:
+        """Micro-batch k of this rank in the current step (host work, then the copy to the device)."""
+        cfg, info, m = self.cfg, self.info, self.cfg.train.micro_batch_size
+        start = self.samples_seen + k * m * info.world_size
+        return self._device_batch(
+            sample_indices(self.num_train, cfg.train.seed, cfg.data.shuffle, start, m, info.rank, info.world_size))
+
+    def _device_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The host side of a micro-batch: read, check the tokens, build the layout's condition, copy
+        to the device (pinned and non-blocking on CUDA, so the host runs ahead of the GPU)."""
+        batch = self.data.batch(indices)
+        check_tokens(batch["x0"], None, self.layout.segments, f"training items {indices}")
+        sizes = [tuple(size) for size in batch["sizes"].tolist()]
+        tensors = {"x0": batch["x0"], "prefix_len": batch["prefix_len"],
+                   **self.layout.condition(self.pipe.tokenizer, sizes)}
+        if self.info.device.type == "cuda":
+            return {k: v.pin_memory().to(self.info.device, non_blocking=True) for k, v in tensors.items()}
+        return {k: v.to(self.info.device) for k, v in tensors.items()}
+
+    def _loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator):
+        x0 = batch["x0"]
+        condition = {k: v for k, v in batch.items() if k not in ("x0", "prefix_len")}
         d = self.cfg.diffusion
         autocast = torch.autocast(self.info.device.type, dtype=torch.bfloat16,
                                   enabled=self.cfg.train.precision == "bf16")
@@ -173,11 +189,12 @@ class Trainer:
                 schedule=d.schedule,
                 loss_mask=None if self.layout.supervise_padding else x0 != self.layout.pad_id,
                 keep_prefix_prob=d.keep_prefix_prob,
-                prefix_len=batch["prefix_len"].to(self.info.device),
+                prefix_len=batch["prefix_len"],
                 cond_drop_prob=d.cond_drop_prob,
                 cond_keep_prob=d.cond_keep_prob,
                 generator=generator,
                 model_kwargs=condition,
+                validate_tokens=False,  # checked on the host in _device_batch: no sync here
             )
 
     def _sync_context(self, last: bool):
@@ -189,81 +206,118 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_step(self) -> dict[str, torch.Tensor]:
-        """One optimizer step over one global batch; returns detached metric tensors."""
+        """One optimizer step over one global batch; returns detached metric tensors (on the device).
+
+        A step whose loss or gradient norm is not finite is skipped on the device: no weight, AdamW,
+        LR-schedule or EMA update (the fused AdamW kernel's `found_inf`), counted in `self.guard`.
+        """
         cfg, info = self.cfg, self.info
-        m = cfg.train.micro_batch_size
-        per_pass = m * info.world_size
         sums = {"loss": torch.zeros((), device=info.device)}
-        tokens = torch.zeros((), device=info.device)
         for k in range(self.accum):
-            start = self.step * cfg.train.global_batch_size + k * per_pass
-            idx = sample_indices(self.num_train, cfg.train.seed, cfg.data.shuffle, start, m, info.rank, info.world_size)
+            batch = self._next_batch(k)
             with self._sync_context(last=k == self.accum - 1):
-                out = self._loss(self.data.batch(idx), self.generator)
+                out = self._loss(batch, self.generator)
                 (out.loss / self.accum).backward()
             sums["loss"] += out.loss.detach() / self.accum
             for name, v in out.per_modality.items():
                 sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + v.float() / self.accum
-            tokens += out.num_tokens
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        self.scheduler.step()
+        bad = ~(torch.isfinite(sums["loss"]) & torch.isfinite(grad_norm))
+        if info.world_size > 1:  # the losses are per rank: skip on every rank if any saw one
+            bad = all_mean(bad.float()) > 0
+        self._update(bad)
+        self.step += 1
+        self.samples_seen += cfg.train.global_batch_size
+        return {**sums, "grad_norm": grad_norm.detach()}
+
+    def _update(self, bad: torch.Tensor) -> None:
+        g = self.guard
+        lr = self.lrs.index_select(0, g["updates"].clamp(max=len(self.lrs) - 1).view(1)).squeeze(0)
+        if self.fused:
+            for group in self.optimizer.param_groups:
+                group["lr"].copy_(lr)
+            self.optimizer.found_inf = bad.float()  # the fused kernel's skip flag (as GradScaler sets it)
+            self.optimizer.step()
+        elif not bool(bad):  # no fused kernel for this device: skipping costs one host sync per step
+            for group in self.optimizer.param_groups:
+                group["lr"] = float(lr)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(self.model)
-        self.step += 1
-        return {**sums, "grad_norm": grad_norm.detach(), "tokens": tokens}
+            self.ema.update(self.model, applied=~bad)
+        g.record(bad, self.step + 1)
+
+    def _read(self, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Metrics (averaged over ranks), the guard and the LR of the next update, in one host read."""
+        names = list(metrics)
+        mean = all_mean(torch.stack([metrics[n].float() for n in names]))
+        lr = self.lrs.index_select(0, self.guard["updates"].clamp(max=len(self.lrs) - 1).view(1))
+        host = torch.cat([mean.double(), self.guard.values(), lr.double()]).tolist()  # the one sync of a boundary
+        return dict(zip([*names, *StepGuard.NAMES, "lr"], host))
 
     def fit(self, until_step: int | None = None) -> TrainOutput:
         """Train to `train.max_steps` (or stop early at `until_step`, e.g. to split a run), logging,
-        validating and checkpointing on the configured schedules. Every rank must call it."""
+        validating and checkpointing on the configured schedules. Every rank must call it.
+
+        Raises TrainingDiverged after `train.max_bad_steps` non-finite steps in a row (checked at
+        each log boundary), or when the run ends on non-finite steps; no checkpoint or final/ is
+        written from them.
+        """
         cfg = self.cfg
         stop = min(until_step or cfg.train.max_steps, cfg.train.max_steps)
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", disable=not self.info.is_main)
         window_start, window_tokens = time.perf_counter(), 0.0
-        while self.step < stop:
-            metrics = self.train_step()
-            bar.update(1)
-            window_tokens += float(self.cfg.train.global_batch_size * self.layout.state_len)
-            if self.step % cfg.log.every == 0 or self.step == stop:
-                elapsed = time.perf_counter() - window_start
-                record = {k: float(all_mean(v.float())) for k, v in metrics.items() if k != "tokens"}
-                record.update(step=self.step, lr=self.scheduler.get_last_lr()[0],
-                              tokens_per_s=window_tokens / max(elapsed, 1e-9),
-                              samples_seen=self.step * cfg.train.global_batch_size)
-                self._log(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                window_start, window_tokens = time.perf_counter(), 0.0
-            if cfg.eval.every and self.step % cfg.eval.every == 0:
-                self.validate()
-            if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == cfg.train.max_steps:
-                self.save_checkpoint()
-        bar.close()
-        final = self.export(self.out_dir / "final") if self.step >= cfg.train.max_steps else None
-        if self.info.is_main:
-            for kind, writer in self._writers:
-                writer.close() if kind == "tb" else writer.finish()
+        try:
+            while self.step < stop:
+                metrics = self.train_step()
+                bar.update(1)
+                window_tokens += float(cfg.train.global_batch_size * self.layout.state_len)
+                log_now = self.step % cfg.log.every == 0 or self.step == stop
+                eval_now = bool(cfg.eval.every) and self.step % cfg.eval.every == 0
+                save_now = (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == cfg.train.max_steps
+                if log_now or eval_now or save_now:
+                    values = self._read(metrics)
+                if log_now:
+                    elapsed = time.perf_counter() - window_start
+                    record = {k: values[k] for k in (*metrics, "lr")}
+                    record.update(step=self.step, skipped_steps=int(values["skipped"]),
+                                  tokens_per_s=window_tokens / max(elapsed, 1e-9), samples_seen=self.samples_seen)
+                    self._log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                    window_start, window_tokens = time.perf_counter(), 0.0
+                if log_now or eval_now or save_now:
+                    self.guard.check(values, self.last_checkpoint)  # after the log line that shows it
+                if eval_now:
+                    self.validate()
+                if save_now:
+                    self.save_checkpoint()
+            final = self.export(self.out_dir / "final") if self.step >= cfg.train.max_steps else None
+        except BaseException:
+            self._close_log()
+            raise
+        finally:
+            bar.close()
+        if final is not None:
+            self._close_log()
         return TrainOutput(step=self.step, final_dir=final, checkpoint_dir=self.last_checkpoint,
                            history=self.history)
 
+    @property
+    def history(self) -> list[dict]:
+        """The records logged so far (main rank; empty on the others)."""
+        return self.run_log.history if self.run_log is not None else []
+
     def _log(self, record: dict) -> None:
-        if not self.info.is_main:
-            return
-        self.history.append(record)
-        logger.info("step %d: %s", record["step"],
-                    " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for kind, writer in self._writers:
-            if kind == "tb":
-                for k, v in record.items():
-                    if k != "step":
-                        writer.add_scalar(f"train/{k}" if not k.startswith("val") else k, v, record["step"])
-            else:
-                writer.log(record, step=record["step"])
+        if self.run_log is not None:
+            self.run_log.write(record)
+
+    def _close_log(self) -> None:
+        if self.run_log is not None:
+            self.run_log.close()
+
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
@@ -282,7 +336,7 @@ class Trainer:
             for start in range(0, per_rank, m):
                 rows = [self.num_train + (info.rank * per_rank + j) % cfg.data.val_size
                         for j in range(start, min(start + m, per_rank))]
-                total += self._loss(self.data.batch(rows), g).loss.float() * len(rows)
+                total += self._loss(self._device_batch(rows), g).loss.float() * len(rows)
             val_loss = float(all_mean(total / per_rank))
             self._log({"step": self.step, "val_loss": val_loss})
         if cfg.eval.prompts:
@@ -304,8 +358,18 @@ class Trainer:
         return get_state_dict(self.model, self.optimizer,
                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
+    def _unsafe_to_save(self) -> str | None:
+        tensors = list(self.model.parameters()) + (list(self.ema.shadow.values()) if self.ema is not None else [])
+        return self.guard.unsafe_to_save(tensors)
+
     def save_checkpoint(self) -> Path | None:
-        """Write checkpoint_<step> (every rank must call it; rank 0 writes)."""
+        """Write checkpoint_<step> (every rank must call it; rank 0 writes). Skipped, with a warning,
+        while a run of non-finite steps goes on or a weight is not finite: the previous checkpoint stays
+        the newest."""
+        reason = self._unsafe_to_save()
+        if reason is not None:
+            logger.warning("step %d: no checkpoint written: %s", self.step, reason)
+            return None
         model_state, optim_state = self._full_state()
         ema_state = self.ema.full_state_dict() if self.ema is not None else None
         rng = ckpt.capture_rng(self.generator)
@@ -313,10 +377,12 @@ class Trainer:
         if self.info.world_size > 1:
             rng_states = [None] * self.info.world_size
             dist.all_gather_object(rng_states, rng)
+        updates, skipped = (int(v) for v in torch.stack([self.guard["updates"], self.guard["skipped"]]).tolist())
         path = None
         if self.info.is_main:
-            trainer_state = {"step": self.step, "samples_seen": self.step * self.cfg.train.global_batch_size,
-                             "world_size": self.info.world_size, "scheduler": self.scheduler.state_dict()}
+            trainer_state = {"step": self.step, "samples_seen": self.samples_seen, "updates": updates,
+                             "skipped": skipped, "world_size": self.info.world_size,
+                             "data": data_identity(self.data)}
             path = ckpt.save_checkpoint(
                 self.ckpt_dir, self.step, model_state=model_state, optim_state=optim_state,
                 trainer_state=trainer_state, rng_states=rng_states, ema_state=ema_state,
@@ -330,14 +396,21 @@ class Trainer:
         return path
 
     def export(self, directory: str | Path) -> Path:
-        """Save the trained model (the EMA weights when EMA is on) as a MeDiMPipeline directory."""
+        """Save the trained model (the EMA weights when EMA is on) as a MeDiMPipeline directory.
+        Raises TrainingDiverged instead when the weights are unsafe (see `save_checkpoint`)."""
         from medim.pipeline import MeDiMPipeline
 
+        reason = self._unsafe_to_save()
+        if reason is not None:
+            where = f"; the newest checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
+            raise TrainingDiverged(f"step {self.step}: {directory} not written: {reason}{where}")
         model_state, _ = self._full_state()
         if self.ema is not None:
             model_state = {**model_state, **self.ema.full_state_dict()}
         directory = Path(directory)
         if self.info.is_main:
+            for leftover in directory.parent.glob(f".{directory.name}.tmp-*"):  # of an export killed earlier
+                shutil.rmtree(leftover, ignore_errors=True)
             pipe = self.pipe
             if self.mode == "fsdp":
                 # The live model is sharded: fill a fresh CPU copy with the gathered weights.

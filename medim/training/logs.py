@@ -1,0 +1,70 @@
+"""Where a run's metrics go: `log.jsonl` (trimmed to the resumed step, torn lines dropped), the console,
+and TensorBoard / W&B when configured."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from medim.hub import atomic_file
+from medim.training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RunLog"]
+
+
+class RunLog:
+    """The main rank's metric sinks. Opening it on a resumed run keeps the lines up to `step` (the
+    run redoes the later ones); a line that is not JSON (a write cut short by a kill) is dropped
+    with a warning."""
+
+    def __init__(self, out_dir: Path, cfg: TrainConfig, step: int):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / "log.jsonl"
+        self.history: list[dict] = []
+        self._writers: list = []
+        if self.path.is_file():
+            kept = []
+            for number, line in enumerate(self.path.read_text().splitlines(), 1):
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except ValueError:
+                    logger.warning("%s line %d is not JSON (a write cut short?): dropped", self.path, number)
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= step:
+                    kept.append(line)
+            with atomic_file(self.path) as f:
+                f.write("".join(line + "\n" for line in kept))
+        if cfg.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError("log.tensorboard=true needs `pip install tensorboard`") from e
+            self._writers.append(("tb", SummaryWriter(str(out_dir / "tensorboard"))))
+        if cfg.log.wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError("log.wandb_project needs `pip install wandb`") from e
+            self._writers.append(("wandb", wandb.init(project=cfg.log.wandb_project, config=cfg.to_dict())))
+
+    def write(self, record: dict) -> None:
+        """Append one record (it has a "step") everywhere."""
+        self.history.append(record)
+        logger.info("step %d: %s", record["step"], " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for kind, writer in self._writers:
+            if kind == "tb":
+                for k, v in record.items():
+                    if k != "step":
+                        writer.add_scalar(f"train/{k}" if not k.startswith("val") else k, v, record["step"])
+            else:
+                writer.log(record, step=record["step"])
+
+    def close(self) -> None:
+        for kind, writer in self._writers:
+            writer.close() if kind == "tb" else writer.finish()
+        self._writers = []

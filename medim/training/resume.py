@@ -1,0 +1,94 @@
+"""Resuming a run: the newest intact checkpoint (verified once, on rank 0), and the settings check that
+refuses a resume which would train differently from the uninterrupted run (docs/training.md, "Resuming").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch.distributed as dist
+import yaml
+
+from medim.training import checkpoint as ckpt
+from medim.training.config import FREE_ON_RESUME, TrainConfig, resume_differences
+from medim.training.distributed import DistInfo
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ResumeRefused", "choose_checkpoint", "check_settings", "data_identity"]
+
+
+class ResumeRefused(ValueError):
+    """The checkpoint was written under settings that would make the resumed run differ."""
+
+
+def data_identity(data) -> dict:
+    """What the checkpoint records about the training data: the item count and, for a token cache,
+    the sha256 of its index (its shards, layout and build settings), so a rebuilt cache is noticed
+    even at the same path."""
+    identity = {"items": len(data)}
+    index = getattr(data, "index", None)
+    if index is not None:
+        identity["index_sha256"] = hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()
+    return identity
+
+
+def choose_checkpoint(root: Path, resume: str, info: DistInfo) -> Path | None:
+    """`checkpoint.find_checkpoint` on rank 0 (the checksums cost one read of the checkpoint), its
+    answer or error shared with every rank so that they all resume from the same one or all stop."""
+    answer: list = [None]
+    if info.is_main:
+        try:
+            path = ckpt.find_checkpoint(root, resume)
+            answer = [("path", None if path is None else str(path))]
+        except (ckpt.CheckpointError, FileNotFoundError) as e:
+            answer = [(type(e).__name__, str(e))]
+    if info.world_size > 1:
+        dist.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]
+    if kind == "CheckpointError":
+        raise ckpt.CheckpointError(value)
+    if kind == "FileNotFoundError":
+        raise FileNotFoundError(value)
+    return None if value is None else Path(value)
+
+
+def check_settings(path: Path, cfg: TrainConfig, world_size: int, data: dict) -> list[tuple[str, object, object]]:
+    """Compare this run with the one that wrote checkpoint `path`: its options (config.yaml), world
+    size and data identity (trainer_state.json). Raises ResumeRefused listing every difference that
+    can change the trained weights and is not named in `checkpoint.allow_changed`; returns the
+    allowed ones (after logging them), which the trainer then applies."""
+    with ckpt.reading(path / "config.yaml"):
+        saved = yaml.safe_load((path / "config.yaml").read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a mapping of config sections")
+    with ckpt.reading(path / "trainer_state.json"):
+        state = json.loads((path / "trainer_state.json").read_text())
+    changes = resume_differences(saved, cfg)
+    if state.get("world_size", world_size) != world_size:
+        changes.append(("world_size", state["world_size"], world_size))
+    if "data" in state and state["data"] != data:
+        changes.append(("data.cache (contents)", state["data"], data))
+    allowed = cfg.checkpoint.allow_changed
+
+    def is_allowed(key: str) -> bool:
+        key = key.split(" ")[0]
+        return any(key == a or key.startswith(a + ".") for a in allowed)
+
+    refused = [c for c in changes if not is_allowed(c[0])]
+    if refused:
+        listing = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, old, new in refused)
+        names = ",".join(dict.fromkeys(key.split(" ")[0] for key, _, _ in refused))
+        raise ResumeRefused(
+            f"checkpoint {path} was written with other settings, so the resumed run would not continue "
+            f"the interrupted one:\n{listing}\nResume with the checkpoint's values, or accept the change with "
+            f"checkpoint.allow_changed=[{names}]. Options that cannot change the weights may always change: "
+            f"{', '.join(f + '*' if f.endswith('.') else f for f in FREE_ON_RESUME)}."
+        )
+    if changes:
+        logger.warning("resuming from %s with changed settings (checkpoint.allow_changed): %s", path,
+                       "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes))
+    return changes

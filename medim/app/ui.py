@@ -138,10 +138,9 @@ def build_app(pipe: Any, *, title: str = "MeDiM") -> Any:
                                         elem_id="pairs-prompt")
                     count = gr.Slider(1, tasks.MAX_COUNT, value=4, step=1, label="Pairs", elem_id="pairs-count")
                     go = gr.Button("Generate pairs", variant="primary", elem_id="pairs-run")
-                with gr.Column():
-                    pairs = gr.Gallery(label="Pairs", format="png", columns=4, elem_id="pairs-images",
-                                       elem_classes="medim-out", object_fit="contain", height=320)
-                    listed = gr.Textbox(label="Their reports", lines=4, interactive=False, elem_id="pairs-reports")
+                    listed = gr.Textbox(label="Their reports", lines=5, interactive=False, elem_id="pairs-reports")
+                pairs = gr.Gallery(label="Pairs", format="png", columns=2, elem_id="pairs-images",
+                                   elem_classes="medim-out", object_fit="contain", height=480)
             go.click(_runner(gr, pipe, tasks.generate_pairs, _pairs_out), [opener, count, *controls], [pairs, listed],
                      api_name="generate_pairs", **event)
 

@@ -48,8 +48,8 @@ def test_original_round_trip(upstream, tmp_path, capsys):
     out = tmp_path / "v1"
     assert main(original_args(upstream, out)) == 0
     assert "medim-v1 layout, 2 layers" in capsys.readouterr().out
-    # Only JSON and safetensors: no pickle in saved artefacts.
-    assert {p.suffix for p in saved_files(out)} <= {".json", ".safetensors"}
+    # Only JSON and safetensors (no pickle in saved artefacts), and the model card, README.md.
+    assert {p.suffix for p in saved_files(out)} <= {".json", ".safetensors", ".md"}
     index = json.loads((out / "model_index.json").read_text())
     assert index["layout"] == V1_LAYOUT
 

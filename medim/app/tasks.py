@@ -131,7 +131,8 @@ def inpaint(pipe: Any, editor: Any, report: Any, grow: Any, sampling: Sampling,
     written, together with a new one; `grow` widens the region by that many codes."""
     image, mask = mask_from_editor(editor)
     report = _text(report, "report", required=False)
-    out = pipe.inpaint([image], [mask], None if report is None else [report], mask_dilation=_int(grow, "grow", 0, 8),
+    grow = _int(grow, "grow", 0, 8)
+    out = pipe.inpaint([image], [mask], None if report is None else [report], mask_dilation=grow,
                        **sampling.kwargs(progress, _steps(pipe, sampling)))
     return out.images[0], out.reports[0]
 

@@ -4,10 +4,14 @@ tests/test_app_browser.py drives the served page in Chromium."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
+import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -220,3 +224,27 @@ def test_command_checks_the_port_first():
 def test_command_names_a_model_it_cannot_load():
     with pytest.raises(SystemExit, match="cannot load --model /nonexistent/medim-folder"):
         main(["app", "--model", "/nonexistent/medim-folder"])
+
+
+@needs_gradio
+def test_command_serves_the_demo(tmp_path):
+    from medim.app.browser import free_port
+
+    port = free_port("127.0.0.1")
+    log = (tmp_path / "log").open("w+")
+    server = subprocess.Popen([sys.executable, "-m", "medim", "app", "--port", str(port)], stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        deadline, config = time.monotonic() + 180, {}
+        while time.monotonic() < deadline and server.poll() is None and not config:
+            time.sleep(1)
+            with contextlib.suppress(OSError):
+                config = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=5))
+        log.seek(0)
+        assert config, log.read()
+        ids = {c["props"].get("elem_id") for c in config["components"]}
+        assert config["title"] == "MeDiM" and {"t2i-run", "i2r-run", "pairs-run"} <= ids
+        assert config["analytics_enabled"] is False
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from medim.app.ui import launch_options
 
-__all__ = ["CHROMIUM_FLAGS", "find_chromium", "serve", "chromium", "Page"]
+__all__ = ["CHROMIUM_FLAGS", "find_chromium", "free_port", "serve", "chromium", "Page"]
 
 # Headless, and nothing that reaches out: no sync, updates, field trials or QUIC probes.
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -33,7 +33,8 @@ def find_chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -42,7 +43,7 @@ def _free_port(host: str) -> int:
 @contextlib.contextmanager
 def serve(app: Any, host: str = "127.0.0.1") -> Iterator[str]:
     """Serve a `build_app` app on a free local port in this process; yields its URL."""
-    port = _free_port(host)
+    port = free_port(host)
     app.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True, **launch_options())
     try:
         yield f"http://{host}:{port}/"

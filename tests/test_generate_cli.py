@@ -183,6 +183,7 @@ def test_prompts_file_that_is_not_utf8(tmp_path, model_dir):
     (("--steps", 10**9), r"--steps: num_steps .* must be an int in \[1, 65536\], got 1000000000"),
     (("--top-p", 1.5), r"--top-p: top_p must be None or a number in \(0, 1\]"),
     (("--strategy", "beam"), "--strategy: strategy must be one of"),
+    (("--device", "meta"), "--device: .*meta"),
 ])
 def test_out_of_range_options(extra, match, prompts, tmp_path):
     # "--seed 2**63 - 3" with 2 prompts x 2 copies: the last sample's seed is 2**63, one too many.

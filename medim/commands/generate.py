@@ -223,7 +223,8 @@ def _device(args: argparse.Namespace, local_rank: int, world_size: int):
                 raise SystemExit(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
                                  "start at most one process per GPU")
             device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+        if device.index is not None:  # "cuda" alone is the current device already
+            torch.cuda.set_device(device)
     return device
 
 
@@ -326,9 +327,9 @@ def run(args: argparse.Namespace) -> int:
     inputs = _inputs(args)
     total = len(inputs) * max(args.num_per_prompt, 1)
     _check_options(args, total)
-    loader = _resolve_loader(args)
     where = current_shard()
     device = _device(args, where.local_rank, where.world_size)
+    loader = _resolve_loader(args)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     settings = dict(
         task=args.task, model=args.model, loader=args.loader, revision=args.revision,

@@ -1,9 +1,11 @@
 """Two CPU processes (gloo): training keeps ranks' parameters identical and each rank reads
-different samples; DDP and FSDP2 both run through the same trainer."""
+different samples; DDP and FSDP2 both run through the same trainer; a step that is non-finite on
+one rank only is skipped on both."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -44,6 +46,16 @@ def _train(rank: int, tmp: Path, mode: str) -> None:
     seen: list[int] = []
     batch = trainer.data.batch
     trainer.data.batch = lambda idx: seen.extend(idx) or batch(idx)
+    if mode == "ddp":  # rank 1 alone sees a NaN loss in the second step
+        loss = trainer._loss
+
+        def poisoned(batch, generator):
+            out = loss(batch, generator)
+            if rank == 1 and trainer.step == 1:
+                out.loss = out.loss * math.nan
+            return out
+
+        trainer._loss = poisoned
     out = trainer.fit()
     # Every rank gathers the full weights (collective under FSDP) and compares them with rank 0's.
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -53,7 +65,8 @@ def _train(rank: int, tmp: Path, mode: str) -> None:
     ref = flat.clone()
     dist.broadcast(ref, 0)
     result = {"seen": seen, "same_as_rank0": bool(torch.equal(flat, ref)), "final": str(out.final_dir),
-              "val_loss": [r["val_loss"] for r in out.history if "val_loss" in r]}
+              "val_loss": [r["val_loss"] for r in out.history if "val_loss" in r],
+              "skipped": [r["skipped_steps"] for r in out.history if "skipped_steps" in r]}
     (tmp / f"{mode}-rank{rank}.json").write_text(json.dumps(result))
 
 
@@ -78,4 +91,5 @@ def _check(tmp_path: Path, mode: str) -> None:
     assert all(not set(x) & set(y) for x, y in zip(steps_a, steps_b))  # distinct samples per step
     assert results[1]["val_loss"] == []  # only rank 0 logs
     assert len(results[0]["val_loss"]) == 1
+    assert results[0]["skipped"] == ([0, 1, 1] if mode == "ddp" else [0, 0, 0])  # both ranks skipped it
     MeDiMPipeline.from_pretrained(results[0]["final"])

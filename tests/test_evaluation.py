@@ -329,5 +329,6 @@ def test_reads_a_medim_generate_folder(tmp_path):
     for i, text in enumerate(["the heart is normal.", "no effusion."]):
         (tmp_path / f"{i:06d}.txt").write_text(text + "\n")
     rows = [{"index": i, "seed": i, "source_image": f"in/{i}.png", "report": f"{i:06d}.txt"} for i in range(2)]
+    rows.append({"index": 2, "seed": 2, "source_image": "in/2.png", "error": "in/2.png could not be decoded"})
     (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert read_reports(tmp_path) == {"000000": "the heart is normal.", "000001": "no effusion."}

@@ -108,6 +108,8 @@ def read_reports(source: str | Path) -> dict[str, str]:
         raise FileNotFoundError(f"{path} is not a folder or a manifest.jsonl")
     reports = {}
     for n, row in iter_jsonl(path):
+        if isinstance(row, dict) and row.get("error"):
+            continue  # a sample `medim generate` skipped (e.g. an unreadable image): nothing to score
         report = row.get("report") if isinstance(row, dict) else None
         sample_file = path.parent / report if isinstance(report, str) and report.endswith(".txt") else None
         if sample_file is not None and sample_file.is_file():
@@ -143,6 +145,8 @@ def read_pairs(folder: str | Path) -> tuple[list[Path], list[str], list[str]]:
         rows = sorted(((row.get("index", n), n, row) for n, row in iter_jsonl(manifest) if isinstance(row, dict)),
                       key=lambda r: r[:2])
         for _, n, row in rows:
+            if row.get("error"):
+                continue  # a sample `medim generate` skipped: nothing to judge
             image = folder / row["image"] if row.get("image") else row.get("source_image")
             if not image or not Path(image).is_file():
                 raise FileNotFoundError(f"{manifest}:{n}: image {image!r} not found")

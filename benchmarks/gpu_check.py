@@ -2,6 +2,7 @@
 
     pip install -e . && python benchmarks/gpu_check.py            # results in $OUT (default ./gpu_out)
     python benchmarks/gpu_check.py --tiny                         # everything shrunk (CPU smoke test)
+    python benchmarks/gpu_check.py --skip precision,sampling,compile --train-rows plain@4,ckpt@16
 
 Sections, each guarded so one failure does not lose the rest (results are rewritten after each):
 1. bf16 vs float32 log-probs of the Liquid-shaped random MeDiM (hidden 3072, 10 layers, 16 x 256
@@ -9,7 +10,9 @@ Sections, each guarded so one failure does not lose the rest (results are rewrit
 2. Text-to-image with guidance at batch 8 and 32: 16 sampling steps measured; per-step time,
    images/s extrapolated to 128 steps (stated as such), loop overhead, model FLOP utilisation.
    Plus the release-style loop on 2 rows (speed-up, token agreement).
-3. The 3.5 B training step: bf16 autocast, gradient checkpointing, AdamW (tokens/s, peak memory).
+3. Training the 3.5 B shape through medim's Trainer (benchmarks/bench_train.py): tokens/s, MFU and
+   peak memory per configuration row CONFIG@MICRO_BATCH (--train-rows; default: checkpointing at 4,
+   checkpointing + compiled blocks at 16, and the same under one-rank FSDP2 mixed precision).
 4. torch.compile of the model (static shapes): per-step time against eager, or the error.
 Writes $OUT/gpu_check.md and $OUT/gpu_check.json and prints progress with timestamps.
 """
@@ -30,12 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sampler import loop_overhead, release_speedup, run_sampler  # noqa: E402
-from bench_train import train_rate  # noqa: E402
+from bench_train import parse_rows, peak_flops, run_rows  # noqa: E402
 from common import machine_info, markdown_table, medim_v1_model, text_to_image_batch, timed  # noqa: E402
 
 from medim.hub import atomic_file  # noqa: E402
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM
 START = time.perf_counter()
 
 
@@ -53,13 +55,6 @@ def forward_flops(model, rows: int, image_positions: int) -> float:
     attn = 4 * L * L * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
     head = 2 * image_positions * layout.image_vocab_size * cfg.hidden_size
     return rows * (2 * block * L + attn + head)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
 def section_precision(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -99,11 +94,9 @@ def section_sampling(a: argparse.Namespace, device: torch.device, model) -> list
     return rows
 
 
-def section_training(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    model = medim_v1_model(a.size, device=device, **a.shape)
-    params = sum(p.numel() for p in model.parameters())
-    result = train_rate(model, a.train_batch, 2, bf16=True, checkpointing=True)
-    return dict(params_B=params / 1e9, **result)
+def section_training(a: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    return run_rows(a.train_rows, a.size, device, precision, steps=a.train_steps, warmup=2, log=log, **a.shape)
 
 
 def section_compile(a: argparse.Namespace, device: torch.device, model) -> dict[str, Any]:
@@ -144,23 +137,26 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="shrink everything (runs on CPU)")
     p.add_argument("--skip", default="", help="comma list of sections to skip: precision,sampling,training,compile")
+    p.add_argument("--train-rows", default=None, help="training rows CONFIG@MICRO_BATCH (see bench_train.py)")
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not a.tiny:
         raise SystemExit("gpu_check needs a CUDA device (use --tiny for a CPU smoke test)")
     if a.tiny:
         a.size, a.shape, a.cond_len = "tiny", dict(text_len=16, image_len=64, base_vocab=120, image_vocab=64), 5
-        a.batches, a.steps, a.train_batch, a.compile_steps = [2, 4], 4, 2, 2
+        a.batches, a.steps, a.train_steps, a.compile_steps = [2, 4], 4, 2, 2
+        a.train_rows = parse_rows(a.train_rows or "plain@2,ckpt+compile@2")
     else:
         a.size, a.shape, a.cond_len = "liquid", {}, 24
-        a.batches, a.steps, a.train_batch, a.compile_steps = [8, 32], 16, 4, 8
+        a.batches, a.steps, a.train_steps, a.compile_steps = [8, 32], 16, 3, 8
+        a.train_rows = parse_rows(a.train_rows or "ckpt@4,ckpt+compile@16,fsdp+ckpt+compile@16")
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 reference and head matmuls
     a.guidance = 5.0
     out_dir = Path(os.environ.get("OUT", "./gpu_out"))
     skip = set(filter(None, a.skip.split(",")))
     results: dict[str, Any] = dict(machine=machine_info(device), sections={},
                                    settings=dict(size=a.size, batches=a.batches, steps=a.steps, guidance=a.guidance,
-                                                 train_batch=a.train_batch, layout="medim-v1", shape=a.shape))
+                                                 train_rows=a.train_rows, layout="medim-v1", shape=a.shape))
     log(f"device {results['machine'].get('gpu', 'cpu')}, torch {torch.__version__}, writing to {out_dir}")
 
     def guarded(name: str, fn) -> None:

@@ -192,6 +192,16 @@ def test_one_process_training_lowers_loss_and_exports(tmp_path):
     pipe = MeDiMPipeline.from_pretrained(out.final_dir)
     trained = trainer.model.state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in pipe.model.state_dict().items())
+    # The exported pipeline's model card carries the run's summary.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out.final_dir / "README.md")
+    last = [r for r in out.history if "loss" in r][-1]
+    val = [r["val_loss"] for r in out.history if "val_loss" in r][-1]
+    for row in ("| optimizer steps | 30 |", "| token cache | cache |", "| training examples in the cache | 20 |",
+                f"| final loss | {last['loss']:.4g} |", f"| validation loss | {val:.4g} |"):
+        assert row in card.text, row
+    assert card.data.library_name == "medim"
 
 
 def _run_state(trainer) -> tuple[dict, dict]:

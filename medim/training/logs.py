@@ -12,7 +12,7 @@ from medim.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunLog"]
+__all__ = ["RunLog", "training_summary"]
 
 
 class RunLog:
@@ -68,3 +68,15 @@ class RunLog:
         for kind, writer in self._writers:
             writer.close() if kind == "tb" else writer.finish()
         self._writers = []
+
+
+def training_summary(history: list[dict], step: int, cfg: TrainConfig, num_train: int) -> dict:
+    """What a run knows about itself, for the trained pipeline's model card: steps, samples, the
+    data cache, the last logged losses and the last validation loss."""
+    last = next((r for r in reversed(history) if "loss" in r), {})
+    val = next((r["val_loss"] for r in reversed(history) if "val_loss" in r), None)
+    summary = {"steps": step, "samples_seen": step * cfg.train.global_batch_size,
+               "data_cache": Path(cfg.data.cache).name, "data_size": num_train, "val_size": cfg.data.val_size,
+               **{k: last[k] for k in ("loss", "loss_text", "loss_image") if k in last}}
+    return summary if val is None else {**summary, "val_loss": val}
+

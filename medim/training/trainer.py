@@ -35,7 +35,7 @@ from medim.training import checkpoint as ckpt
 from medim.training.config import TrainConfig
 from medim.training.distributed import all_mean, compile_blocks, sample_indices, setup_distributed, wrap_model
 from medim.training.guard import StepGuard, TrainingDiverged
-from medim.training.logs import RunLog
+from medim.training.logs import RunLog, training_summary
 from medim.training.optim import EMA, apply_hyperparameters, build_optimizer, lr_table
 from medim.training.resume import check_settings, choose_checkpoint, data_identity
 
@@ -398,6 +398,7 @@ class Trainer:
     def export(self, directory: str | Path) -> Path:
         """Save the trained model (the EMA weights when EMA is on) as a MeDiMPipeline directory.
         Raises TrainingDiverged instead when the weights are unsafe (see `save_checkpoint`)."""
+        from medim.model_card import hub_repo_id
         from medim.pipeline import MeDiMPipeline
 
         reason = self._unsafe_to_save()
@@ -418,7 +419,9 @@ class Trainer:
                                                      dtype=torch.float32, device="cpu")
             if self.mode == "fsdp" or self.ema is not None:
                 pipe.model.load_state_dict(model_state)
-            pipe.save_pretrained(directory, overwrite=True)
+            card = {"base_model": hub_repo_id(self.cfg.model.init),
+                    "training": training_summary(self.history, self.step, self.cfg, self.num_train)}
+            pipe.save_pretrained(directory, overwrite=True, overwrite_card=True, model_card=card)
             logger.info("saved the trained pipeline to %s", directory)
         if dist.is_initialized():
             dist.barrier()

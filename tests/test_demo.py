@@ -51,6 +51,8 @@ def test_build_demo_writes_a_loadable_pipeline(toy_demo):
     assert rope["rope_theta"] == 500.0
     files = [p for p in toy_demo.rglob("*") if p.is_file()]
     assert not any(p.suffix in {".bin", ".pt", ".ckpt", ".pkl"} for p in files)  # no pickle
+    card = (toy_demo / "README.md").read_text()  # its model card: MIT, loads by the bundled name, the run
+    assert "license: mit" in card and 'from_pretrained("medim-demo")' in card and "| optimizer steps | 2 |" in card
     # saved under transformers 5 as well, the tokenizer names a class 4.57 can load too
     assert json.loads((toy_demo / "tokenizer" / "tokenizer_config.json").read_text())["tokenizer_class"] \
         == "PreTrainedTokenizerFast"
@@ -209,7 +211,7 @@ bundled = pytest.mark.skipif(not (demo_path() / "model_index.json").is_file(), r
 def test_shipped_model_is_small_and_ours():
     files = [p for p in demo_path().rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 20 * 2**20
-    assert {p.suffix for p in files} <= {".json", ".safetensors", ".txt"}  # no pickle
+    assert {p.suffix for p in files} <= {".json", ".safetensors", ".txt", ".md"}  # no pickle
     build = json.loads((demo_path() / "build.json").read_text())
     assert build["settings"]["vqgan_codes"] == MeDiMPipeline.from_pretrained("medim-demo").vqgan.config.n_embed
     # `medim demo --retrain` (the BuildSettings defaults) is the shipped recipe

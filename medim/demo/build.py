@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from medim.demo.settings import DEMO_SAMPLER, IMAGE_SIZE, TEXT_LEN, BuildSettings
+from medim.demo.settings import DEMO_NAME, DEMO_SAMPLER, IMAGE_SIZE, TEXT_LEN, BuildSettings
 from medim.demo.vqgan import lesion_rich_pixels, train_vqgan
 from medim.hub import atomic_directory
 
@@ -88,6 +88,7 @@ def build_demo(out: str | os.PathLike, settings: BuildSettings | None = None, de
         TrainConfig,
         TrainSection,
     )
+    from medim.training.logs import training_summary
 
     s = settings or BuildSettings()
     reused = None
@@ -132,7 +133,10 @@ def build_demo(out: str | os.PathLike, settings: BuildSettings | None = None, de
         result = Trainer(config).fit()
         trained = MeDiMPipeline.from_pretrained(result.final_dir)
         trained.sampler_config = trained.sampler_config.replace(**DEMO_SAMPLER)
-        trained.save_pretrained(final, overwrite=True)
+        held_out = config.data.val_size
+        card = {"license": "mit", "repo_id": DEMO_NAME,
+                "training": training_summary(result.history, result.step, config, s.num_train - held_out)}
+        trained.save_pretrained(final, overwrite=True, model_card=card)
         history = [{k: r[k] for k in ("step", "loss") if k in r} for r in result.history]
         recorded, source = asdict(s), None
         if reused is not None:  # the VQGAN settings did not apply: name the weights that did

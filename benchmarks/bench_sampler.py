@@ -4,6 +4,10 @@
     python benchmarks/bench_sampler.py                                   # CPU, tiny width
     python benchmarks/bench_sampler.py --size liquid --device cuda --dtype bfloat16 --steps 16
     python benchmarks/bench_sampler.py --demo-model medim-demo           # + demo accuracies
+    python benchmarks/bench_sampler.py --cache-speed --size medium --steps 32      # (d) context caching
+    python benchmarks/bench_sampler.py --compile-speed                             # (e) compiled vs eager
+    python benchmarks/bench_sampler.py --compile-speed --size liquid --device cuda --dtype bfloat16 \
+        --compile-mode reduce-overhead --steps 16                                  # (e) on a GPU
 
 a) loop overhead = sampling time / (forwards x time of one bare model forward at the same batch
    and positions): 1.0 means the loop costs nothing beyond the network. The bare forward is the
@@ -14,6 +18,12 @@ b) speed-up over the release-style loop (one sample at a time, guidance as a sec
    numbers, so both give the same tokens up to float rounding (token_agreement).
 c) forwards (NFE) and time per pair for maskgit at 128 / 64 / 32 steps and for threshold; with
    `--demo-model` also the phantom demo's accuracies at each setting (quality per cost).
+d) `--cache-speed`: seconds per sample and network FLOPs per step (computed from the shapes:
+   common.forward_flops) of each task at `--intervals` of context caching against uncached, with
+   the share of tokens equal to the uncached ones (random weights: only cost is meaningful here;
+   quality is benchmarks/bench_quality.py's). Only (d) and (e) run when asked for.
+e) `--compile-speed`: seconds per step of the compiled denoiser (`ModelDenoiser.compile`, as
+   `pipe.compile()`) against eager, the compile time and the token agreement.
 Results are printed and appended to benchmarks/RESULTS.md (`--no-record` to skip).
 """
 
@@ -32,15 +42,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     RESULTS,
     SIZES,
+    FlopMeter,
     machine_info,
     medim_v1_model,
     release_style_sample,
     report,
+    task_batch,
     text_to_image_batch,
     timed,
 )
 
 from medim.diffusion.sampler import sample  # noqa: E402
+from medim.models.denoiser import COMPILE_MODES, ModelDenoiser  # noqa: E402
 
 logger = logging.getLogger("bench_sampler")
 
@@ -138,6 +151,56 @@ def demo_accuracy(model: str, settings, n: int, device: str, dtype: torch.dtype)
     return rows
 
 
+def _sample_task(denoiser, model, task, steps: int, guidance: float, **options):
+    x, known, cond = task
+    gens = [torch.Generator(x.device).manual_seed(r) for r in range(x.shape[0])]
+    return sample(denoiser, x, known, segments=model.layout.segments, mask_id=model.layout.mask_id, num_steps=steps,
+                  guidance_scale=guidance, generator=gens, model_kwargs=cond, **options)
+
+
+@torch.inference_mode()
+def cache_speed(model, tasks: list[str], batch: int, steps: int, guidance: float,
+                intervals: list[int]) -> list[dict[str, Any]]:
+    """(d) each task uncached, then at each caching interval: seconds and FLOPs per sample."""
+    device, rows = model.device, []
+    for name in tasks:
+        task = task_batch(model.layout, name, batch, device)
+        base = None
+        for interval in [None, *intervals]:
+            with FlopMeter(model) as meter:
+                seconds, out = timed(partial(_sample_task, ModelDenoiser(model), model, task, steps, guidance,
+                                             cache_interval=interval), device)
+            row = dict(task=name, cache_interval=interval or "off", nfe=out.nfe, s_per_sample=seconds / batch,
+                       gflops_per_step=meter.flops / out.nfe / 1e9, gflops_per_sample=meter.flops / batch / 1e9)
+            base = base or dict(row, tokens=out.tokens)
+            row.update(speedup=base["s_per_sample"] / row["s_per_sample"],
+                       flops_ratio=base["gflops_per_sample"] / row["gflops_per_sample"],
+                       same_tokens=float((out.tokens == base["tokens"]).float().mean()),
+                       load_average=machine_info()["load_average"][0])
+            rows.append(row)
+            logger.info("%s", {k: v for k, v in row.items()})
+    return rows
+
+
+@torch.inference_mode()
+def compile_speed(model, batch: int, steps: int, guidance: float, mode: str | None) -> dict[str, Any]:
+    """(e) text-to-image with the compiled denoiser against eager: seconds per step, compile time
+    (the first run's extra time), token agreement."""
+    device = model.device
+    task = task_batch(model.layout, "text_to_image", batch, device)
+    eager = ModelDenoiser(model)
+    _sample_task(eager, model, task, 2, guidance)  # warm-up
+    t_eager, ref = timed(lambda: _sample_task(eager, model, task, steps, guidance), device)
+    torch._dynamo.reset()
+    compiled = ModelDenoiser(model).compile(mode=mode)
+    t_first, _ = timed(lambda: _sample_task(compiled, model, task, 2, guidance), device)  # compiles both graphs
+    t_compiled, out = timed(lambda: _sample_task(compiled, model, task, steps, guidance), device)
+    torch._dynamo.reset()
+    return dict(batch=batch, steps=steps, mode=mode, eager_s_per_step=t_eager / ref.nfe,
+                compiled_s_per_step=t_compiled / out.nfe, speedup=t_eager / t_compiled,
+                compile_s=t_first - 2 * t_compiled / out.nfe, token_agreement=float((out.tokens == ref.tokens).float().mean()))
+
+
 def parse_settings(text: str) -> list[tuple[str, int]]:
     """"maskgit:128,maskgit:64,threshold:128" -> [(strategy, steps), ...]."""
     out = []
@@ -166,12 +229,20 @@ def main(argv: list[str] | None = None) -> int:
                         "folder written by `medim demo --retrain`; its saved sampler options apply, not --guidance")
     p.add_argument("--demo-n", type=int, default=16, help="held-out phantoms per setting for --demo-model")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (static shapes)")
+    p.add_argument("--cache-speed", action="store_true", help="(d) context caching: seconds and FLOPs per sample")
+    p.add_argument("--tasks", default="image_to_report,text_to_image,pairs", help="tasks for (d)")
+    p.add_argument("--intervals", default="1,2,4,8", help="caching intervals for (d)")
+    p.add_argument("--compile-speed", action="store_true", help="(e) compiled vs eager seconds per step")
+    p.add_argument("--compile-mode", default=None, choices=[m for m in COMPILE_MODES if m], help="for (e)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     if args.batch < 1 or args.steps < 1 or args.nfe_batch < 1:
         raise SystemExit("--batch, --steps and --nfe-batch must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     record = None if args.no_record else RESULTS
     model = medim_v1_model(args.size, dtype=dtype, device=args.device)
@@ -180,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info(args.device)
     settings = dict(size=args.size, dtype=args.dtype, batch=args.batch, guidance=args.guidance, steps=args.steps,
                     compile=args.compile, layout="medim-v1 256+1024", task="text-to-image")
+    if args.cache_speed or args.compile_speed:
+        return extra_sections(args, model, settings, record)
 
     logger.info("(a) loop overhead at batch %d", args.batch)
     fast = loop_overhead(model, args.batch, args.steps, args.guidance, args.repeats)
@@ -205,6 +278,30 @@ def main(argv: list[str] | None = None) -> int:
         rows = demo_accuracy(args.demo_model, grid, args.demo_n, args.device, dtype)
         report("Sampler: demo quality per cost", {**settings, "demo_model": args.demo_model, "n": args.demo_n},
                rows, machine_info(args.device), results=record)
+    return 0
+
+
+def extra_sections(args, model, settings: dict[str, Any], record) -> int:
+    """(d) and (e), each when asked for."""
+    settings = {**settings, "compile": False, "task": None}
+    if args.cache_speed:
+        tasks = args.tasks.split(",")
+        intervals = [int(i) for i in args.intervals.split(",")]
+        start = machine_info(args.device)
+        rows = cache_speed(model, tasks, args.batch, args.steps, args.guidance, intervals)
+        start["load_average_end"] = machine_info()["load_average"]
+        report(f"Sampler: context caching cost ({args.size}, {args.device})", {**settings, "tasks": tasks}, rows, start,
+               ["gflops_per_step: network FLOPs of one step for the whole batch (guided steps: 2 x batch rows), "
+                "computed from the shapes; speedup and flops_ratio against cache_interval off, same run",
+                "same_tokens: share equal to the uncached tokens (random weights: the sampler's bookkeeping, not "
+                "quality; see bench_quality.py)"], results=record)
+    if args.compile_speed:
+        start = machine_info(args.device)
+        row = compile_speed(model, args.batch, args.steps, args.guidance, args.compile_mode)
+        start["load_average_end"] = machine_info()["load_average"]
+        report(f"Sampler: compiled vs eager ({args.size}, {args.device})", {**settings, "task": "text-to-image"},
+               [row], start, ["compile_s: extra time of the first (compiling) run; both graphs (unguided, guided)"],
+               results=record)
     return 0
 
 

@@ -35,21 +35,24 @@ SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, head_dim=16),
     "tiny128": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, head_dim=32),
     "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, head_dim=64),
+    "medium": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8, head_dim=64),
     "liquid": dict(hidden_size=3072, intermediate_size=24576, num_hidden_layers=10, num_attention_heads=16, head_dim=256),
 }
 
 
 def medim_v1_model(size: str = "tiny", text_len: int = 256, image_len: int = 1024, base_vocab: int = 32000,
                    image_vocab: int = 8192, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                   seed: int = 0) -> MeDiMModel:
+                   seed: int = 0, num_layers: int | None = None) -> MeDiMModel:
     """A random-weight MeDiM in the medim-v1 layout (default: the release's 256 + 1024 tokens and
-    40196-row vocabulary), built directly on `device` in `dtype`."""
+    40196-row vocabulary), built directly on `device` in `dtype` (`num_layers`: the size's unless given)."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
     layout = MeDiMV1Layout(base_vocab_size=base_vocab, text_len=text_len, image_len=image_len,
                            image_vocab_size=image_vocab)
     params = {**liquid_backbone_config(10, layout.min_vocab_size).to_dict(), **SIZES[size]}
     params["num_key_value_heads"] = params["num_attention_heads"]
+    if num_layers is not None:
+        params["num_hidden_layers"] = num_layers
     backbone = GemmaConfig.from_dict(params)
     torch.manual_seed(seed)
     with torch.device(device):
@@ -77,6 +80,28 @@ def text_to_image_batch(layout: MeDiMV1Layout, batch: int, device: str | torch.d
     cond = {"cond_ids": torch.randint(3, text.vocab_size, (batch, cond_len), generator=g),
             "cond_mask": torch.ones(batch, cond_len, dtype=torch.bool)}
     return x.to(device), known.to(device), {k: v.to(device) for k, v in cond.items()}
+
+
+def task_batch(layout: MeDiMV1Layout, task: str, batch: int, device: str | torch.device = "cpu", seed: int = 0,
+               cond_len: int = 24) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(x, known, condition) of a random batch for "text_to_image" (`text_to_image_batch`),
+    "image_to_report" (random image codes known, every report slot unknown, as the release fills
+    them) or "pairs" (a 4-token prompt known, everything else unknown)."""
+    x, known, cond = text_to_image_batch(layout, batch, device, seed, cond_len)
+    if task == "text_to_image":
+        return x, known, cond
+    T, image = layout.text_len, layout.image_segment
+    g = torch.Generator().manual_seed(seed + 1)
+    if task == "image_to_report":
+        x[:, T:] = (torch.randint(0, image.vocab_size, (batch, image.length), generator=g) + image.vocab_start).to(x.device)
+        known = torch.zeros_like(known)
+        known[:, T:] = True
+    elif task == "pairs":
+        known = torch.zeros_like(known)
+        known[:, :4] = True
+    else:
+        raise ValueError(f"task must be text_to_image, image_to_report or pairs, got {task!r}")
+    return torch.where(known, x, layout.mask_id), known, cond
 
 
 @torch.no_grad()
@@ -142,6 +167,57 @@ def _restrict(logits: torch.Tensor, layout: MeDiMV1Layout) -> torch.Tensor:
     ok_image = (ids >= image.vocab_start) & (ids < image.vocab_stop)
     allowed = torch.cat([ok_text.expand(text.length, -1), ok_image.expand(image.length, -1)])
     return logits.masked_fill(~allowed, -math.inf)
+
+
+def forward_flops(model: MeDiMModel, rows: int, queries: int, keys: int, outputs: dict[str, int]) -> int:
+    """Network FLOPs (2 per multiply-add) of one forward of `rows` rows in which `queries` backbone
+    positions run through every layer attending over `keys` (a whole forward: both the sequence
+    length; a context-cached step: its active positions and the whole sequence), with the head at
+    `outputs[segment]` positions of each segment. Counts every matrix product: timestep embedder,
+    AdaLN, q/k/v/o projections, attention scores and mix, the gated MLP, the head."""
+    b, c = model.config.backbone_config, model.config
+    d, heads, kv = b.hidden_size, b.num_attention_heads, b.num_key_value_heads
+    head_dim = getattr(b, "head_dim", None) or d // heads
+    per_token = d * (heads + 2 * kv) * head_dim + heads * head_dim * d + 3 * d * b.intermediate_size
+    attention = 2 * heads * head_dim * keys
+    per_row = c.frequency_embedding_size * d + d * d + b.num_hidden_layers * 6 * d * d  # sigma embedding, AdaLN
+    segments = {s.name: s for s in model.layout.segments}
+    head = sum(n * d * segments[name].vocab_size for name, n in outputs.items())
+    return 2 * rows * (per_row + b.num_hidden_layers * queries * (per_token + attention) + head)
+
+
+class FlopMeter:
+    """Adds up `forward_flops` of every forward `model` runs inside `with FlopMeter(model) as meter:`
+    (`forward` and `forward_cached`, as the pipeline's denoiser calls them); `meter.flops`, `meter.calls`."""
+
+    def __init__(self, model: MeDiMModel):
+        self.model, self.flops, self.calls = model, 0, 0
+
+    def _count(self, x: torch.Tensor, positions: dict | None, condition: dict, queries: int | None) -> None:
+        layout = self.model.layout
+        keys = layout.backbone_inputs(x[:1], **{k: v[:1] for k, v in condition.items()}).input_ids.shape[1]
+        outputs = {s.name: s.length for s in layout.segments} if positions is None else {
+            name: p.numel() for name, p in positions.items()}
+        self.flops += forward_flops(self.model, x.shape[0], queries or keys, keys, outputs)
+        self.calls += 1
+
+    def __enter__(self) -> FlopMeter:
+        model = self.model
+        forward, cached = model.forward, model.forward_cached
+
+        def counted_forward(x, sigma, positions=None, return_logits=False, **condition):
+            self._count(x, positions, condition, None)
+            return forward(x, sigma, positions=positions, return_logits=return_logits, **condition)
+
+        def counted_cached(x, sigma, positions, cache=None, return_logits=False, **condition):
+            self._count(x, positions, condition, None if cache is None else cache.active.shape[1])
+            return cached(x, sigma, positions, cache, return_logits=return_logits, **condition)
+
+        model.forward, model.forward_cached = counted_forward, counted_cached
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.model.forward, self.model.forward_cached  # the class's methods again
 
 
 def timed(fn: Callable[[], Any], device: torch.device | str = "cpu", repeats: int = 1) -> tuple[float, Any]:

@@ -21,6 +21,7 @@ from medim.data.images import ImageInput, load_image, postprocess, preprocess
 from medim.diffusion import tasks
 from medim.diffusion.config import SamplerConfig
 from medim.diffusion.sampler import check_generator, sample
+from medim.models.denoiser import ModelDenoiser
 
 __all__ = ["MeDiMOutput", "GenerationMixin", "OUTPUT_TYPES", "check_text", "check_prompts", "check_image_size",
            "check_call", "sampler_settings", "row_generators", "run_chunks", "prompt_task", "per_image",
@@ -138,24 +139,34 @@ def run_chunks(pipe: Any, task: tasks.TaskInputs, condition: dict[str, torch.Ten
     chunks = range(0, n, size)
     bar = tqdm(total=len(chunks) * config.num_steps, desc="MeDiM", **pipe._progress_bar_config)
 
-    def denoiser(xt, sigma, positions, **kwargs):
-        # Raw logits: the sampler normalises them itself (it is invariant to a per-position
-        # constant), so the model's log-softmax over every row would be a wasted pass.
-        return pipe.model(xt, sigma, positions=positions, return_logits=True, **kwargs).logits
+    # Raw logits (the sampler normalises them itself), context-cached steps, or the forward
+    # `pipe.compile()` made (medim/models/denoiser.py).
+    compiled = getattr(pipe, "_compiled_denoiser", None)
+    denoiser = compiled if compiled is not None and compiled.model is pipe.model else ModelDenoiser(pipe.model)
 
     def on_step(step: int, t: float, tokens: torch.Tensor) -> None:
         bar.update(1)
         if callback is not None:
             callback(pipe, step, t, tokens)
 
+    def pad(t: torch.Tensor, rows: int) -> torch.Tensor:
+        return torch.cat([t, t[-1:].expand(rows, *t.shape[1:])])
+
     out, nfe = [], 0
     with torch.inference_mode(), bar:
         for start in chunks:
             rows = slice(start, start + size)
-            result = sample(denoiser, x[rows], known[rows], segments=pipe.layout.segments, mask_id=pipe.layout.mask_id,
-                            config=config, generator=generators[rows],
-                            model_kwargs={k: v[rows] for k, v in condition.items()}, callback=on_step)
-            out.append(result.tokens)
+            xs, ks, gens = x[rows], known[rows], generators[rows]
+            kwargs = {k: v[rows] for k, v in condition.items()}
+            # A compiled denoiser sees one batch size: a short last chunk is filled with copies of
+            # its last row (own generators, dropped after), so it compiles nothing new.
+            extra = size - xs.shape[0] if denoiser.compiled else 0
+            if extra:
+                xs, ks, kwargs = pad(xs, extra), pad(ks, extra), {k: pad(v, extra) for k, v in kwargs.items()}
+                gens = gens + [torch.Generator(pipe.device).manual_seed(0) for _ in range(extra)]
+            result = sample(denoiser, xs, ks, segments=pipe.layout.segments, mask_id=pipe.layout.mask_id,
+                            config=config, generator=gens, model_kwargs=kwargs, callback=on_step)
+            out.append(result.tokens[: size - extra])
             nfe += result.nfe
     return torch.cat(out), nfe
 

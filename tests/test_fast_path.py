@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from medim.diffusion.sampler import _categorical, sample
+from medim.diffusion.draw import categorical
+from medim.diffusion.sampler import sample
 from medim.models.medim import MeDiMModelOutput
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -52,7 +53,7 @@ def test_blocked_categorical_is_the_inverse_cdf():
         weights = torch.rand(4, 50, V, generator=g) ** 4
         weights[0, :, V // 2 :] = 0.0  # zero-probability entries are never picked
         u = torch.rand(4, 50, generator=g)
-        idx, total = _categorical(weights, u)
+        idx, total = categorical(weights, u)
         cdf = weights.double().cumsum(-1)
         ref = torch.searchsorted(cdf, (u.double() * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
         assert torch.equal(idx, ref.clamp(max=V - 1)), V

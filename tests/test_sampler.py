@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from medim.diffusion import commit_counts, pair_from_prompt, sample, text_to_image
-from medim.diffusion.sampler import _filter_logprobs
+from medim.diffusion.draw import filter_logprobs
+from medim.diffusion.halton import halton_order, halton_rank
 from medim.layout import NativeLayout
 
 LAYOUT = NativeLayout(text_vocab_size=12, image_offset=12, image_vocab_size=10, mask_id=22, text_len=6, image_len=20)
@@ -160,12 +161,12 @@ def test_greedy_ignores_the_seed_and_filters_are_exact():
     b = run(toy, t2i(), generator=torch.Generator().manual_seed(1), **kw).tokens
     assert torch.equal(a, b)
     logp = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    torch.testing.assert_close(_filter_logprobs(logp, 0.5, None, None), (logp / 0.5).log_softmax(-1))
-    top2 = _filter_logprobs(logp, 1.0, 2, None).exp()
+    torch.testing.assert_close(filter_logprobs(logp, 0.5, None, None), (logp / 0.5).log_softmax(-1))
+    top2 = filter_logprobs(logp, 1.0, 2, None).exp()
     torch.testing.assert_close(top2, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
-    nucleus = _filter_logprobs(logp, 1.0, None, 0.8).exp()  # 0.5 + 0.3 reaches 0.8: two tokens
+    nucleus = filter_logprobs(logp, 1.0, None, 0.8).exp()  # 0.5 + 0.3 reaches 0.8: two tokens
     torch.testing.assert_close(nucleus, top2)
-    assert (_filter_logprobs(logp, 1.0, None, 0.81).exp() > 0).sum() == 3
+    assert (filter_logprobs(logp, 1.0, None, 0.81).exp() > 0).sum() == 3
 
 
 def release_reference(toy, x, known, gens, steps=128, cfg=5.0, r_temp=10.0):
@@ -244,6 +245,8 @@ def test_bad_inputs():
         (dict(top_p=0.0), "top_p"),
         (dict(top_k=0), "top_k"),
         (dict(threshold=1.5), "threshold"),
+        (dict(order="spiral"), "order.*'halton'"),
+        (dict(order="halton"), "square grid"),  # 20 image tokens
         (dict(generator=[torch.Generator()]), "generator"),
         (dict(model_kwargs={"size": torch.ones(3)}), "model_kwargs"),
     ]
@@ -276,3 +279,95 @@ def test_denoiser_outputs_matter_only_up_to_a_per_position_constant(opts):
     ref = run(toy, task, generator=torch.Generator().manual_seed(1), **kw)
     out = run(shifted, task, generator=torch.Generator().manual_seed(1), **kw)
     assert torch.equal(out.tokens, ref.tokens) and out.nfe == ref.nfe
+
+
+SQUARE = NativeLayout(text_vocab_size=12, image_offset=12, image_vocab_size=10, mask_id=M, text_len=6, image_len=16)
+
+
+def test_halton_order_is_a_spread_out_permutation():
+    for side in range(1, 41):
+        assert sorted(halton_order(side)) == list(range(side * side)), side
+    # Spread out: the first 8 cells of an 8 x 8 grid sit in 8 different rows and 8 different columns
+    # (a raster order would fill one row), the first 32 of a 32 x 32 grid in 32 columns.
+    first = halton_order(8)[:8]
+    assert len({j // 8 for j in first}) == len({j % 8 for j in first}) == 8
+    assert len({j % 32 for j in halton_order(32)[:32]}) == 32
+    assert torch.equal(halton_rank(64)[torch.tensor(halton_order(8))], torch.arange(64))
+    with pytest.raises(ValueError, match="square"):
+        halton_rank(20)
+
+
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+def test_halton_commits_every_image_position_once_in_halton_order(guidance):
+    task = pair_from_prompt(SQUARE, torch.arange(6).repeat(2, 1), [0, 3])
+    known = task.known.clone()
+    known[1, [6 + 3, 6 + 7]] = True  # row 1 has two image tokens given (inpainting)
+    x = task.x.clone()
+    x[1, [6 + 3, 6 + 7]] = 12
+    states = [x.clone()]
+    out = sample(Toy(scale=0.3, segs=SQUARE.segments), x, known, segments=SQUARE.segments, mask_id=M, num_steps=7,
+                 order="halton", guidance_scale=guidance, generator=torch.Generator().manual_seed(0),
+                 callback=lambda i, t, xi: states.append(xi.clone()))
+    assert not (out.tokens == M).any() and torch.equal(out.tokens[known], x[known])
+    masked = torch.stack([s == M for s in states])  # [steps + 1, B, N]
+    committed = masked[:-1] & ~masked[1:]  # [steps, B, N]: committed at that step
+    image = slice(6, 22)
+    assert torch.equal(committed[:, :, image].sum(0), (~known[:, image]).long())  # each unknown once, known never
+    rank = halton_rank(16)
+    for row in range(2):
+        steps = [rank[committed[s, row, image]] for s in range(7)]
+        done = [r for r in steps if r.numel()]
+        assert all(a.max() < b.min() for a, b in zip(done, done[1:])), steps  # Halton order, step after step
+    # Each modality on its own commit schedule.
+    for seg in SQUARE.segments:
+        sl = slice(seg.start, seg.stop)
+        expected = commit_counts((~known[:, sl]).sum(-1), 7)
+        assert torch.equal(committed[:, :, sl].sum(-1).T, expected), seg.name
+
+
+@pytest.mark.parametrize("opts", [dict(strategy="maskgit"), dict(strategy="threshold"), dict(strategy="ddpm"),
+                                  dict(temperature=0.0), dict(top_k=3, top_p=0.8), dict(order="halton")])
+def test_nan_from_the_denoiser_raises(opts):
+    toy = Toy(segs=SQUARE.segments)
+    nan_at = 3
+
+    def broken(x, sigma, positions, **kw):
+        out = toy(x, sigma, positions, **kw)
+        if len(toy.calls) == nan_at + 1:
+            out["image"][0, 1, 3] = math.nan  # one entry of one position: its softmax is all NaN
+        return out
+
+    task = pair_from_prompt(SQUARE, torch.arange(6).repeat(2, 1), [2, 4])
+    with pytest.raises(FloatingPointError, match=f"NaN at step {nan_at} of 8"):
+        sample(broken, task.x, task.known, segments=SQUARE.segments, mask_id=M, num_steps=8, guidance_scale=2.0,
+               generator=torch.Generator().manual_seed(0), **opts)
+    if opts.get("strategy") != "threshold":
+        assert len(toy.calls) == 8  # checked on the device and read once: the loop ran to its end
+
+
+def test_nan_in_the_final_pass_raises():
+    toy = Toy(segs=SQUARE.segments)
+
+    def broken(x, sigma, positions, **kw):
+        out = toy(x, sigma, positions, **kw)
+        if len(toy.calls) == 5:  # ddpm: 4 steps, then the final pass for what is still masked
+            out["image"].fill_(math.nan)
+        return out
+
+    task = text_to_image(SQUARE, torch.arange(6).repeat(2, 1))
+    with pytest.raises(FloatingPointError, match="the final pass"):
+        sample(broken, task.x, task.known, segments=SQUARE.segments, mask_id=M, num_steps=4, strategy="ddpm",
+               time_eps=0.5, generator=torch.Generator().manual_seed(0))
+
+
+def test_pipeline_with_nan_weights_raises():
+    from medim import MeDiMPipeline
+
+    pipe = MeDiMPipeline.from_pretrained("medim-demo")
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        pipe.model.layers[0].mlp.down_proj.weight[0, 0] = math.nan  # as a diverged training run leaves it
+    for call in (lambda: pipe.text_to_image(["No focal lesion."], num_inference_steps=4),
+                 lambda: pipe.generate_pairs([""], num_inference_steps=4, sampler_kwargs={"cache_interval": 2})):
+        with pytest.raises(FloatingPointError, match="denoiser returned NaN at step 0"):
+            call()

@@ -15,11 +15,13 @@ from typing import Any
 
 from .schedule import SCHEDULES, NoiseSchedule, get_schedule
 
-__all__ = ["SamplerConfig", "RELEASE_SAMPLER", "STRATEGIES", "COMMIT_SCHEDULES", "GUIDANCE_SCHEDULES", "MAX_STEPS"]
+__all__ = ["SamplerConfig", "RELEASE_SAMPLER", "STRATEGIES", "COMMIT_SCHEDULES", "GUIDANCE_SCHEDULES",
+           "ORDERS", "MAX_STEPS"]
 
 STRATEGIES = ("maskgit", "threshold", "ddpm")
 COMMIT_SCHEDULES = ("arccos", "cosine", "linear")
 GUIDANCE_SCHEDULES = ("constant", "linear")
+ORDERS = ("confidence", "halton")
 # More steps than any state has positions can never commit anything new (maskgit and threshold
 # commit at least one token per step), and the per-step tables grow with the count: a typo such
 # as 10**9 would allocate gigabytes before the first forward.
@@ -52,6 +54,13 @@ class SamplerConfig:
             "linear" ramps it as w * (1 - t) (release), "constant" keeps it.
         temperature, top_k, top_p: applied to the float32 log-probs (temperature 0 = greedy).
         time_eps: the last time of the grid linspace(1, time_eps, num_steps + 1).
+        order: maskgit's commit order for image tokens: "confidence" (release: the most confident
+            tokens of the whole state) or "halton" (image tokens in a low-discrepancy spatial order
+            over the square grid, text by confidence; each modality gets its own commit counts).
+        cache_interval: context caching (approximate; needs a denoiser with a `cached` method, as
+            the pipeline's). None: off, every step runs the whole sequence. k >= 1: refresh the
+            cached keys/values every k steps (and early, see docs/sampling.md); between refreshes
+            only the still-masked positions run through the network. 1 gives the uncached tokens.
 
     Example:
         >>> config = SamplerConfig(num_steps=64, guidance_scale=5.0)
@@ -72,13 +81,15 @@ class SamplerConfig:
     top_k: int | None = None
     top_p: float | None = None
     time_eps: float = 1e-5
+    order: str = "confidence"
+    cache_interval: int | None = None
 
     def __post_init__(self) -> None:
         if not (_integer(self.num_steps) and 1 <= self.num_steps <= MAX_STEPS):
             raise ValueError(f"num_steps (the pipeline's num_inference_steps) must be an int in [1, {MAX_STEPS}], "
                              f"got {self.num_steps!r}")
         for name, accepted in (("strategy", STRATEGIES), ("schedule", COMMIT_SCHEDULES),
-                               ("guidance_schedule", GUIDANCE_SCHEDULES)):
+                               ("guidance_schedule", GUIDANCE_SCHEDULES), ("order", ORDERS)):
             if getattr(self, name) not in accepted:
                 raise ValueError(f"{name} must be one of {list(accepted)}, got {getattr(self, name)!r}")
         if not isinstance(self.noise_schedule, NoiseSchedule) and self.noise_schedule not in SCHEDULES:
@@ -98,6 +109,10 @@ class SamplerConfig:
             raise ValueError(f"top_p must be None or a number in (0, 1], got {self.top_p!r}")
         if not (_number(self.time_eps) and 0 < self.time_eps < 1):
             raise ValueError(f"time_eps must be a number in (0, 1), got {self.time_eps!r}")
+        if self.cache_interval is not None and not (_integer(self.cache_interval) and
+                                                    1 <= self.cache_interval <= MAX_STEPS):
+            raise ValueError(f"cache_interval must be None (no caching) or an int in [1, {MAX_STEPS}], "
+                             f"got {self.cache_interval!r}")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -28,6 +28,13 @@ Random numbers: each step draws one uniform tensor [B, 2, N] (N = state length; 
 per row when `generator` is a list): plane 0 drives the categorical sample (inverse CDF), plane 1
 the Gumbel confidence (maskgit) or the unmasking coin (ddpm). The shape does not depend on the
 batch, so with one generator per row, row r's tokens are the same alone or inside any batch.
+
+Beyond the release (off by default; docs/sampling.md has the measured trade-offs): maskgit's
+`order="halton"` commits image tokens in a spatial low-discrepancy order (medim/diffusion/halton.py);
+`cache_interval` reuses the keys/values of unchanged positions between refreshes (the denoiser's
+`cached` method; one host read per refresh, to learn which columns are still masked). A NaN in the
+denoiser's output raises FloatingPointError: a device flag records the first step that drew from
+one, read once after the loop, so the check costs no host synchronisation per step.
 """
 
 from __future__ import annotations
@@ -42,12 +49,19 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import COMMIT_SCHEDULES, GUIDANCE_SCHEDULES, STRATEGIES, SamplerConfig
+from .draw import categorical, filter_logprobs, ranks
+from .halton import halton_rank
 from .schedule import get_schedule
 from .segments import Segment, check_segments, check_tokens
 
 __all__ = ["SampleOutput", "sample", "commit_counts", "STRATEGIES", "COMMIT_SCHEDULES", "GUIDANCE_SCHEDULES"]
 
 logger = logging.getLogger(__name__)
+
+# Context caching refreshes early once some row has committed this share of the tokens it generates
+# since the last refresh: the cached keys/values would miss too much of the new context. (Relative
+# to all the row's unknowns, not to those left: the last few tokens do not force full forwards.)
+CACHE_REFRESH_FRACTION = 0.25
 
 
 @dataclass
@@ -87,55 +101,6 @@ def commit_counts(
     counts[:, -1].clamp_(min=0)
     done = counts.long().cumsum(-1).clamp(max=m)  # committed after each step, capped at num_unknown
     return torch.diff(done, dim=-1, prepend=torch.zeros_like(m))
-
-
-def _filter_logprobs(logp: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None):
-    """Temperature, top-k and top-p on float32 log-probs; returns re-normalised log-probs."""
-    if temperature == 1.0 and top_k is None and top_p is None:
-        return logp
-    if temperature != 1.0:
-        logp = logp / temperature
-    if top_k is not None and top_k < logp.shape[-1]:
-        kth = logp.topk(top_k, dim=-1).values[..., -1:]
-        logp = logp.masked_fill(logp < kth, -math.inf)
-    if top_p is not None and top_p < 1.0:
-        sorted_lp, order = logp.sort(dim=-1, descending=True)
-        probs = sorted_lp.softmax(-1)
-        # Drop a token when the mass before it already reaches top_p (the best token always stays).
-        drop = probs.cumsum(-1) - probs >= top_p
-        logp = logp.scatter(-1, order, sorted_lp.masked_fill(drop, -math.inf))
-    return logp.log_softmax(-1)
-
-
-def _categorical(weights: torch.Tensor, u: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse-CDF sample from non-negative, unnormalised `weights` [..., V] with one uniform per
-    row u [...] (one random number per position instead of V, so per-row generators stay cheap).
-    Returns the index and the row totals. Two levels (block sums, then one block's entries), so
-    no [..., V] cumulative sum is ever allocated: on CPU that allocation cost more than the maths."""
-    V = weights.shape[-1]
-    full = V - V % block
-    sums = weights[..., :full].unflatten(-1, (full // block, block)).sum(-1)
-    if full < V:
-        sums = torch.cat([sums, weights[..., full:].sum(-1, keepdim=True)], -1)
-    cum = sums.cumsum(-1)
-    total = cum[..., -1]
-    target = (u * total).unsqueeze(-1)
-    blk = torch.searchsorted(cum, target, right=True).clamp(max=cum.shape[-1] - 1)
-    before = torch.where(blk > 0, cum.gather(-1, (blk - 1).clamp(min=0)), 0.0)
-    cols = blk * block + torch.arange(block, device=weights.device)
-    if full < V:  # a ragged last block: read its missing columns as zeros
-        inside = weights.gather(-1, cols.clamp(max=V - 1)).masked_fill(cols >= V, 0.0).cumsum(-1)
-    else:  # every block is whole (8192 image codes): two [..., block] passes fewer
-        inside = weights.gather(-1, cols).cumsum(-1)
-    j = torch.searchsorted(inside, (target - before).contiguous(), right=True).clamp(max=block - 1)
-    return (blk * block + j).squeeze(-1).clamp(max=V - 1), total
-
-
-def _ranks(conf: torch.Tensor) -> torch.Tensor:
-    """Rank of each entry within its row, 0 = highest; ties broken by position (stable sort)."""
-    order = conf.argsort(dim=-1, descending=True, stable=True)
-    ar = torch.arange(conf.shape[-1], device=conf.device).expand_as(order)
-    return torch.empty_like(order).scatter_(-1, order, ar)
 
 
 def _uniforms(generator, B: int, N: int, device: torch.device) -> torch.Tensor:
@@ -199,6 +164,11 @@ def sample(
             logits work as well and save the model a log-softmax pass (`model(..., return_logits=True)`):
             the sampler only uses its input up to a per-position additive constant (the guidance
             mix (1 + w) a - w b keeps a constant a constant, then softmax, log-softmax or argmax).
+            With `cache_interval` set it must also offer `denoiser.cached(x, sigma, positions, cache,
+            **model_kwargs) -> (outputs, cache)`: `cache=None` runs the whole sequence and returns a
+            cache serving `positions`; a cache back runs only what can change (as
+            `medim.models.denoiser.ModelDenoiser`, the pipeline's denoiser, does). Its outputs
+            where a row's token was not masked at the refresh are never used.
         x, known: the state `[B, N]` and the bool mask of given positions (see `medim.diffusion.tasks`);
             unknown positions may hold anything, known ones never change.
         segments, mask_id: `layout.segments`, `layout.mask_id`.
@@ -210,6 +180,10 @@ def sample(
         progress: show a tqdm bar.
         **options: any `SamplerConfig` field, applied over `config` (e.g. `num_steps=64`).
 
+    Raises:
+        FloatingPointError: the denoiser returned NaN (or values whose softmax is NaN) at a position
+            the sampler drew from. Checked on the device during the loop and read once at the end.
+
     Example:
         >>> task = text_to_image(layout, report_ids)
         >>> out = sample(denoiser, task.x, task.known, segments=layout.segments,
@@ -220,7 +194,54 @@ def sample(
     config = (config or SamplerConfig()).replace(**options)
     model_kwargs = dict(model_kwargs or {})
     segments = _check_inputs(x, known, segments, mask_id, generator, model_kwargs)
+    if config.cache_interval is not None and not callable(getattr(denoiser, "cached", None)):
+        raise ValueError(f"cache_interval={config.cache_interval} needs a denoiser with a `cached` method (e.g. "
+                         "medim.models.denoiser.ModelDenoiser(model)); use cache_interval=None with a plain callable")
+    if config.strategy == "maskgit" and config.order == "halton":
+        for seg in segments:
+            if seg.name == "image":
+                halton_rank(seg.length)  # raises unless the image tokens form a square grid
     return _denoise(denoiser, x, known, segments, mask_id, config, generator, model_kwargs, callback, progress)
+
+
+@dataclass
+class _Columns:
+    """State positions the denoiser is asked for, grouped by segment, and what the loop needs of
+    them: `requested` (segment, positions [K_s], offset into the concatenated K), `pos_all` [K],
+    `vocab_start` [K] and, for the Halton order, `priority` [K] (minus the Halton rank of image columns)."""
+
+    requested: list[tuple[Segment, torch.Tensor, int]]
+    pos_all: torch.Tensor
+    vocab_start: torch.Tensor
+    priority: torch.Tensor | None
+
+    @classmethod
+    def of(cls, segments, wanted: torch.Tensor, halton: bool) -> _Columns:
+        """The positions where the bool `wanted` [N] is set (one host read)."""
+        requested, offset = [], 0
+        for seg in segments:
+            pos = torch.nonzero(wanted[seg.start : seg.stop]).squeeze(-1) + seg.start
+            if pos.numel():
+                requested.append((seg, pos, offset))
+                offset += pos.numel()
+        device = wanted.device
+        pos_all = torch.cat([pos for _, pos, _ in requested]) if requested else wanted.new_zeros(0, dtype=torch.long)
+        starts = [torch.full((p.numel(),), s.vocab_start, device=device) for s, p, _ in requested]
+        priority = None
+        if halton:
+            priority = torch.cat([-halton_rank(s.length).to(device)[p - s.start].float() if s.name == "image"
+                                  else torch.zeros(p.numel(), device=device) for s, p, _ in requested])
+        return cls(requested, pos_all, torch.cat(starts) if starts else pos_all, priority)
+
+    @property
+    def positions(self) -> dict[str, torch.Tensor]:
+        return {seg.name: pos for seg, pos, _ in self.requested}
+
+    def subset(self, keep: torch.Tensor, segments, halton: bool) -> _Columns:
+        """The columns where the bool `keep` [K] is set."""
+        wanted = torch.zeros(segments[-1].stop, dtype=torch.bool, device=keep.device)
+        wanted[self.pos_all[keep]] = True
+        return _Columns.of(segments, wanted, halton)
 
 
 def _denoise(denoiser, x, known, segments, mask_id, c: SamplerConfig, generator, model_kwargs, callback, progress):
@@ -229,28 +250,23 @@ def _denoise(denoiser, x, known, segments, mask_id, c: SamplerConfig, generator,
     B, N = x.shape
     device = x.device
     x = torch.where(known, x, mask_id)
+    halton = c.strategy == "maskgit" and c.order == "halton"
 
     # Everything static is decided here, on the host, once: which positions to ask for, how many
     # tokens each row commits per step, the time grid and the guidance weight of each step.
-    unknown_any = (~known).any(0)
-    requested = []  # (segment, state positions [K_s], offset into the concatenated K)
-    offset = 0
-    for seg in segments:
-        pos = torch.nonzero(unknown_any[seg.start : seg.start + seg.length]).squeeze(-1) + seg.start
-        if pos.numel():
-            requested.append((seg, pos, offset))
-            offset += pos.numel()
-    if not requested:
+    every = _Columns.of(segments, (~known).any(0), halton)
+    if not every.requested:
         return SampleOutput(tokens=x, nfe=0)
-    positions = {seg.name: pos for seg, pos, _ in requested}
-    pos_all = torch.cat([pos for _, pos, _ in requested])
-    vocab_start = torch.cat([torch.full((p.numel(),), s.vocab_start, device=device) for s, p, _ in requested])
 
     num_steps = c.num_steps
-    num_unknown = (~known).sum(-1).cpu()
-    counts = commit_counts(num_unknown, num_steps, c.schedule)
-    active = (counts.sum(0) > 0).tolist() if c.strategy == "maskgit" else [True] * num_steps
-    counts = counts.to(device)
+    if halton:  # each modality commits on its own schedule: image in Halton order, text by confidence
+        host_counts = {seg.name: commit_counts((~known[:, seg.start : seg.stop]).sum(-1).cpu(), num_steps, c.schedule)
+                       for seg, _, _ in every.requested}
+    else:
+        host_counts = {None: commit_counts((~known).sum(-1).cpu(), num_steps, c.schedule)}
+    per_step = sum(host_counts.values())  # [B, num_steps]
+    active = (per_step.sum(0) > 0).tolist() if c.strategy == "maskgit" else [True] * num_steps
+    counts = {name: n.to(device) for name, n in host_counts.items()}
     t_grid = torch.linspace(1, c.time_eps, num_steps + 1, dtype=torch.float32)
     sigma_grid = noise.sigma(t_grid).to(device)
     move = noise.move_chance(t_grid).tolist()
@@ -258,20 +274,39 @@ def _denoise(denoiser, x, known, segments, mask_id, c: SamplerConfig, generator,
     any_known = bool(known.any())
     ramp = [c.guidance_scale * (1 - t) if c.guidance_schedule == "linear" else c.guidance_scale for t in t_list]
     guided = [any_known and w > 0 for w in ramp]
+    caching = c.cache_interval is not None
+    if caching and any(guided):
+        # The ramp's first step (w = 0) runs the guided batch as well, so both halves get their
+        # cache at once instead of a second refresh one step later; (1 + 0) cond - 0 uncond is cond.
+        guided = [any_known and c.guidance_scale > 0] * (num_steps + 1)
     # The guided forward runs [conditional; unconditional] as one batch: per-row inputs twice.
     guided_kwargs = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in model_kwargs.items()}
+    # Tokens still masked per row before each step, as far as the host knows without reading the
+    # device (maskgit: exact; ddpm: expected; threshold: read after each step): the cache's refresh rule.
+    unknown = (~known).sum(-1).cpu().double()
+    if c.strategy == "maskgit":
+        left = unknown - torch.cat([torch.zeros(B, 1), per_step.cumsum(-1)], -1).T.double()
+    elif c.strategy == "ddpm":
+        left = unknown * torch.tensor(move, dtype=torch.float64)[:, None] / move[0]
+    else:
+        left = unknown.repeat(num_steps + 1, 1)
 
-    def logprobs(i: int, w: float, use_guidance: bool) -> torch.Tensor:
+    def logprobs(cols: _Columns, i: int, w: float, use_guidance: bool, cache=None) -> tuple[list, Any]:
         """Per requested segment, float32 (guided) log-weights [B, K_s, V_s]: log-probs up to a
-        per-position constant (raw logits in, or the unnormalised guidance mix)."""
+        per-position constant (raw logits in, or the unnormalised guidance mix); and the cache."""
         sigma = sigma_grid[i].expand(B)
         if use_guidance:
             xu = torch.where(known, mask_id, x)  # the condition hidden, everything else as is
-            out = denoiser(torch.cat([x, xu]), torch.cat([sigma, sigma]), positions, **guided_kwargs)
+            args = (torch.cat([x, xu]), torch.cat([sigma, sigma]), cols.positions)
+            kwargs = guided_kwargs
         else:
-            out = denoiser(x, sigma, positions, **model_kwargs)
+            args, kwargs = (x, sigma, cols.positions), model_kwargs
+        if cache is False:  # uncached
+            out = denoiser(*args, **kwargs)
+        else:
+            out, cache = denoiser.cached(*args, cache, **kwargs)
         parts = []
-        for seg, pos, _ in requested:
+        for seg, pos, _ in cols.requested:
             lp = out[seg.name]
             rows = 2 * B if use_guidance else B
             if lp.shape != (rows, pos.numel(), seg.vocab_size):
@@ -286,70 +321,110 @@ def _denoise(denoiser, x, known, segments, mask_id, c: SamplerConfig, generator,
                 cond, uncond = lp.chunk(2)
                 lp = uncond.lerp_(cond, 1 + w)
             parts.append(lp)
-        return parts
+        return parts, cache
 
     temperature, top_k, top_p = c.temperature, c.top_k, c.top_p
     plain = temperature == 1.0 and top_k is None and top_p is None
 
-    def draw(parts, u):
+    def draw(cols: _Columns, parts, u):
         """Sample every requested position: returns candidate ids and their log-probs [B, K].
         `parts` hold unnormalised log-weights and are overwritten."""
         ids, lps = [], []
-        for (_, _, off), z in zip(requested, parts):
+        for (_, _, off), z in zip(cols.requested, parts):
             if plain:
                 # Probabilities in place (one fused pass over each row, no new [B, K, V] tensor);
                 # log p(sample) is read back from them.
                 probs = torch.softmax(z, -1, out=z)
-                idx, total = _categorical(probs, u[:, off : off + z.shape[1]])
+                idx, total = categorical(probs, u[:, off : off + z.shape[1]])
                 lps.append(probs.gather(-1, idx[..., None]).squeeze(-1).log() - total.log())
             else:
                 lp = z.log_softmax(-1)
                 if temperature == 0:
                     idx = lp.argmax(-1)
                 else:
-                    lp = _filter_logprobs(lp, temperature, top_k, top_p)
-                    idx = _categorical(lp.exp(), u[:, off : off + lp.shape[1]])[0]
+                    lp = filter_logprobs(lp, temperature, top_k, top_p)
+                    idx = categorical(lp.exp(), u[:, off : off + lp.shape[1]])[0]
                 lps.append(lp.gather(-1, idx[..., None]).squeeze(-1))
             ids.append(idx)
-        return torch.cat(ids, -1) + vocab_start, torch.cat(lps, -1)
+        return torch.cat(ids, -1) + cols.vocab_start, torch.cat(lps, -1)
 
+    def maskgit_commit(cols: _Columns, i: int, lp, masked, gumbel):
+        conf = torch.where(masked, lp + (c.confidence_temperature * t_list[i]) * gumbel, -math.inf)
+        if not halton:
+            return masked & (ranks(conf) < counts[None][:, i : i + 1])
+        commit = torch.empty_like(masked)
+        for seg, pos, off in cols.requested:  # each modality ranks its own columns
+            block = slice(off, off + pos.numel())
+            score = torch.where(masked[:, block], cols.priority[block], -math.inf) if seg.name == "image" else conf[:, block]
+            commit[:, block] = masked[:, block] & (ranks(score) < counts[seg.name][:, i : i + 1])
+        return commit
+
+    # Context caching: `cols` are the columns still masked in some row at the last refresh; between
+    # refreshes only they can change, so the denoiser runs only what depends on them.
+    cols, cache, cache_mode, refreshed = every, None, None, 0
+    # First step whose draw met a NaN (-1: none): kept on the device, read once after the loop.
+    first_nan = torch.full((), -1, dtype=torch.long, device=device)
     nfe = 0
     steps = tqdm(range(num_steps), desc="Sampling", disable=not progress)
     for i in steps:
         t = t_list[i]
-        u = _uniforms(generator, B, N, device)[:, :, pos_all]  # drawn every step: streams stay aligned
+        u = _uniforms(generator, B, N, device)  # drawn every step: streams stay aligned
         if active[i]:
-            parts = logprobs(i, ramp[i], guided[i])
+            if not caching:
+                parts, _ = logprobs(every, i, ramp[i], guided[i], cache=False)
+            else:
+                done = (left[refreshed] - left[i]) / unknown.clamp(min=1)
+                if (cache is None or cache_mode != guided[i] or i - refreshed >= c.cache_interval
+                        or float(done.max()) > CACHE_REFRESH_FRACTION):
+                    # One host read per refresh: the columns still masked in some row.
+                    cols = every.subset((x[:, every.pos_all] == mask_id).any(0), segments, halton)
+                    cache, cache_mode, refreshed = None, guided[i], i
+                if not cols.requested:  # nothing left to fill (ddpm can finish early)
+                    continue
+                parts, cache = logprobs(cols, i, ramp[i], guided[i], cache)
             nfe += 1
-            cand, lp = draw(parts, u[:, 0])
-            xs = x[:, pos_all]
+            uc = u[:, :, cols.pos_all]
+            cand, lp = draw(cols, parts, uc[:, 0])
+            first_nan = torch.where((first_nan < 0) & lp.isnan().any(), i, first_nan)
+            xs = x[:, cols.pos_all]
             masked = xs == mask_id
             if c.strategy == "maskgit":
-                gumbel = -torch.log(-torch.log(u[:, 1].clamp(1e-20, 1 - 1e-7)))
-                conf = torch.where(masked, lp + (c.confidence_temperature * t) * gumbel, -math.inf)
-                commit = masked & (_ranks(conf) < counts[:, i : i + 1])
+                commit = maskgit_commit(cols, i, lp, masked, -torch.log(-torch.log(uc[:, 1].clamp(1e-20, 1 - 1e-7))))
             elif c.strategy == "threshold":
                 if i == num_steps - 1:
                     commit = masked
                 else:
-                    rank = _ranks(torch.where(masked, lp, -math.inf))
+                    rank = ranks(torch.where(masked, lp, -math.inf))
                     commit = masked & ((lp.exp() > c.threshold) | (rank < c.min_per_step))
             else:
                 reveal = (move[i] - move[i + 1]) / move[i]
-                commit = masked & (u[:, 1] < reveal)
-            x[:, pos_all] = torch.where(commit, cand, xs)  # masked => unknown, so known never moves
+                commit = masked & (uc[:, 1] < reveal)
+            x[:, cols.pos_all] = torch.where(commit, cand, xs)  # masked => unknown, so known never moves
         if callback is not None:
             callback(i, t, x)
-        # The threshold strategy's point is its adaptive length: one boolean read per step.
-        if c.strategy == "threshold" and not bool((x[:, pos_all] == mask_id).any()):
-            break
+        # The threshold strategy's point is its adaptive length: one read per step.
+        if c.strategy == "threshold":
+            left[i + 1] = (x[:, every.pos_all] == mask_id).sum(-1).cpu().double()
+            if not bool(left[i + 1].any()):
+                break
 
     # Final pass (release: noise removal): argmax of an unguided forward for anything still masked.
-    still = x[:, pos_all] == mask_id
+    still = x[:, every.pos_all] == mask_id
     if bool(still.any()):
-        parts = logprobs(num_steps, 0.0, False)
+        parts, _ = logprobs(every, num_steps, 0.0, False, cache=False)
         nfe += 1
-        best = torch.cat([lp.argmax(-1) for lp in parts], -1) + vocab_start
-        x[:, pos_all] = torch.where(still, best, x[:, pos_all])
+        best = [lp.max(-1) for lp in parts]
+        first_nan = torch.where((first_nan < 0) & torch.cat([b.values for b in best], -1).isnan().any(),
+                                num_steps, first_nan)
+        x[:, every.pos_all] = torch.where(still, torch.cat([b.indices for b in best], -1) + every.vocab_start,
+                                          x[:, every.pos_all])
+    step = int(first_nan)
+    if step >= 0:
+        where = f"step {step} of {num_steps}" if step < num_steps else "the final pass"
+        raise FloatingPointError(
+            f"denoiser returned NaN at {where}: the tokens would be meaningless. The model's weights or "
+            "inputs are not finite (a diverged training run, or a bad dtype?); check them with "
+            "`all(p.isfinite().all() for p in model.parameters())`"
+        )
     logger.debug("sampled %d rows in %d network evaluations", B, nfe)
     return SampleOutput(tokens=x, nfe=nfe)

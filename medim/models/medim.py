@@ -29,6 +29,7 @@ from medim.hub import HubOptions, atomic_directory
 from medim.layout import BackboneInputs, SequenceLayout
 from medim.models import convert
 from medim.models.backbone import backbone_config_from_dict
+from medim.models.cache import ContextCache, KVStore, cache_argument, cached_step, refresh
 
 __all__ = ["MeDiMConfig", "MeDiMModel", "MeDiMModelOutput", "TimestepEmbedder", "AdaLNModulation"]
 
@@ -246,12 +247,14 @@ class MeDiMModel(PreTrainedModel):
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
-    def _block(self, layer: nn.Module, h: torch.Tensor, temb: torch.Tensor, rope: tuple, mask: torch.Tensor | None) -> torch.Tensor:
+    def _block(self, layer: nn.Module, h: torch.Tensor, temb: torch.Tensor, rope: tuple, mask: torch.Tensor | None,
+               cache: KVStore | None = None) -> torch.Tensor:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = layer.adaLN_modulation(temb)
         a = layer.input_layernorm(h) * (1 + scale_a) + shift_a
-        a = layer.self_attn(
-            hidden_states=a, position_embeddings=rope, attention_mask=mask, is_causal=self.config.causal
-        )[0]
+        # A context cache takes the keys/values through transformers' cache protocol (models/cache.py).
+        extra = {} if cache is None else {cache_argument(layer.self_attn): cache}
+        a = layer.self_attn(hidden_states=a, position_embeddings=rope, attention_mask=mask,
+                            is_causal=self.config.causal, **extra)[0]
         h = h + gate_a * a
         m = layer.post_attention_layernorm(h) * (1 + scale_m) + shift_m
         return h + gate_m * layer.mlp(m)
@@ -262,8 +265,9 @@ class MeDiMModel(PreTrainedModel):
         sigma: torch.Tensor,
         position_ids: torch.LongTensor | None = None,
         key_mask: torch.Tensor | None = None,
+        cache: KVStore | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states [B, L, hidden] of the backbone on `input_ids` [B, L]."""
+        """Final-norm hidden states [B, L, hidden] of the backbone on `input_ids` [B, L] (`cache`: models/cache.py)."""
         B, L = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
@@ -277,7 +281,7 @@ class MeDiMModel(PreTrainedModel):
             if self.gradient_checkpointing and self.training:
                 h = self._gradient_checkpointing_func(self._block, layer, h, temb, rope, mask)
             else:
-                h = self._block(layer, h, temb, rope, mask)
+                h = self._block(layer, h, temb, rope, mask, cache)
         return self.norm(h)
 
     def backbone_logits(
@@ -308,8 +312,9 @@ class MeDiMModel(PreTrainedModel):
             seg = names[name]
             if not isinstance(pos, torch.Tensor) or pos.dtype != torch.long or pos.dim() != 1:
                 raise ValueError(f"positions[{name!r}] must be a 1-D LongTensor of state positions")
-            # Range check only for host tensors: checking device tensors would sync every step.
-            if pos.device.type == "cpu" and pos.numel() and (pos.min() < seg.start or pos.max() >= seg.stop):
+            # Only on host tensors (on device it would sync every step), never under compile (graph break).
+            if (pos.device.type == "cpu" and pos.numel() and not torch.compiler.is_compiling()
+                    and (pos.min() < seg.start or pos.max() >= seg.stop)):
                 raise ValueError(f"positions[{name!r}] must lie in [{seg.start}, {seg.stop}) (the {name} state positions)")
 
     def forward(
@@ -334,16 +339,38 @@ class MeDiMModel(PreTrainedModel):
         self._check_inputs(x, sigma, positions)
         inputs: BackboneInputs = self.layout.backbone_inputs(x, **condition)
         hidden = self.backbone_hidden_states(inputs.input_ids, sigma, inputs.position_ids, inputs.key_mask)
+        return self.read_out(hidden, inputs.out_index, positions, return_logits)
+
+    @torch.no_grad()
+    def forward_cached(self, x: torch.LongTensor, sigma: torch.Tensor, positions: dict[str, torch.LongTensor],
+                       cache: ContextCache | None = None, return_logits: bool = False,
+                       **condition: torch.Tensor) -> tuple[MeDiMModelOutput, ContextCache]:
+        """`forward` with context caching (medim/models/cache.py): without `cache` a whole forward that also
+        returns a cache serving `positions`; with one, only what can change runs, over the cached (stale)
+        keys/values of the rest. Between refreshes only tokens at `positions` may change.
+        Example:
+            >>> out, cache = model.forward_cached(x, sigma, positions)             # refresh
+            >>> out, cache = model.forward_cached(x2, sigma2, positions, cache)    # cached step
+        """
+        self._check_inputs(x, sigma, positions)
+        if cache is None:
+            return refresh(self, x, sigma, positions, return_logits, condition)
+        return cached_step(self, cache, x, sigma, positions, return_logits, condition), cache
+
+    def read_out(self, hidden: torch.Tensor, out_index: torch.LongTensor, positions: dict | None,
+                 return_logits: bool) -> MeDiMModelOutput:
+        """The head's float32 logits (or log-probs) per segment at state `positions`, state position n
+        read from final hidden states [B, L, hidden] at `hidden[:, out_index[:, n]]`."""
         out: dict[str, torch.Tensor] = {}
         for seg in self.layout.segments:
             if positions is not None and seg.name not in positions:
                 continue
             if positions is None:
-                pos = torch.arange(seg.start, seg.stop, device=x.device)
+                pos = torch.arange(seg.start, seg.stop, device=hidden.device)
             else:
-                pos = positions[seg.name].to(x.device)
+                pos = positions[seg.name].to(hidden.device)
             # Gather the hidden states first so the head only runs where outputs are wanted.
-            index = inputs.out_index[:, pos]
+            index = out_index[:, pos]
             h = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
             weight = self.lm_head.weight[seg.vocab_start : seg.vocab_stop]
             logits = h.float() @ weight.float().T

@@ -14,7 +14,7 @@ import sys
 
 # name -> module under medim.commands; each module documents its own options.
 COMMANDS: dict[str, str] = {"evaluate": "evaluate", "generate": "generate", "train": "train", "cache": "cache",
-                           "convert": "convert", "demo": "demo", "app": "app"}
+                           "convert": "convert", "demo": "demo", "app": "app", "score": "score"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,6 +34,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from medim import loaders
 from medim.checks import check_dtype_device
 from medim.diffusion.config import RELEASE_SAMPLER, SamplerConfig
+from medim.editing import EditingMixin
 from medim.generation import GenerationMixin, MeDiMOutput
 from medim.hub import HubOptions, atomic_directory
 from medim.layout import SequenceLayout
@@ -41,6 +42,7 @@ from medim.model_card import CARD_NAME, CardInfo, card_info, hub_repo_id, write_
 from medim.models.denoiser import ModelDenoiser
 from medim.models.medim import MeDiMModel
 from medim.models.vqgan import VQGAN
+from medim.scoring import ScoringMixin
 from medim.task_names import TASKS
 
 __all__ = ["MeDiMPipeline", "MeDiMOutput"]
@@ -48,7 +50,7 @@ __all__ = ["MeDiMPipeline", "MeDiMOutput"]
 logger = logging.getLogger(__name__)
 
 
-class MeDiMPipeline(GenerationMixin):
+class MeDiMPipeline(GenerationMixin, EditingMixin, ScoringMixin):
     """Unified medical image and report generation with MeDiM.
 
     Args:

@@ -1,4 +1,5 @@
-"""Forward masking q(x_t | x_0) and the MDLM (SUBS) training loss.
+"""Forward masking q(x_t | x_0), the MDLM (SUBS) training loss and the per-position ELBO terms that
+scoring (`medim.scoring`) averages.
 
 Recipe (the release's, docs/formats.md): one time t per sample, drawn by stratified antithetic sampling in
 [eps, 1]; every token masked independently with the schedule's move chance 1 - exp(-sigma(t));
@@ -17,7 +18,7 @@ import torch
 from .schedule import NoiseSchedule, get_schedule
 from .segments import Segment, check_segments, check_tokens
 
-__all__ = ["LossOutput", "sample_times", "diffusion_loss"]
+__all__ = ["LossOutput", "sample_times", "diffusion_loss", "elbo_terms"]
 
 
 @dataclass
@@ -215,3 +216,57 @@ def diffusion_loss(
         num_masked=(masked & counted).sum(),
         t=t,
     )
+
+
+def elbo_terms(
+    denoiser: Callable[..., Mapping[str, torch.Tensor]],
+    x0: torch.LongTensor,
+    noised: torch.BoolTensor,
+    counted: torch.BoolTensor,
+    t: torch.Tensor,
+    u: torch.Tensor,
+    segments: Sequence[Segment],
+    mask_id: int,
+    *,
+    schedule: str | NoiseSchedule = "loglinear",
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> torch.Tensor:
+    """One Monte-Carlo draw of the negative ELBO per row, split by position (float32 [B, N]).
+
+    Row b is noised at time t[b]: each position of `noised` is masked where u[b, n] is below the
+    move chance; a masked position of `counted` (a subset of `noised`) contributes
+    w(t) * -log p(x0 | x_t), everything else 0. Positions outside `noised` are given as they are
+    in `x0` (the mask id there hides them from the model). With t uniform in [eps, 1] (e.g.
+    `sample_times`) and u uniform in [0, 1), a row's sum averages to the negative ELBO of its
+    counted tokens given the rest: minus a lower bound on their log-likelihood, in nats. The
+    denoiser must return true log-probs; it is only asked for the segments that count, and only
+    for the rows where something counted is masked (`model_kwargs` tensors are per row).
+
+    Example:
+        >>> t = sample_times(8, generator=g)
+        >>> terms = elbo_terms(denoiser, x0.expand(8, -1), noised, noised, t, torch.rand(8, x0.shape[1]),
+        ...                    layout.segments, layout.mask_id)
+        >>> -terms.sum(1).mean()   # a lower bound on log p(counted tokens | the others)
+    """
+    sched = get_schedule(schedule)
+    masked = noised & (u < sched.move_chance(t)[:, None])
+    scored = masked & counted
+    terms = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
+    # Rows with nothing scored masked (likely at small t) need no forward.
+    rows = scored.any(1).nonzero()[:, 0]
+    if not len(rows):
+        return terms
+    scored = scored[rows]
+    wanted = [seg for seg in segments if bool(scored[:, seg.start : seg.stop].any())]
+    xt = torch.where(masked[rows], mask_id, x0[rows])
+    positions = {seg.name: torch.arange(seg.start, seg.stop, device=x0.device) for seg in wanted}
+    kwargs = {k: v[rows] for k, v in (model_kwargs or {}).items()}
+    logprobs = denoiser(xt, sched.sigma(t[rows]), positions, **kwargs)
+    weight = sched.loss_weight(t[rows]).float()[:, None]
+    for seg in wanted:
+        sl = slice(seg.start, seg.stop)
+        # Hidden or padding ids may lie outside the segment's vocabulary: gather a valid index there.
+        index = torch.where(scored[:, sl], x0[rows, sl] - seg.vocab_start, 0)
+        nll = -logprobs[seg.name].float().gather(-1, index[..., None]).squeeze(-1)
+        terms[rows, sl] = torch.where(scored[:, sl], nll * weight, 0.0)
+    return terms

@@ -1,0 +1,114 @@
+"""`medim score`: how well reports fit images, as likelihood bounds (`MeDiMPipeline.score` / `rank`).
+
+Pairs: image i with report i, one JSON line each in `--out`. `--rank`: every image with every
+report, the matrix written as one JSON object (rows = images). The same `--seed` gives the same
+numbers; the output is written whole or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+from pathlib import Path
+
+from medim.commands.common import add_hub_arguments, hub_options
+
+HELP = "score image-report pairs by likelihood (log p(report | image) bounds), or rank all of them"
+
+logger = logging.getLogger(__name__)
+
+PAIR_DIRECTIONS = ("report|image", "image|report", "joint")  # as medim.scoring (kept torch-free here)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.add_argument("--model", default="medim-demo",
+                        help="a saved MeDiMPipeline (folder or Hub repo), the bundled 'medim-demo', or with "
+                             "--loader original the released checkpoint (e.g. JiaMao/medim_ckpts)")
+    parser.add_argument("--loader", choices=("pretrained", "original"), default="pretrained",
+                        help="how to read --model: MeDiMPipeline.from_pretrained, or from_original for the "
+                             "released checkpoint and its upstream parts")
+    add_hub_arguments(parser, "--model")
+    parser.add_argument("--images", nargs="+", required=True, help="image files or glob patterns (quote them)")
+    parser.add_argument("--reports", type=Path, required=True,
+                        help="text file, one report a line (blank lines skipped)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="pairs: a JSON-lines file, one line per pair; --rank: a JSON file with the matrix")
+    parser.add_argument("--rank", action="store_true",
+                        help="score every image with every report (rows = images) instead of image i with report i")
+    parser.add_argument("--direction", choices=PAIR_DIRECTIONS, default="report|image",
+                        help="report|image: log p(report | image); image|report; joint")
+    parser.add_argument("--num-samples", type=int, default=16, help="time points per pair (more: less noise)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the time points and masks")
+    parser.add_argument("--batch-size", type=int, default=256, help="pair x time-point rows per forward")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+
+
+def _images(patterns: list[str]) -> list[str]:
+    paths: list[str] = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not matched:
+            raise SystemExit(f"--images: nothing matches {pattern!r}")
+        paths.extend(matched)
+    return paths
+
+
+def _reports(path: Path) -> list[str]:
+    if not path.is_file():
+        raise SystemExit(f"--reports: {path} is not a file")
+    reports = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    reports = [r for r in reports if r]
+    if not reports:
+        raise SystemExit(f"--reports: {path} holds no report")
+    return reports
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from medim.hub import atomic_file
+    from medim.pipeline import MeDiMPipeline
+
+    # Everything that can be checked is checked before the (slow) model load.
+    for name in ("num_samples", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    images, reports = _images(args.images), _reports(args.reports)
+    if not args.rank and len(images) != len(reports):
+        raise SystemExit(f"{len(images)} images but {len(reports)} reports: pairs need as many of each "
+                         "(or use --rank to score every image with every report)")
+    if args.out.is_dir():
+        raise SystemExit(f"--out: {args.out} is a folder; give a file name")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    load = MeDiMPipeline.from_original if args.loader == "original" else MeDiMPipeline.from_pretrained
+    try:
+        pipe = load(args.model, dtype=dtype, device=device, **hub_options(args).kwargs())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"medim score: cannot load --model {args.model}: {e}") from None
+    options = dict(direction=args.direction, num_samples=args.num_samples, batch_size=args.batch_size,
+                   generator=torch.Generator().manual_seed(args.seed))
+    settings = dict(model=args.model, direction=args.direction, num_samples=args.num_samples, seed=args.seed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.rank:
+        matrix = pipe.rank(images, reports, **options)
+        with atomic_file(args.out) as f:
+            json.dump({**settings, "images": images, "reports": reports, "scores": matrix.tolist()}, f)
+            f.write("\n")
+        print(f"{len(images)} x {len(reports)} scores in {args.out}")
+        return 0
+    out = pipe.score(images, reports, **options)
+    with atomic_file(args.out) as f:
+        for i, (path, report) in enumerate(zip(images, reports)):
+            f.write(json.dumps({"index": i, "image": path, "report": report, "score": out.scores[i].item(),
+                                "per_token": out.per_token[i].item(), "num_tokens": int(out.num_tokens[i]),
+                                "stderr": out.stderr[i].item(), **settings}) + "\n")
+    print(f"{len(images)} pair scores in {args.out}")
+    return 0

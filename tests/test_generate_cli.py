@@ -241,3 +241,52 @@ def test_unreadable_image_is_skipped_and_recorded(model_dir, tmp_path):
     stamp = (out / "manifest.jsonl").stat().st_mtime_ns
     assert generate("report", model_dir, out, "--images", str(images / "*.png")) == 0  # all done: not retried
     assert (out / "manifest.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_inpaint_task(tmp_path, monkeypatch):
+    import numpy as np
+
+    from medim.data.synthetic import make_pair
+
+    paths, masks = [], []
+    for i in range(2):
+        image, _, _ = make_pair(i)
+        paths.append(tmp_path / f"phantom{i}.png")
+        image.save(paths[-1])
+        mask = np.zeros((64, 64), dtype=np.uint8)
+        mask[:32, :32 * (i + 1)] = 255
+        masks.append(tmp_path / f"mask{i}.png")
+        Image.fromarray(mask).save(masks[-1])
+    reports = tmp_path / "reports.txt"
+    reports.write_text("A large dense nodule in the right upper zone.\nNo focal lesion.\n")
+    out = tmp_path / "inpainted"
+    args = ["generate", "inpaint", "--model", "medim-demo", "--device", "cpu", "--steps", "4", "--out", str(out),
+            "--images", str(tmp_path / "phantom*.png"), "--masks", str(tmp_path / "mask*.png")]
+    assert main([*args, "--prompts", str(reports)]) == 0
+    entries = manifest(out)
+    assert [(e["source_image"], e["mask"], e["prompt"]) for e in entries] == [
+        (str(p), str(m), r) for p, m, r in zip(paths, masks, reports.read_text().splitlines())]
+    assert all(Image.open(out / e["image"]).size == (64, 64) and "report" not in e for e in entries)
+    assert entries[0]["settings"]["mask_dilation"] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main([*args, "--prompts", str(reports)]) == 0  # resumed: nothing to do, nothing rewritten
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(SystemExit, match="other inputs"):  # other masks in the same folder
+        main([*args[:-1], str(masks[0]), "--prompts", str(reports)])
+    # Without reports, each image's report is generated with it.
+    assert main([*args[:-4], "--out", str(tmp_path / "free"), *args[-4:]]) == 0
+    assert all((tmp_path / "free" / e["report"]).read_text().strip() for e in manifest(tmp_path / "free"))
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the model loaded before the inputs were checked")
+
+    monkeypatch.setattr(MeDiMPipeline, "from_pretrained", must_not_load)
+    Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(tmp_path / "small.png")
+    for extra, match in [(["--masks", str(tmp_path / "small.png")], "32x32 but its image"),
+                         (["--masks", str(masks[0]), str(masks[1]), str(masks[0])], "one per image"),
+                         ([], "needs --masks")]:
+        with pytest.raises(SystemExit, match=match):
+            main([*args[:12], *extra, "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="for 'inpaint'"):
+        main(["generate", "image", "--model", "medim-demo", "--prompts", str(reports), "--out", str(tmp_path / "y"),
+              "--masks", str(masks[0])])

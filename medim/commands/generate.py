@@ -1,5 +1,5 @@
-"""`medim generate {pairs,image,report}`: batch generation to a folder, resumable, on one process or
-many (`torchrun --nproc_per_node N -m medim generate ...`).
+"""`medim generate {pairs,image,report,inpaint}`: batch generation to a folder, resumable, on one
+process or many (`torchrun --nproc_per_node N -m medim generate ...`).
 
 Every sample gets an index (prompt-major: prompt 0 copy 0, prompt 0 copy 1, ...) and the seed
 `--seed + index`, and its files depend on nothing else: not the batch size, not which process made
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import itertools
 import json
 import logging
@@ -24,7 +23,7 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-from medim.commands.common import add_hub_arguments, hub_options
+from medim.commands.common import add_hub_arguments, expand_globs, hub_options, read_lines
 from medim.commands.manifest import MANIFEST, collect, merge, part_path, prepare
 from medim.task_names import TASKS
 
@@ -47,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "task", choices=sorted(TASKS),
         help="pairs: image + report from a report prompt; image: image from a report; "
-        "report: report from an image",
+        "report: report from an image; inpaint: the masked region of an image regenerated under a report",
     )
     parser.add_argument(
         "--model", default="JiaMao/medim_ckpts",
@@ -66,13 +65,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompts", type=Path, default=None,
         help="UTF-8 text file, one prompt a line (blank lines skipped); reports for 'image', report "
-        "beginnings for 'pairs'",
+        "beginnings for 'pairs'; for 'inpaint' (optional) the report of each image, or one line for all "
+        "(without it the report is generated with the image)",
     )
     parser.add_argument(
         "--images", nargs="+", default=None,
-        help="input images or glob patterns (quote them), for 'report'; an image that cannot be read "
-        "is skipped and recorded in the manifest with an 'error'",
+        help="input images or glob patterns (quote them), for 'report' and 'inpaint'; an image that "
+        "cannot be read is skipped and recorded in the manifest with an 'error'",
     )
+    parser.add_argument(
+        "--masks", nargs="+", default=None,
+        help="'inpaint': mask images or glob patterns, one per image (in the images' order) or one for "
+        "all; white = regenerate, each of its image's size",
+    )
+    parser.add_argument("--mask-dilation", type=int, default=0,
+                        help="'inpaint': grow each mask by this many codes in every direction")
     parser.add_argument(
         "--prompt", default=None,
         help="'report' only: a beginning every report starts with (e.g. the dataset's fixed prefix)",
@@ -109,37 +116,44 @@ def _image_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def _read_prompts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise SystemExit(f"--prompts: {path} is not a file")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise SystemExit(f"--prompts: {path} line {line} is not valid UTF-8 ({e.reason} at byte {e.start}); "
-                         "save the file as UTF-8") from None
-    prompts = [p for p in (line.strip() for line in text.splitlines()) if p]
-    if not prompts:
-        raise SystemExit(f"--prompts: {path} holds no prompt")
-    return prompts
-
-
-def _inputs(args: argparse.Namespace) -> list[str]:
-    """The prompts (image, pairs) or image paths (report) of the run, before copies."""
-    if args.task == "report":
+def _inputs(args: argparse.Namespace) -> list:
+    """The inputs of the run, before copies: prompts (image, pairs), image paths (report), or
+    [image, mask, prompt or None] (inpaint)."""
+    if args.task in ("report", "inpaint"):
         if args.images is None:
-            raise SystemExit("medim generate report needs --images (files or quoted glob patterns)")
-        paths: list[str] = []
-        for pattern in args.images:
-            matched = sorted(glob.glob(os.path.expanduser(pattern)))
-            if not matched:
-                raise SystemExit(f"--images: nothing matches {pattern!r}")
-            paths.extend(matched)
-        return paths
+            raise SystemExit(f"medim generate {args.task} needs --images (files or quoted glob patterns)")
+        paths = expand_globs(args.images, "--images")
+        return paths if args.task == "report" else _inpaint_inputs(args, paths)
     if args.prompts is None:
         raise SystemExit(f"medim generate {args.task} needs --prompts (a text file, one prompt a line)")
-    return _read_prompts(args.prompts)
+    return read_lines(args.prompts, "--prompts")
+
+
+def _inpaint_inputs(args: argparse.Namespace, images: list[str]) -> list[list]:
+    """[image, mask, prompt] per image; masks and prompts come one per image or one for all, and
+    every mask must have its image's size (read before the model loads)."""
+    from PIL import Image
+
+    from medim.editing import load_mask
+
+    def per_image(values: list, option: str) -> list:
+        if len(values) not in (1, len(images)):
+            raise SystemExit(f"{option}: give one for all images or one per image ({len(images)}), got {len(values)}")
+        return values * len(images) if len(values) == 1 else values
+
+    if args.masks is None:
+        raise SystemExit("medim generate inpaint needs --masks (one mask image per --images file, or one for all)")
+    masks = per_image(expand_globs(args.masks, "--masks"), "--masks")
+    prompts = per_image(read_lines(args.prompts, "--prompts"), "--prompts") if args.prompts else [None] * len(images)
+    for i, (image, mask) in enumerate(zip(images, masks)):
+        try:
+            width, height = Image.open(image).size
+            shape = load_mask(mask, f"--masks[{i}]").shape
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--masks[{i}] / --images[{i}]: {e}") from None
+        if shape != (height, width):
+            raise SystemExit(f"--masks[{i}]: {mask} is {shape[1]}x{shape[0]} but its image {image} is {width}x{height}")
+    return [list(t) for t in zip(images, masks, prompts)]
 
 
 def _check_options(args: argparse.Namespace, total: int) -> None:
@@ -152,7 +166,11 @@ def _check_options(args: argparse.Namespace, total: int) -> None:
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.prompt is not None and args.task != "report":
-        raise SystemExit("--prompt is for 'report'; give prompts to 'image' and 'pairs' with --prompts")
+        raise SystemExit("--prompt is for 'report'; give prompts to the other tasks with --prompts")
+    if args.task != "inpaint" and (args.masks is not None or args.mask_dilation):
+        raise SystemExit("--masks and --mask-dilation are for 'inpaint'")
+    if args.mask_dilation < 0:
+        raise SystemExit(f"--mask-dilation must be >= 0, got {args.mask_dilation}")
     if args.prompt is not None:
         try:
             check_text(args.prompt, "--prompt")
@@ -293,9 +311,12 @@ def _generate(args, pipe, method, chunk: list[int], inputs: list[str], entries: 
     sources = [inputs[i // args.num_per_prompt] for i in chunk]
     keep = list(range(len(chunk)))
     for entry, source in zip(entries, sources):
-        entry["source_image" if args.task == "report" else "prompt"] = source
-    if args.task == "report":
-        images = _load_images(sources, entries)
+        if args.task == "inpaint":
+            entry["source_image"], entry["mask"], entry["prompt"] = source
+        else:
+            entry["source_image" if args.task == "report" else "prompt"] = source
+    if args.task in ("report", "inpaint"):
+        images = _load_images([s[0] if args.task == "inpaint" else s for s in sources], entries)
         keep = [n for n, image in enumerate(images) if image is not None]
         if not keep:
             return
@@ -303,6 +324,11 @@ def _generate(args, pipe, method, chunk: list[int], inputs: list[str], entries: 
     generators = [torch.Generator(pipe.device).manual_seed(args.seed + chunk[n]) for n in keep]
     if args.task == "report":
         out = method(sources, prompt=args.prompt, generator=generators, **sampling)
+    elif args.task == "inpaint":
+        given = [inputs[chunk[n] // args.num_per_prompt] for n in keep]
+        prompts = [p for _, _, p in given]
+        out = method(sources, [m for _, m, _ in given], None if prompts[0] is None else prompts,
+                     mask_dilation=args.mask_dilation, generator=generators, **sampling)
     else:
         out = method(sources, generator=generators, image_size=image_size, **sampling)
     for k, n in enumerate(keep):
@@ -311,7 +337,7 @@ def _generate(args, pipe, method, chunk: list[int], inputs: list[str], entries: 
             entry["image"] = f"{i:06d}.png"
             with atomic_file(args.out / entry["image"], "wb") as f:
                 out.images[k].save(f, format="PNG")
-        if args.task != "image":
+        if args.task not in ("image", "inpaint") or entry["prompt"] is None:
             entry["report"] = f"{i:06d}.txt"
             with atomic_file(args.out / entry["report"]) as f:
                 f.write(out.reports[k] + "\n")
@@ -337,6 +363,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         image_size=list(image_size), prompt=args.prompt, dtype=str(dtype).removeprefix("torch."),
         seed=args.seed, num_per_prompt=args.num_per_prompt,
+        mask_dilation=args.mask_dilation if args.task == "inpaint" else None,
     )
     with _stop_on_sigterm(), _process_group(where.world_size) as barrier:
         if where.rank == 0:

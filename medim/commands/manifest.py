@@ -16,7 +16,7 @@ MANIFEST = "manifest.jsonl"
 # Settings that change what a sample looks like: a resumed run must use the same ones.
 SETTING_KEYS = (
     "task", "model", "loader", "revision", "num_inference_steps", "guidance_scale", "strategy",
-    "temperature", "top_k", "top_p", "image_size", "prompt", "dtype", "seed", "num_per_prompt",
+    "temperature", "top_k", "top_p", "image_size", "prompt", "dtype", "seed", "num_per_prompt", "mask_dilation",
 )
 # What a killed run can leave in the folder: the temporary files of the atomic writers.
 LEFTOVER = re.compile(r"\.(\d{6,}\.(png|txt)|manifest(\.rank\d+)?\.jsonl)\..+")
@@ -63,7 +63,14 @@ def merge(out: Path, lines: dict[int, str]) -> None:
         part.unlink()
 
 
-def prepare(out: Path, settings: dict, inputs: list[str], num_per_prompt: int) -> None:
+def source_of(entry: dict):
+    """What a sample was made from: its prompt, its source image, or (inpaint) [image, mask, prompt]."""
+    if "mask" in entry:
+        return [entry.get("source_image"), entry["mask"], entry.get("prompt")]
+    return entry.get("source_image", entry.get("prompt"))
+
+
+def prepare(out: Path, settings: dict, inputs: list, num_per_prompt: int) -> None:
     """Before any rank starts (rank 0): refuse a folder made with other settings or inputs, remove
     what a killed run left half-written, and merge the manifest parts."""
     out.mkdir(parents=True, exist_ok=True)
@@ -81,9 +88,9 @@ def prepare(out: Path, settings: dict, inputs: list[str], num_per_prompt: int) -
                 f"{out} holds samples made with other settings ({', '.join(changed)}); "
                 "use the same options to resume or a new --out"
             )
-        source = entry.get("source_image", entry.get("prompt"))
+        source = source_of(entry)
         if entry["index"] >= total or source != inputs[entry["index"] // num_per_prompt]:
             raise SystemExit(f"{out}: sample {entry['index']} was made from other inputs ({source!r}); "
-                             "use the same --prompts/--images/--num-per-prompt to resume, or a new --out")
+                             "use the same --prompts/--images/--masks/--num-per-prompt to resume, or a new --out")
     if dirty:
         merge(out, lines)

@@ -8,13 +8,11 @@ numbers; the output is written whole or not at all.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import logging
-import os
 from pathlib import Path
 
-from medim.commands.common import add_hub_arguments, hub_options
+from medim.commands.common import add_hub_arguments, expand_globs, hub_options, read_lines
 
 HELP = "score image-report pairs by likelihood (log p(report | image) bounds), or rank all of them"
 
@@ -49,26 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
 
 
-def _images(patterns: list[str]) -> list[str]:
-    paths: list[str] = []
-    for pattern in patterns:
-        matched = sorted(glob.glob(os.path.expanduser(pattern)))
-        if not matched:
-            raise SystemExit(f"--images: nothing matches {pattern!r}")
-        paths.extend(matched)
-    return paths
-
-
-def _reports(path: Path) -> list[str]:
-    if not path.is_file():
-        raise SystemExit(f"--reports: {path} is not a file")
-    reports = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    reports = [r for r in reports if r]
-    if not reports:
-        raise SystemExit(f"--reports: {path} holds no report")
-    return reports
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -79,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("num_samples", "batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    images, reports = _images(args.images), _reports(args.reports)
+    images, reports = expand_globs(args.images, "--images"), read_lines(args.reports, "--reports", "report")
     if not args.rank and len(images) != len(reports):
         raise SystemExit(f"{len(images)} images but {len(reports)} reports: pairs need as many of each "
                          "(or use --rank to score every image with every report)")

@@ -99,6 +99,21 @@ def test_image_and_report_tasks(model_dir, prompts, tmp_path):
     assert all((tmp_path / "rep" / e["report"]).read_text().startswith("the") for e in entries)
 
 
+def test_cache_interval_and_order_reach_the_sampler(model_dir, prompts, tmp_path):
+    """--cache-interval 1 refreshes every step: the same images as uncached; both options are
+    recorded in the manifest, and a resume with another value is refused."""
+    assert generate("image", model_dir, tmp_path / "cached", "--prompts", prompts, "--steps", 4,
+                    "--cache-interval", 1, "--order", "halton") == 0
+    assert generate("image", model_dir, tmp_path / "halton", "--prompts", prompts, "--steps", 4,
+                    "--order", "halton") == 0
+    cached = manifest(tmp_path / "cached")
+    assert cached[0]["settings"]["cache_interval"] == 1 and cached[0]["settings"]["order"] == "halton"
+    for a, b in zip(cached, manifest(tmp_path / "halton")):
+        assert (tmp_path / "cached" / a["image"]).read_bytes() == (tmp_path / "halton" / b["image"]).read_bytes()
+    with pytest.raises(SystemExit, match="other settings .*cache_interval"):
+        generate("image", model_dir, tmp_path / "cached", "--prompts", prompts, "--steps", 4, "--order", "halton")
+
+
 @pytest.mark.parametrize(
     "extra, match",
     [
@@ -183,6 +198,8 @@ def test_prompts_file_that_is_not_utf8(tmp_path, model_dir):
     (("--steps", 10**9), r"--steps: num_steps .* must be an int in \[1, 65536\], got 1000000000"),
     (("--top-p", 1.5), r"--top-p: top_p must be None or a number in \(0, 1\]"),
     (("--strategy", "beam"), "--strategy: strategy must be one of"),
+    (("--cache-interval", 0), r"--cache-interval: cache_interval must be None \(no caching\) or an int in \[1, 65536\]"),
+    (("--order", "spiral"), r"--order: order must be one of \['confidence', 'halton'\]"),
     (("--device", "meta"), "--device: .*meta"),
 ])
 def test_out_of_range_options(extra, match, prompts, tmp_path):

@@ -35,7 +35,8 @@ MAX_SEED = 2**63 - 1
 # Sampler options of the command line -> SamplerConfig fields, checked before the model loads.
 SAMPLER_OPTIONS = (("--steps", "num_steps", "steps"), ("--guidance-scale", "guidance_scale", "guidance_scale"),
                    ("--strategy", "strategy", "strategy"), ("--temperature", "temperature", "temperature"),
-                   ("--top-k", "top_k", "top_k"), ("--top-p", "top_p", "top_p"))
+                   ("--top-k", "top_k", "top_k"), ("--top-p", "top_p", "top_p"),
+                   ("--cache-interval", "cache_interval", "cache_interval"), ("--order", "order", "order"))
 # Ranks finish at different times (shard sizes, model loads, a rank with nothing left to do), so
 # the final barrier may wait long; a dead rank is noticed by torchrun, not by this timeout.
 BARRIER_TIMEOUT_H = 72
@@ -95,6 +96,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model's)")
     parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: all)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: 1, off)")
+    parser.add_argument("--cache-interval", type=int, default=None,
+                        help="context caching: refresh the cached keys/values every k steps (approximate; 1 = exact; "
+                             "default: the model's, usually off; docs/sampling.md)")
+    parser.add_argument("--order", default=None,
+                        help="maskgit's image commit order: confidence or halton (default: the model's)")
     parser.add_argument(
         "--image-size", default="512x512",
         help="WIDTHxHEIGHT given to the model as the image size condition when generating images",
@@ -361,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
         task=args.task, model=args.model, loader=args.loader, revision=args.revision,
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, strategy=args.strategy,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        image_size=list(image_size), prompt=args.prompt, dtype=str(dtype).removeprefix("torch."),
+        cache_interval=args.cache_interval, order=args.order, image_size=list(image_size), prompt=args.prompt, dtype=str(dtype).removeprefix("torch."),
         seed=args.seed, num_per_prompt=args.num_per_prompt,
         mask_dilation=args.mask_dilation if args.task == "inpaint" else None,
     )
@@ -399,6 +405,9 @@ def _make(args: argparse.Namespace, pipe, mine: Iterator[int], count: int, input
     sampling = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, strategy=args.strategy,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     sampling = {k: v for k, v in sampling.items() if v is not None}
+    extra = {k: v for k, v in dict(cache_interval=args.cache_interval, order=args.order).items() if v is not None}
+    if extra:
+        sampling["sampler_kwargs"] = extra
     method = getattr(pipe, TASKS[args.task])
     part = part_path(args.out, where.rank, where.world_size)
     who = f"rank {where.rank} of {where.world_size}" if where.world_size > 1 else "medim generate"

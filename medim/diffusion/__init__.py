@@ -4,7 +4,15 @@ Everything here works with any denoiser callable (docs/architecture.md) and know
 backbone or the layout beyond `layout.segments` and `layout.mask_id`.
 """
 
-from .config import COMMIT_SCHEDULES, GUIDANCE_SCHEDULES, RELEASE_SAMPLER, STRATEGIES, SamplerConfig
+from .config import (
+    COMMIT_SCHEDULES,
+    FAST_OPTIONS,
+    GUIDANCE_SCHEDULES,
+    ORDERS,
+    RELEASE_SAMPLER,
+    STRATEGIES,
+    SamplerConfig,
+)
 from .loss import LossOutput, diffusion_loss, sample_times
 from .sampler import SampleOutput, commit_counts, sample
 from .schedule import (
@@ -31,10 +39,12 @@ __all__ = [
     "SCHEDULES",
     "STRATEGIES",
     "CosineSchedule",
+    "FAST_OPTIONS",
     "LinearSchedule",
     "LogLinearSchedule",
     "LossOutput",
     "NoiseSchedule",
+    "ORDERS",
     "RELEASE_SAMPLER",
     "SampleOutput",
     "SamplerConfig",

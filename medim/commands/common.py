@@ -1,5 +1,6 @@
 """What several commands share: the Hub options (`--revision`, `--cache-dir`, `--local-files-only`,
-`--token`), expanding `--images`-style glob patterns, and reading a UTF-8 file of one text a line."""
+`--token`), the pipeline to load (`--model`, `--loader`, `--device`, `--dtype`) and loading it,
+expanding `--images`-style glob patterns, and reading a UTF-8 file of one text a line."""
 
 from __future__ import annotations
 
@@ -15,6 +16,35 @@ def add_hub_arguments(parser: argparse.ArgumentParser, revision_of: str = "the m
     parser.add_argument("--cache-dir", default=None, help="Hugging Face cache directory")
     parser.add_argument("--local-files-only", action="store_true", help="never download; use the cache")
     parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `--model`, `--loader`, the Hub options, `--device` and `--dtype` (read by `load_pipeline`)."""
+    parser.add_argument("--model", default="medim-demo",
+                        help="a saved MeDiMPipeline (folder or Hub repo), the bundled 'medim-demo', or with "
+                             "--loader original the released checkpoint (e.g. JiaMao/medim_ckpts)")
+    parser.add_argument("--loader", choices=("pretrained", "original"), default="pretrained",
+                        help="how to read --model: MeDiMPipeline.from_pretrained, or from_original for the "
+                             "released checkpoint and its upstream parts")
+    add_hub_arguments(parser, "--model")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
+
+
+def load_pipeline(args: argparse.Namespace, command: str):
+    """The pipeline `add_pipeline_arguments`' options name; a load error exits naming --model."""
+    import torch
+
+    from medim.pipeline import MeDiMPipeline
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    load = MeDiMPipeline.from_original if args.loader == "original" else MeDiMPipeline.from_pretrained
+    try:
+        return load(args.model, dtype=dtype, device=device, **hub_options(args).kwargs())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{command}: cannot load --model {args.model}: {e}") from None
 
 
 def hub_options(args: argparse.Namespace):

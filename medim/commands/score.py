@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from medim.commands.common import add_hub_arguments, expand_globs, hub_options, read_lines
+from medim.commands.common import add_pipeline_arguments, expand_globs, load_pipeline, read_lines
 
 HELP = "score image-report pairs by likelihood (log p(report | image) bounds), or rank all of them"
 
@@ -23,13 +23,7 @@ PAIR_DIRECTIONS = ("report|image", "image|report", "joint")  # as medim.scoring 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    parser.add_argument("--model", default="medim-demo",
-                        help="a saved MeDiMPipeline (folder or Hub repo), the bundled 'medim-demo', or with "
-                             "--loader original the released checkpoint (e.g. JiaMao/medim_ckpts)")
-    parser.add_argument("--loader", choices=("pretrained", "original"), default="pretrained",
-                        help="how to read --model: MeDiMPipeline.from_pretrained, or from_original for the "
-                             "released checkpoint and its upstream parts")
-    add_hub_arguments(parser, "--model")
+    add_pipeline_arguments(parser)
     parser.add_argument("--images", nargs="+", required=True, help="image files or glob patterns (quote them)")
     parser.add_argument("--reports", type=Path, required=True,
                         help="text file, one report a line (blank lines skipped)")
@@ -42,16 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=16, help="time points per pair (more: less noise)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the time points and masks")
     parser.add_argument("--batch-size", type=int, default=256, help="pair x time-point rows per forward")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from medim.hub import atomic_file
-    from medim.pipeline import MeDiMPipeline
 
     # Everything that can be checked is checked before the (slow) model load.
     for name in ("num_samples", "batch_size"):
@@ -63,14 +53,7 @@ def run(args: argparse.Namespace) -> int:
                          "(or use --rank to score every image with every report)")
     if args.out.is_dir():
         raise SystemExit(f"--out: {args.out} is a folder; give a file name")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-
-    load = MeDiMPipeline.from_original if args.loader == "original" else MeDiMPipeline.from_pretrained
-    try:
-        pipe = load(args.model, dtype=dtype, device=device, **hub_options(args).kwargs())
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"medim score: cannot load --model {args.model}: {e}") from None
+    pipe = load_pipeline(args, "medim score")
     options = dict(direction=args.direction, num_samples=args.num_samples, batch_size=args.batch_size,
                    generator=torch.Generator().manual_seed(args.seed))
     settings = dict(model=args.model, direction=args.direction, num_samples=args.num_samples, seed=args.seed)

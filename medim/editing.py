@@ -22,15 +22,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from medim.data.images import ImageInput
+from medim.data.images import ImageInput, read_image_file
 from medim.diffusion import tasks
 from medim.diffusion.config import SamplerConfig
 from medim.diffusion.schedule import NoiseSchedule, get_schedule
@@ -40,11 +39,13 @@ from medim.generation import (
     check_image_size,
     check_prompts,
     decode_images,
+    encode_images,
+    image_list,
     row_generators,
     run_chunks,
     sampler_settings,
 )
-from medim.scoring import NUM_SAMPLES, draws, encode_images, estimate_elbo, image_list, pair_rows
+from medim.scoring import NUM_SAMPLES, draws, estimate_elbo, pair_rows
 from medim.templates import candidates, fill_text, parse_template
 
 __all__ = ["EditingMixin", "InfillOutput", "MaskInput", "StartedSchedule", "load_mask", "code_mask"]
@@ -92,15 +93,7 @@ def load_mask(mask: MaskInput, name: str = "mask") -> np.ndarray:
         4
     """
     if isinstance(mask, (str, os.PathLike)):
-        path = Path(mask).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"{name}: mask file {path} does not exist")
-        try:
-            with Image.open(path) as opened:
-                opened.load()
-                return load_mask(opened, name)
-        except UnidentifiedImageError as e:
-            raise ValueError(f"{name}: {path} is not an image file PIL can read") from e
+        return read_image_file(mask, lambda opened: load_mask(opened, name), kind="mask", prefix=f"{name}: ")
     if isinstance(mask, Image.Image):
         return np.asarray(mask, dtype=bool) if mask.mode == "1" else np.asarray(mask.convert("L")) > 127
     if isinstance(mask, torch.Tensor):

@@ -25,7 +25,7 @@ from medim.models.denoiser import ModelDenoiser
 
 __all__ = ["MeDiMOutput", "GenerationMixin", "OUTPUT_TYPES", "check_text", "check_prompts", "check_image_size",
            "check_call", "sampler_settings", "row_generators", "run_chunks", "prompt_task", "per_image",
-           "decode_images"]
+           "image_list", "encode_images", "decode_images"]
 
 OUTPUT_TYPES = ("pil", "pt", "tokens")
 
@@ -195,6 +195,24 @@ def per_image(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor,
             torch.set_num_threads(threads)
 
 
+def image_list(images: Any, name: str = "images") -> list[Image.Image]:
+    """One image or a non-empty list of them, as RGB PIL images (`load_image` checks each)."""
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError(f"{name} is empty: pass at least one image")
+        return [load_image(image) for image in images]
+    return [load_image(images)]
+
+
+def encode_images(pipe: Any, rgb: list[Image.Image]) -> tuple[torch.Tensor, list[tuple[int, int]], torch.LongTensor]:
+    """Pixels [B, 3, S, S] in [-1, 1] (padded to square, resized to the VQGAN's resolution), the
+    original sizes (the medim-v1 size condition) and the VQ codes [B, image_len] on `pipe.device`
+    (one image at a time: `per_image`)."""
+    pixels, sizes = preprocess(rgb, size=pipe.image_resolution, return_sizes=True)
+    codes = per_image(lambda p: pipe.vqgan.encode(p.to(pipe.vqgan.device)), pixels, pipe.vqgan.device)
+    return pixels, sizes, codes.to(pipe.device)
+
+
 def decode_images(pipe: Any, tokens: torch.Tensor, output_type: str) -> list[Image.Image] | torch.Tensor:
     """The image part of final states as `output_type`: VQ codes ("tokens"), [0, 1] pixels ("pt")
     or RGB PIL images ("pil"). A sample's pixels depend only on its codes (`per_image`)."""
@@ -291,9 +309,7 @@ class GenerationMixin:
         Example:
             >>> pipe.image_to_report(["phantom.png"], prompt="Frontal chest radiograph.").reports
         """
-        if isinstance(images, (list, tuple)) and not images:
-            raise ValueError("images is empty: pass at least one image")
-        rgb = [load_image(image) for image in (images if isinstance(images, (list, tuple)) else [images])]
+        rgb = image_list(images)
         prompts = None
         if prompt is not None:
             if isinstance(prompt, str):
@@ -306,9 +322,8 @@ class GenerationMixin:
         config = sampler_settings(self.sampler_config, sampler_kwargs, num_steps=num_inference_steps,
                                       guidance_scale=guidance_scale, strategy=strategy, temperature=temperature,
                                       top_k=top_k, top_p=top_p)
-        pixels, sizes = preprocess(rgb, size=self.image_resolution, return_sizes=True)
-        codes = per_image(lambda p: self.vqgan.encode(p.to(self.vqgan.device)), pixels, self.vqgan.device)
-        task = tasks.image_to_report(self.layout, codes.to(self.device))
+        pixels, sizes, codes = encode_images(self, rgb)
+        task = tasks.image_to_report(self.layout, codes)
         if prompts is not None:
             given = prompt_task(self.layout, self.tokenizer, prompts, self.device)
             task = tasks.TaskInputs(torch.where(given.known, given.x, task.x), given.known | task.known)

@@ -1,6 +1,6 @@
 """How well a report fits an image (`ScoringMixin`: score, rank): Monte-Carlo estimates of the
 masked-diffusion ELBO, a lower bound on log p(report | image), log p(image | report), the joint or a
-marginal, in nats (higher = better fit), and `encode_images`, shared with the editing tasks.
+marginal, in nats (higher = better fit).
 
 The estimator is the training loss's (`medim.diffusion.loss.elbo_terms`): per time point t the
 scored tokens are masked with the schedule's move chance and the model's -log p of each masked
@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
-from medim.data.images import ImageInput, load_image, preprocess
+from medim.data.images import ImageInput
 from medim.diffusion.loss import elbo_terms, sample_times
-from medim.generation import check_image_size, check_prompts, per_image
+from medim.generation import check_image_size, check_prompts, encode_images, image_list
 
-__all__ = ["ScoreOutput", "ScoringMixin", "DIRECTIONS", "NUM_SAMPLES", "encode_images", "image_list", "estimate_elbo"]
+__all__ = ["ScoreOutput", "ScoringMixin", "DIRECTIONS", "NUM_SAMPLES", "estimate_elbo"]
 
 # direction -> (segments whose tokens are scored, segment hidden from the model or None).
 _ROLES: dict[str, tuple[tuple[str, ...], str | None]] = {
@@ -65,24 +64,6 @@ class ScoreOutput:
     token_scores: torch.Tensor
     stderr: torch.Tensor
     nfe: int = 0
-
-
-def image_list(images: Any, name: str = "images") -> list[Image.Image]:
-    """One image or a non-empty list of them, as RGB PIL images (`load_image` checks each)."""
-    if isinstance(images, (list, tuple)):
-        if not images:
-            raise ValueError(f"{name} is empty: pass at least one image")
-        return [load_image(image) for image in images]
-    return [load_image(images)]
-
-
-def encode_images(pipe: Any, rgb: list[Image.Image]) -> tuple[torch.Tensor, list[tuple[int, int]], torch.LongTensor]:
-    """Pixels [B, 3, S, S] in [-1, 1] (padded to square, resized to the VQGAN's resolution), the
-    original sizes (the medim-v1 size condition) and the VQ codes [B, image_len] on `pipe.device`
-    (one image at a time, as `image_to_report` encodes: `medim.generation.per_image`)."""
-    pixels, sizes = preprocess(rgb, size=pipe.image_resolution, return_sizes=True)
-    codes = per_image(lambda p: pipe.vqgan.encode(p.to(pipe.vqgan.device)), pixels, pipe.vqgan.device)
-    return pixels, sizes, codes.to(pipe.device)
 
 
 def _check_options(direction: Any, num_samples: Any, batch_size: Any, generator: Any, allowed: Sequence[str]) -> None:

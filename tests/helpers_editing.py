@@ -39,6 +39,10 @@ def v1_pipe(seed: int = 0) -> MeDiMPipeline:
     return _pipe(layout, vqgan, v1_tokenizer(TINY_BASE_VOCAB, bos_id=1, eos_id=2), seed)
 
 
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
 def images(n: int, seed: int = 0, size: tuple[int, int] = (PX, PX)) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]

@@ -4,7 +4,7 @@ lengths in both layouts, errors before any compute, and quality smokes on the sh
 import numpy as np
 import pytest
 import torch
-from helpers_editing import PX, fail_if_called, images, native_pipe, v1_pipe
+from helpers_editing import PX, fail_if_called, images, native_pipe, seeded, v1_pipe
 from PIL import Image
 
 import medim.editing
@@ -25,10 +25,6 @@ def native():
 @pytest.fixture(scope="module")
 def v1():
     return v1_pipe()
-
-
-def seeded(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def codes_of(pipe, ims):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers_editing import fail_if_called, images, native_pipe, v1_pipe
+from helpers_editing import fail_if_called, images, native_pipe, seeded, v1_pipe
 
 from medim.cli import main
 from medim.commands import score as score_command
@@ -75,10 +75,6 @@ def native():
 @pytest.fixture(scope="module")
 def v1():
     return v1_pipe()
-
-
-def seeded(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def test_score_is_reproducible_and_consistent(native):

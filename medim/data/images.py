@@ -14,14 +14,17 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["PAD_COLOR", "ImageInput", "load_image", "preprocess", "postprocess"]
+T = TypeVar("T")
+
+__all__ = ["PAD_COLOR", "ImageInput", "load_image", "read_image_file", "preprocess", "postprocess"]
 
 ImageInput = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
 
@@ -76,6 +79,27 @@ def _array_to_pil(a: np.ndarray, what: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a))  # uint8 HxW -> "L", HxWx3 -> "RGB", HxWx4 -> "RGBA"
 
 
+def read_image_file(path: str | os.PathLike, read: Callable[[Image.Image], T], kind: str = "image",
+                    prefix: str = "") -> T:
+    """`read` applied to the decoded image in the file at `path` (while it is open); a missing or
+    unreadable file raises FileNotFoundError / ValueError saying so, after `prefix` (e.g. "masks[2]: ").
+
+    Example:
+        >>> read_image_file("phantom.png", lambda im: im.size)
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{prefix}{kind} file {path} does not exist")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return read(opened)
+    except UnidentifiedImageError as e:
+        raise ValueError(f"{prefix}{path} is not an image file PIL can read") from e
+    except OSError as e:  # e.g. "image file is truncated"
+        raise ValueError(f"{prefix}{path} could not be decoded: {e}") from e
+
+
 def load_image(image: ImageInput, name: str | None = None) -> Image.Image:
     """Return `image` as an RGB PIL image.
 
@@ -92,16 +116,7 @@ def load_image(image: ImageInput, name: str | None = None) -> Image.Image:
     """
     if isinstance(image, (str, os.PathLike)):
         path = Path(image).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"image file {path} does not exist")
-        try:
-            with Image.open(path) as opened:
-                opened.load()
-                return load_image(opened, f"{name} ({path})" if name else str(path))
-        except UnidentifiedImageError as e:
-            raise ValueError(f"{path} is not an image file PIL can read") from e
-        except OSError as e:  # e.g. "image file is truncated"
-            raise ValueError(f"{path} could not be decoded: {e}") from e
+        return read_image_file(path, lambda opened: load_image(opened, f"{name} ({path})" if name else str(path)))
     if isinstance(image, torch.Tensor):
         what = name or "image tensor"
         t = image.detach().cpu()

@@ -34,6 +34,7 @@ class ModelDenoiser:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
+        self._segments = {seg.name: seg for seg in model.layout.segments}
         self._compiled: Callable[..., dict[str, torch.Tensor]] | None = None
         self._cuda_graphs = False
 
@@ -79,7 +80,7 @@ class ModelDenoiser:
         return self.model(x, sigma, positions=positions, return_logits=True, **condition).logits
 
     def _compiled_call(self, x, sigma, positions, condition) -> dict[str, torch.Tensor]:
-        segments = {seg.name: seg for seg in self.model.layout.segments}
+        segments = self._segments
         whole = {name: torch.arange(segments[name].start, segments[name].stop, device=x.device) for name in positions}
         graphs = self._cuda_graphs and x.is_cuda
         if graphs:

@@ -32,7 +32,7 @@ batch, so with one generator per row, row r's tokens are the same alone or insid
 Beyond the release (off by default; docs/sampling.md has the measured trade-offs): maskgit's
 `order="halton"` commits image tokens in a spatial low-discrepancy order (medim/diffusion/halton.py);
 `cache_interval` reuses the keys/values of unchanged positions between refreshes (the denoiser's
-`cached` method; one host read per refresh, to learn which columns are still masked). A NaN in the
+`cached` method; host reads at refreshes only: which columns are still masked, and the active count). A NaN in the
 denoiser's output raises FloatingPointError: a device flag records the first step that drew from
 one, read once after the loop, so the check costs no host synchronisation per step.
 """
@@ -217,7 +217,7 @@ class _Columns:
 
     @classmethod
     def of(cls, segments, wanted: torch.Tensor, halton: bool) -> _Columns:
-        """The positions where the bool `wanted` [N] is set (one host read)."""
+        """The positions where the bool `wanted` [N] is set (a host read per segment)."""
         requested, offset = [], 0
         for seg in segments:
             pos = torch.nonzero(wanted[seg.start : seg.stop]).squeeze(-1) + seg.start
@@ -376,7 +376,7 @@ def _denoise(denoiser, x, known, segments, mask_id, c: SamplerConfig, generator,
                 done = (left[refreshed] - left[i]) / unknown.clamp(min=1)
                 if (cache is None or cache_mode != guided[i] or i - refreshed >= c.cache_interval
                         or float(done.max()) > CACHE_REFRESH_FRACTION):
-                    # One host read per refresh: the columns still masked in some row.
+                    # Host reads at a refresh only: the columns still masked in some row.
                     cols = every.subset((x[:, every.pos_all] == mask_id).any(0), segments, halton)
                     cache, cache_mode, refreshed = None, guided[i], i
                 if not cols.requested:  # nothing left to fill (ddpm can finish early)

@@ -39,7 +39,7 @@ from common import machine_info, report  # noqa: E402
 from medim import MeDiMPipeline  # noqa: E402
 from medim.data import synthetic  # noqa: E402
 from medim.demo.settings import EVAL_SEED, IMAGE_SIZE  # noqa: E402
-from medim.scoring import NUM_SAMPLES  # noqa: E402
+from medim.pipelines.scoring import NUM_SAMPLES  # noqa: E402
 
 QUADRANTS = [(side, level) for side in synthetic.SIDES for level in synthetic.LEVELS]
 

@@ -40,7 +40,7 @@ ALL_STEPS = (4, 8, 16, 32, 64, 128)
 
 # Every point starts from these settings (the demo's saved ones before this map: maskgit, arccos,
 # confidence noise 3, unguided), whatever the model saved, so stored points stay comparable.
-MAP_BASE = SamplerConfig(num_steps=32, confidence_temperature=3.0)
+MAP_BASE = SamplerConfig(num_inference_steps=32, confidence_temperature=3.0)
 # One line of the map per setting: (name, sampler overrides over MAP_BASE, steps).
 LINES: list[tuple[str, dict[str, Any], tuple[int, ...]]] = [
     ("maskgit-arccos", {}, ALL_STEPS),
@@ -56,7 +56,7 @@ LINES: list[tuple[str, dict[str, Any], tuple[int, ...]]] = [
     ("cache-4", {"cache_interval": 4}, (16, 32, 64)),
     ("cache-8", {"cache_interval": 8}, (16, 32, 64)),
     ("halton+cache-4", {"order": "halton", "cache_interval": 4}, (8, 16, 32)),
-    ("fast", {k: v for k, v in FAST_OPTIONS.items() if k != "num_steps"}, (16, 32, 64)),  # the preset
+    ("fast", {k: v for k, v in FAST_OPTIONS.items() if k != "num_inference_steps"}, (16, 32, 64)),  # the preset
     # The released MeDiM's sampler (guidance 5, confidence temperature 10; 128 steps), with fewer
     # steps and with caching.
     ("release", {"guidance_scale": 5.0, "confidence_temperature": 10.0}, (32, 64, 128)),
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from medim.pipeline import MeDiMPipeline
+    from medim.pipelines.pipeline import MeDiMPipeline
 
     pipe = MeDiMPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)

@@ -71,7 +71,7 @@ def run_sampler(model, x, known, cond, steps: int, guidance: float, strategy: st
     layout = model.layout
     gens = [torch.Generator(x.device).manual_seed(seed + r) for r in range(x.shape[0])]
     return sample(make_denoiser(model), x, known, segments=layout.segments, mask_id=layout.mask_id,
-                  num_steps=steps, strategy=strategy, guidance_scale=guidance, generator=gens, model_kwargs=cond)
+                  num_inference_steps=steps, strategy=strategy, guidance_scale=guidance, generator=gens, model_kwargs=cond)
 
 
 def best_of(fn, device, repeats: int) -> tuple[float, Any]:
@@ -135,7 +135,7 @@ def demo_accuracy(model: str, settings, n: int, device: str, dtype: torch.dtype)
     """The phantom demo's scores (`medim.demo.evaluate_demo`: all three tasks, read back by the
     phantom readers) per (strategy, steps); every other sampler option is the model's saved one."""
     from medim.demo import evaluate_demo
-    from medim.pipeline import MeDiMPipeline
+    from medim.pipelines.pipeline import MeDiMPipeline
 
     pipe = MeDiMPipeline.from_pretrained(model, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
@@ -154,7 +154,7 @@ def demo_accuracy(model: str, settings, n: int, device: str, dtype: torch.dtype)
 def _sample_task(denoiser, model, task, steps: int, guidance: float, **options):
     x, known, cond = task
     gens = [torch.Generator(x.device).manual_seed(r) for r in range(x.shape[0])]
-    return sample(denoiser, x, known, segments=model.layout.segments, mask_id=model.layout.mask_id, num_steps=steps,
+    return sample(denoiser, x, known, segments=model.layout.segments, mask_id=model.layout.mask_id, num_inference_steps=steps,
                   guidance_scale=guidance, generator=gens, model_kwargs=cond, **options)
 
 

@@ -89,7 +89,7 @@ def random_pipeline(size: str, device: torch.device, **shape):
     from transformers import PreTrainedTokenizerFast
 
     from medim.models.vqgan import VQGAN, VQGANConfig
-    from medim.pipeline import MeDiMPipeline
+    from medim.pipelines.pipeline import MeDiMPipeline
 
     model = medim_v1_model(size, device=device, **shape)
     words = re.findall(r"\w+|[^\w\s]", model.layout.size_string(512, 512))

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from medim.evaluation import InceptionV3, inception_score_from_probs
-from medim.hub import atomic_file
+from medim.utils.hub import atomic_file
 
 
 def _randomize_(net: torch.nn.Module, seed: int) -> None:

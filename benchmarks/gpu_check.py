@@ -36,7 +36,7 @@ from bench_sampler import loop_overhead, release_speedup, run_sampler  # noqa: E
 from bench_train import parse_rows, peak_flops, run_rows  # noqa: E402
 from common import machine_info, markdown_table, medim_v1_model, text_to_image_batch, timed  # noqa: E402
 
-from medim.hub import atomic_file  # noqa: E402
+from medim.utils.hub import atomic_file  # noqa: E402
 
 START = time.perf_counter()
 

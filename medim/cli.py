@@ -2,7 +2,7 @@
 
 A command module provides `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`. Every
 command module is imported to build the parser, so none imports torch or transformers at module
-level (they load inside `run`): `medim --help` stays fast (checked by tests/test_structure.py).
+level (they load inside `run`): `medim --help` stays fast (checked by tests/unit/test_structure.py).
 """
 
 from __future__ import annotations

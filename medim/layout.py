@@ -27,8 +27,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from medim.checks import describe
 from medim.diffusion.segments import Segment
+from medim.utils.checks import describe
 
 __all__ = ["Segment", "BackboneInputs", "SequenceLayout", "MeDiMV1Layout", "NativeLayout"]
 

@@ -35,7 +35,7 @@ def _save(page: Page, path: Path) -> Path:
 def take_screenshots(folder: str | Path, pipe: Any = None, *, width: int = 1200, height: int = 1000) -> list[Path]:
     """Fill and run each tab of the app on `pipe` (default: the demo model) and save
     app_<tab>.png in `folder`; returns the files."""
-    from medim.pipeline import MeDiMPipeline
+    from medim.pipelines.pipeline import MeDiMPipeline
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

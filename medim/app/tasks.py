@@ -72,7 +72,7 @@ def _text(value: Any, name: str, required: bool) -> str | None:
 
 def _steps(pipe: Any, sampling: Sampling) -> int:
     """Steps the progress bar counts (one chunk: the app samples all outputs of a click at once)."""
-    steps = sampling.steps if sampling.steps is not None else pipe.sampler_config.num_steps
+    steps = sampling.steps if sampling.steps is not None else pipe.sampler_config.num_inference_steps
     return int(steps) if isinstance(steps, (int, float)) and not isinstance(steps, bool) else 1
 
 

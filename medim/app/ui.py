@@ -95,7 +95,7 @@ def build_app(pipe: Any, *, title: str = "MeDiM") -> Any:
                     f"{pipe.image_resolution} x {pipe.image_resolution} images, reports of up to "
                     f"{pipe.layout.text_segment.length} tokens. Research use only, not for diagnosis.")
         with gr.Accordion("Sampler", open=True), gr.Row():
-            steps = gr.Slider(1, min(MAX_STEPS, max(256, defaults.num_steps)), value=defaults.num_steps, step=1,
+            steps = gr.Slider(1, min(MAX_STEPS, max(256, defaults.num_inference_steps)), value=defaults.num_inference_steps, step=1,
                               label="Steps", elem_id="steps")
             guidance = gr.Number(value=defaults.guidance_scale, label="Guidance scale (0 = off)", elem_id="guidance")
             strategy = gr.Dropdown(list(STRATEGIES), value=defaults.strategy, label="Strategy", elem_id="strategy")

@@ -95,26 +95,26 @@ def _parts(args: argparse.Namespace):
     """The VQGAN, tokenizer, layout and a name for the tokenizer, from --model or the three options."""
     import torch
 
-    from medim import loaders
     from medim.layout import SequenceLayout
     from medim.models.vqgan import VQGAN
+    from medim.pipelines import loading
 
     hub = hub_options(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.model is not None:
         try:
-            root, index = loaders.saved_pipeline_index(args.model, hub, (loaders.MODEL_INDEX, "vqgan/*", "tokenizer/*"))
+            root, index = loading.saved_pipeline_index(args.model, hub, (loading.MODEL_INDEX, "vqgan/*", "tokenizer/*"))
         except (FileNotFoundError, NotADirectoryError, ValueError) as e:
             raise SystemExit(f"medim cache: --model {e}") from e
         if not isinstance(index.get("layout"), dict):
-            raise SystemExit(f"medim cache: --model {root / loaders.MODEL_INDEX} holds no layout object")
+            raise SystemExit(f"medim cache: --model {root / loading.MODEL_INDEX} holds no layout object")
         layout = SequenceLayout.from_dict(index["layout"])
-        return (VQGAN.from_pretrained(root / "vqgan", device=device), loaders.load_tokenizer(root / "tokenizer", hub),
+        return (VQGAN.from_pretrained(root / "vqgan", device=device), loading.load_tokenizer(root / "tokenizer", hub),
                 layout, str(args.model))
     layout_path = Path(args.layout)
     if not layout_path.is_file():
         raise SystemExit(f"medim cache: --layout {layout_path}: no such file")
-    layout = SequenceLayout.from_dict(loaders.json_object(layout_path))
+    layout = SequenceLayout.from_dict(loading.json_object(layout_path))
     others = hub.without_revision()  # --revision names a commit of --model only
     vqgan = VQGAN.from_pretrained(args.vqgan, device=device, **others.kwargs())
-    return vqgan, loaders.load_tokenizer(args.tokenizer, others), layout, str(args.tokenizer)
+    return vqgan, loading.load_tokenizer(args.tokenizer, others), layout, str(args.tokenizer)

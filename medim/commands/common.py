@@ -36,7 +36,7 @@ def load_pipeline(args: argparse.Namespace, command: str):
     """The pipeline `add_pipeline_arguments`' options name; a load error exits naming --model."""
     import torch
 
-    from medim.pipeline import MeDiMPipeline
+    from medim.pipelines.pipeline import MeDiMPipeline
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -48,8 +48,8 @@ def load_pipeline(args: argparse.Namespace, command: str):
 
 
 def hub_options(args: argparse.Namespace):
-    """The parsed Hub options as a `medim.hub.HubOptions`."""
-    from medim.hub import HubOptions
+    """The parsed Hub options as a `medim.utils.hub.HubOptions`."""
+    from medim.utils.hub import HubOptions
 
     return HubOptions(args.revision, args.cache_dir, args.local_files_only, args.token)
 

@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"VQGAN ({vqgan.num_parameters():,} parameters, {vqgan.num_codes} codes) written to {out}")
         return 0
 
-    from medim.pipeline import MeDiMPipeline
+    from medim.pipelines.pipeline import MeDiMPipeline
 
     parts = dict(vqgan=args.vqgan, vqgan_subfolder=args.vqgan_subfolder, vqgan_repo_type=args.vqgan_repo_type,
                  num_layers=args.num_layers, dtype=dtype, device=args.device, **hub)

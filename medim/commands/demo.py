@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medim import demo
-    from medim.pipeline import MeDiMPipeline
+    from medim.pipelines.pipeline import MeDiMPipeline
 
     for name in ("steps", "n", *RETRAIN_SIZES):
         if getattr(args, name) is not None and getattr(args, name) < 1:

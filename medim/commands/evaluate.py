@@ -180,7 +180,7 @@ def read_pairs(folder: str | Path) -> tuple[list[Path], list[str], list[str]]:
 
 def _write(result: dict, output: str | None) -> None:
     if output:
-        from medim.hub import atomic_file
+        from medim.utils.hub import atomic_file
 
         with atomic_file(output) as f:
             json.dump(result, f, indent=2)
@@ -243,7 +243,7 @@ def _run_pairs(args) -> int:
     import torch
 
     from medim.evaluation.pair_match import PROMPT, SCORE_PATTERN, pair_match
-    from medim.hub import atomic_file
+    from medim.utils.hub import atomic_file
 
     csv_path = args.csv or (str(Path(args.output).with_suffix(".csv")) if args.output else None)
     images, reports, names = read_pairs(args.dir)

@@ -7,7 +7,7 @@ it, not how many there were. So a run that was stopped and started again, with a
 processes, produces exactly the samples of one uninterrupted run. Finished samples are listed in
 `manifest.jsonl` (one JSON object a line, written after the sample's files); a rerun skips them and
 never rewrites their files. Under torchrun the k-th unfinished sample (in index order) goes to rank
-k % world_size (`medim.sharding.shard`); each rank appends to its own `manifest.rank<r>.jsonl`, and
+k % world_size (`medim.utils.sharding.shard`); each rank appends to its own `manifest.rank<r>.jsonl`, and
 when all are done rank 0 merges them into `manifest.jsonl` in index order.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from medim.commands.common import add_hub_arguments, expand_globs, hub_options, read_lines
 from medim.commands.manifest import MANIFEST, collect, merge, part_path, prepare
-from medim.task_names import TASKS
+from medim.utils.task_names import TASKS
 
 HELP = "generate images, reports or image-report pairs in batch (resumable; torchrun for several processes)"
 
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 MAX_SEED = 2**63 - 1
 # Sampler options of the command line -> SamplerConfig fields, checked before the model loads.
-SAMPLER_OPTIONS = (("--steps", "num_steps", "steps"), ("--guidance-scale", "guidance_scale", "guidance_scale"),
+SAMPLER_OPTIONS = (("--steps", "num_inference_steps", "steps"), ("--guidance-scale", "guidance_scale", "guidance_scale"),
                    ("--strategy", "strategy", "strategy"), ("--temperature", "temperature", "temperature"),
                    ("--top-k", "top_k", "top_k"), ("--top-p", "top_p", "top_p"),
                    ("--cache-interval", "cache_interval", "cache_interval"), ("--order", "order", "order"))
@@ -140,7 +140,7 @@ def _inpaint_inputs(args: argparse.Namespace, images: list[str]) -> list[list]:
     every mask must have its image's size (read before the model loads)."""
     from PIL import Image
 
-    from medim.editing import load_mask
+    from medim.pipelines.editing import load_mask
 
     def per_image(values: list, option: str) -> list:
         if len(values) not in (1, len(images)):
@@ -165,7 +165,7 @@ def _inpaint_inputs(args: argparse.Namespace, images: list[str]) -> list[list]:
 def _check_options(args: argparse.Namespace, total: int) -> None:
     """Every option that can be checked without the model, each error naming its option."""
     from medim.diffusion.config import SamplerConfig
-    from medim.generation import check_text
+    from medim.pipelines.generation import check_text
 
     if args.num_per_prompt < 1:
         raise SystemExit(f"--num-per-prompt must be >= 1, got {args.num_per_prompt}")
@@ -196,7 +196,7 @@ def _check_options(args: argparse.Namespace, total: int) -> None:
 
 def _resolve_loader(args: argparse.Namespace) -> str:
     """'pretrained' or 'original' for --model, decided before anything is loaded."""
-    from medim.hub import bundled_model_path, resolve_file
+    from medim.utils.hub import bundled_model_path, resolve_file
 
     name = str(args.model)
     try:
@@ -232,7 +232,7 @@ def _resolve_loader(args: argparse.Namespace) -> str:
 def _device(args: argparse.Namespace, local_rank: int, world_size: int):
     import torch
 
-    from medim.checks import check_dtype_device
+    from medim.utils.checks import check_dtype_device
 
     text = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -312,7 +312,7 @@ def _generate(args, pipe, method, chunk: list[int], inputs: list[str], entries: 
     """Make the samples of `chunk` and write their files; fills in their manifest entries."""
     import torch
 
-    from medim.hub import atomic_file
+    from medim.utils.hub import atomic_file
 
     sources = [inputs[i // args.num_per_prompt] for i in chunk]
     keep = list(range(len(chunk)))
@@ -352,7 +352,7 @@ def _generate(args, pipe, method, chunk: list[int], inputs: list[str], entries: 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from medim.sharding import current_shard, shard
+    from medim.utils.sharding import current_shard, shard
 
     # Check everything that can be checked before the (slow) model load; every rank does the same.
     image_size = _image_size(args.image_size)
@@ -403,11 +403,9 @@ def _make(args: argparse.Namespace, pipe, mine: Iterator[int], count: int, input
 
     pipe.set_progress_bar_config(disable=True)
     sampling = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, strategy=args.strategy,
-                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    cache_interval=args.cache_interval, order=args.order)
     sampling = {k: v for k, v in sampling.items() if v is not None}
-    extra = {k: v for k, v in dict(cache_interval=args.cache_interval, order=args.order).items() if v is not None}
-    if extra:
-        sampling["sampler_kwargs"] = extra
     method = getattr(pipe, TASKS[args.task])
     part = part_path(args.out, where.rank, where.world_size)
     who = f"rank {where.rank} of {where.world_size}" if where.world_size > 1 else "medim generate"
@@ -428,7 +426,7 @@ def _make(args: argparse.Namespace, pipe, mine: Iterator[int], count: int, input
 
 
 def _load_pipeline(args: argparse.Namespace, loader: str, dtype, device):
-    from medim.pipeline import MeDiMPipeline
+    from medim.pipelines.pipeline import MeDiMPipeline
 
     load = MeDiMPipeline.from_pretrained if loader == "pretrained" else MeDiMPipeline.from_original
     return load(args.model, dtype=dtype, device=device, **hub_options(args).kwargs())

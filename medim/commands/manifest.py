@@ -55,7 +55,7 @@ def collect(out: Path) -> tuple[dict[int, str], bool]:
 
 def merge(out: Path, lines: dict[int, str]) -> None:
     """Write `lines` as manifest.jsonl in index order (atomically), then remove the rank parts."""
-    from medim.hub import atomic_file
+    from medim.utils.hub import atomic_file
 
     with atomic_file(out / MANIFEST) as f:
         f.writelines(lines[i] + "\n" for i in sorted(lines))

@@ -18,7 +18,7 @@ HELP = "score image-report pairs by likelihood (log p(report | image) bounds), o
 
 logger = logging.getLogger(__name__)
 
-PAIR_DIRECTIONS = ("report|image", "image|report", "joint")  # as medim.scoring (kept torch-free here)
+PAIR_DIRECTIONS = ("report|image", "image|report", "joint")  # as medim.pipelines.scoring (kept torch-free here)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from medim.hub import atomic_file
+    from medim.utils.hub import atomic_file
 
     # Everything that can be checked is checked before the (slow) model load.
     for name in ("num_samples", "batch_size"):

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from medim.data.datasets import PairLoadError
 from medim.data.images import RESIZE_MODES, preprocess
-from medim.hub import atomic_file
 from medim.layout import SequenceLayout
+from medim.utils.hub import atomic_file
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from medim.data.records import IMAGE_SUFFIXES, PairedRecord, clean_text, existing_dir, open_text, read_csv
-from medim.hub import HubOptions, resolve_file
+from medim.utils.hub import HubOptions, resolve_file
 
 __all__ = ["pathgen_records"]
 

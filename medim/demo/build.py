@@ -16,7 +16,7 @@ import torch
 
 from medim.demo.settings import DEMO_NAME, DEMO_SAMPLER, IMAGE_SIZE, TEXT_LEN, BuildSettings
 from medim.demo.vqgan import lesion_rich_pixels, train_vqgan
-from medim.hub import atomic_directory
+from medim.utils.hub import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def build_demo(out: str | os.PathLike, settings: BuildSettings | None = None, de
     """
     from medim.data.cache import build_token_cache
     from medim.data.datasets import PhantomDataset
-    from medim.pipeline import MeDiMPipeline
+    from medim.pipelines.pipeline import MeDiMPipeline
     from medim.training import Trainer
     from medim.training.config import (
         CheckpointConfig,

@@ -46,14 +46,14 @@ def evaluate_demo(pipe=None, n: int = 200, num_inference_steps: int | None = Non
         >>> scores = evaluate_demo(n=50)   # the shipped model
         >>> scores.image_to_report, scores.exact["image_to_report"]
     """
-    from medim.pipeline import MeDiMPipeline
+    from medim.pipelines.pipeline import MeDiMPipeline
 
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     if pipe is None:
         pipe = MeDiMPipeline.from_pretrained(DEMO_NAME)
     if num_inference_steps is None:
-        num_inference_steps = pipe.sampler_config.num_steps
+        num_inference_steps = pipe.sampler_config.num_inference_steps
     images, reports, truth = zip(*synthetic.make_dataset(n, seed=EVAL_SEED, size=IMAGE_SIZE))
     seconds, nfe = {}, {}
 

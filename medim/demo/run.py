@@ -43,12 +43,12 @@ def run_demo(out: str | os.PathLike = "medim-demo", num_inference_steps: int | N
         >>> summary = run_demo("medim-demo")
         >>> summary["text_to_image"]["image_matches_prompt"]
     """
-    from medim.pipeline import MeDiMPipeline
+    from medim.pipelines.pipeline import MeDiMPipeline
 
     start = time.perf_counter()
     pipe = MeDiMPipeline.from_pretrained(model)
     if num_inference_steps is None:
-        num_inference_steps = pipe.sampler_config.num_steps
+        num_inference_steps = pipe.sampler_config.num_inference_steps
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; pass overwrite=True (--overwrite) to replace its files")

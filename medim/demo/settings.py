@@ -17,7 +17,7 @@ TEXT_LEN = 40  # report slots: the longest phantom report is about 35 tokens wit
 # generated pair collapses to "no lesion", while 3 keeps about the data's share of lesions. The
 # cosine schedule at 32 steps is the cheapest point of the sampler map (benchmarks/bench_quality.py)
 # within 0.5 points of the best on all three accuracies.
-DEMO_SAMPLER = {"num_steps": 32, "schedule": "cosine", "guidance_scale": 0.0, "confidence_temperature": 3.0}
+DEMO_SAMPLER = {"num_inference_steps": 32, "schedule": "cosine", "guidance_scale": 0.0, "confidence_temperature": 3.0}
 # Held-out phantoms are drawn with this seed; training uses `BuildSettings.seed` (0), never this one.
 EVAL_SEED = 10_000
 # Prompts of unconditional pairs: the openers of the training reports.
@@ -34,7 +34,7 @@ DEMO_PROMPTS = (
 
 def demo_path() -> Path:
     """The folder of the shipped demo pipeline (package data; empty in a build without it)."""
-    from medim.hub import BUNDLED_MODELS
+    from medim.utils.hub import BUNDLED_MODELS
 
     return Path(__file__).resolve().parents[1] / BUNDLED_MODELS[DEMO_NAME]
 

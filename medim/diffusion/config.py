@@ -42,7 +42,7 @@ class SamplerConfig:
     """Settings of `medim.diffusion.sample`.
 
     Attributes:
-        num_steps: denoising steps, at most `MAX_STEPS` (a guided step is one batched forward).
+        num_inference_steps: denoising steps, at most `MAX_STEPS` (a guided step is one batched forward).
         strategy: "maskgit" (commit the most confident tokens, `schedule` says how many per
             step), "threshold" (commit every token whose probability exceeds `threshold`, at
             least `min_per_step`; stops early when done) or "ddpm" (MDLM ancestral update).
@@ -54,7 +54,7 @@ class SamplerConfig:
         guidance_scale: classifier-free guidance weight w (0 = off); `guidance_schedule`
             "linear" ramps it as w * (1 - t) (release), "constant" keeps it.
         temperature, top_k, top_p: applied to the float32 log-probs (temperature 0 = greedy).
-        time_eps: the last time of the grid linspace(1, time_eps, num_steps + 1).
+        time_eps: the last time of the grid linspace(1, time_eps, num_inference_steps + 1).
         order: maskgit's commit order for image tokens: "confidence" (release: the most confident
             tokens of the whole state) or "halton" (image tokens in a low-discrepancy spatial order
             over the square grid, text by confidence; each modality gets its own commit counts).
@@ -64,12 +64,12 @@ class SamplerConfig:
             only the still-masked positions run through the network. 1 gives the uncached tokens.
 
     Example:
-        >>> config = SamplerConfig(num_steps=64, guidance_scale=5.0)
+        >>> config = SamplerConfig(num_inference_steps=64, guidance_scale=5.0)
         >>> config.replace(strategy="threshold").strategy
         'threshold'
     """
 
-    num_steps: int = 128
+    num_inference_steps: int = 128
     strategy: str = "maskgit"
     schedule: str = "arccos"
     noise_schedule: str | NoiseSchedule = "loglinear"
@@ -86,9 +86,8 @@ class SamplerConfig:
     cache_interval: int | None = None
 
     def __post_init__(self) -> None:
-        if not (_integer(self.num_steps) and 1 <= self.num_steps <= MAX_STEPS):
-            raise ValueError(f"num_steps (the pipeline's num_inference_steps) must be an int in [1, {MAX_STEPS}], "
-                             f"got {self.num_steps!r}")
+        if not (_integer(self.num_inference_steps) and 1 <= self.num_inference_steps <= MAX_STEPS):
+            raise ValueError(f"num_inference_steps must be an int in [1, {MAX_STEPS}], got {self.num_inference_steps!r}")
         for name, accepted in (("strategy", STRATEGIES), ("schedule", COMMIT_SCHEDULES),
                                ("guidance_schedule", GUIDANCE_SCHEDULES), ("order", ORDERS)):
             if getattr(self, name) not in accepted:
@@ -156,4 +155,5 @@ RELEASE_SAMPLER = SamplerConfig(guidance_scale=5.0)
 # confidence noise), e.g. `pipe.text_to_image(prompts, sampler_kwargs=FAST_OPTIONS)`. A quarter of
 # the release's steps on the cosine schedule, with context caching refreshed every 4 steps; measured
 # on the demo in docs/sampling.md ("Presets"): quality, and its cost against the release's settings.
-FAST_OPTIONS: Mapping[str, Any] = MappingProxyType({"num_steps": 32, "schedule": "cosine", "cache_interval": 4})
+FAST_OPTIONS: Mapping[str, Any] = MappingProxyType({"num_inference_steps": 32, "schedule": "cosine",
+                                                    "cache_interval": 4})

@@ -1,5 +1,5 @@
 """Forward masking q(x_t | x_0), the MDLM (SUBS) training loss and the per-position ELBO terms that
-scoring (`medim.scoring`) averages.
+scoring (`medim.pipelines.scoring`) averages.
 
 Recipe (the release's, docs/formats.md): one time t per sample, drawn by stratified antithetic sampling in
 [eps, 1]; every token masked independently with the schedule's move chance 1 - exp(-sigma(t));

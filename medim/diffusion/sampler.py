@@ -178,7 +178,7 @@ def sample(
         model_kwargs: extra per-row model inputs (tensors with first dim B, repeated for guidance).
         callback: `callback(step, t, x)` after every step.
         progress: show a tqdm bar.
-        **options: any `SamplerConfig` field, applied over `config` (e.g. `num_steps=64`).
+        **options: any `SamplerConfig` field, applied over `config` (e.g. `num_inference_steps=64`).
 
     Raises:
         FloatingPointError: the denoiser returned NaN (or values whose softmax is NaN) at a position
@@ -187,7 +187,7 @@ def sample(
     Example:
         >>> task = text_to_image(layout, report_ids)
         >>> out = sample(denoiser, task.x, task.known, segments=layout.segments,
-        ...              mask_id=layout.mask_id, num_steps=64, guidance_scale=5.0,
+        ...              mask_id=layout.mask_id, num_inference_steps=64, guidance_scale=5.0,
         ...              generator=torch.Generator().manual_seed(0))
         >>> out.tokens.shape, out.nfe
     """
@@ -258,7 +258,7 @@ def _denoise(denoiser, x, known, segments, mask_id, c: SamplerConfig, generator,
     if not every.requested:
         return SampleOutput(tokens=x, nfe=0)
 
-    num_steps = c.num_steps
+    num_steps = c.num_inference_steps
     if halton:  # each modality commits on its own schedule: image in Halton order, text by confidence
         host_counts = {seg.name: commit_counts((~known[:, seg.start : seg.stop]).sum(-1).cpu(), num_steps, c.schedule)
                        for seg, _, _ in every.requested}

@@ -8,7 +8,7 @@ The state is `[text (layout.text_len) | image (layout.image_len)]` of backbone t
 Example:
     >>> task = text_to_image(layout, layout.encode_reports(tokenizer, ["No acute findings."]))
     >>> out = sample(denoiser, task.x, task.known, segments=layout.segments,
-    ...              mask_id=layout.mask_id, num_steps=64)
+    ...              mask_id=layout.mask_id, num_inference_steps=64)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from medim.checks import describe
+from medim.utils.checks import describe
 
 from .segments import check_segments, check_tokens
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medim.hub import resolve_file
+from medim.utils.hub import resolve_file
 
 __all__ = ["FIDInceptionV3", "InceptionV3", "TORCHVISION_INCEPTION_FILE", "find_torchvision_inception"]
 

@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from medim.data.images import load_image
-from medim.hub import HubOptions
+from medim.utils.hub import HubOptions
 
 __all__ = ["DEFAULT_JUDGE", "PROMPT", "SCORE_PATTERN", "VLMJudge", "PairMatchResult", "load_judge", "pair_match",
            "parse_score"]

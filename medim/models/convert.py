@@ -25,8 +25,6 @@ from huggingface_hub import HfApi
 from safetensors import safe_open
 from transformers import PretrainedConfig
 
-from medim.checks import check_dtype_device, check_state_shapes
-from medim.hub import HubOptions, resolve_file, resolve_snapshot
 from medim.layout import MeDiMV1Layout, NativeLayout, SequenceLayout
 from medim.models.backbone import (
     backbone_config_from_dict,
@@ -34,6 +32,8 @@ from medim.models.backbone import (
     liquid_backbone_config,
     native_layout_for,
 )
+from medim.utils.checks import check_dtype_device, check_state_shapes
+from medim.utils.hub import HubOptions, resolve_file, resolve_snapshot
 
 __all__ = ["load_liquid", "load_original"]
 

@@ -29,7 +29,7 @@ class ModelDenoiser:
     Example:
         >>> denoiser = ModelDenoiser(pipe.model)
         >>> out = sample(denoiser, task.x, task.known, segments=pipe.layout.segments,
-        ...              mask_id=pipe.layout.mask_id, num_steps=32, cache_interval=4)
+        ...              mask_id=pipe.layout.mask_id, num_inference_steps=32, cache_interval=4)
     """
 
     def __init__(self, model: torch.nn.Module):

@@ -25,11 +25,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-from medim.hub import HubOptions, atomic_directory
 from medim.layout import BackboneInputs, SequenceLayout
 from medim.models import convert
 from medim.models.backbone import backbone_config_from_dict
 from medim.models.cache import ContextCache, KVStore, cache_argument, cached_step, refresh
+from medim.utils.hub import HubOptions, atomic_directory
 
 __all__ = ["MeDiMConfig", "MeDiMModel", "MeDiMModelOutput", "TimestepEmbedder", "AdaLNModulation"]
 

@@ -29,9 +29,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medim import __version__
-from medim.checks import check_dtype_device, check_state_shapes
-from medim.hub import HubOptions, atomic_directory, resolve_file
 from medim.models.taming import Decoder, Encoder, Quantizer
+from medim.utils.checks import check_dtype_device, check_state_shapes
+from medim.utils.hub import HubOptions, atomic_directory, resolve_file
 
 __all__ = ["VQGAN", "VQGANConfig"]
 

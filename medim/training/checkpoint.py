@@ -8,7 +8,7 @@ A checkpoint is a directory `checkpoint_<step:08d>/` holding only safetensors an
   trainer_state.json     step, applied updates, skipped steps, samples seen, world size, data identity
   config.yaml            the run's full config
   manifest.json          size and sha256 of each file above, written last
-It is written into a temporary sibling folder and renamed (medim.hub.atomic_directory); only then
+It is written into a temporary sibling folder and renamed (medim.utils.hub.atomic_directory); only then
 is the `latest` pointer file replaced, so a crash at any moment leaves the previous checkpoint whole
 and `latest` naming it. A checkpoint damaged later (a truncated copy, a bad disk) fails its
 checksums: `find_checkpoint(root, "latest")` then warns, naming the file, and falls back to the
@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from medim.hub import atomic_directory, atomic_file
+from medim.utils.hub import atomic_directory, atomic_file
 
 logger = logging.getLogger(__name__)
 

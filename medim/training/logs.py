@@ -7,8 +7,8 @@ import json
 import logging
 from pathlib import Path
 
-from medim.hub import atomic_file
 from medim.training.config import TrainConfig
+from medim.utils.hub import atomic_file
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 from medim.data.cache import TokenCacheDataset
 from medim.diffusion.loss import diffusion_loss
 from medim.diffusion.segments import check_tokens
-from medim.hub import atomic_directory
 from medim.training import checkpoint as ckpt
 from medim.training.config import TrainConfig
 from medim.training.distributed import all_mean, compile_blocks, sample_indices, setup_distributed, wrap_model
@@ -38,6 +37,7 @@ from medim.training.guard import StepGuard, TrainingDiverged
 from medim.training.logs import RunLog, training_summary
 from medim.training.optim import EMA, apply_hyperparameters, build_optimizer, lr_table
 from medim.training.resume import check_settings, choose_checkpoint, data_identity
+from medim.utils.hub import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, pipeline=None, dataset=None):
-        from medim.pipeline import MeDiMPipeline
+        from medim.pipelines.pipeline import MeDiMPipeline
 
         config.validate()
         self.cfg = cfg = config
@@ -398,8 +398,8 @@ class Trainer:
     def export(self, directory: str | Path) -> Path:
         """Save the trained model (the EMA weights when EMA is on) as a MeDiMPipeline directory.
         Raises TrainingDiverged instead when the weights are unsafe (see `save_checkpoint`)."""
-        from medim.model_card import hub_repo_id
-        from medim.pipeline import MeDiMPipeline
+        from medim.pipelines.model_card import hub_repo_id
+        from medim.pipelines.pipeline import MeDiMPipeline
 
         reason = self._unsafe_to_save()
         if reason is not None:

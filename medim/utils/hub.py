@@ -1,0 +1,224 @@
+"""Where files come from and how they are written: Hub/local resolution, the bundled models, atomic writes.
+
+Every loader in medim takes either a local path or a Hugging Face Hub repo id. Hub downloads go
+through `huggingface_hub` (so `HF_HUB_OFFLINE=1` and the usual cache work), fetching only the files
+that are needed; the Hub options travel together as one `HubOptions`. Names of models that ship
+inside the package (`medim-demo`) resolve to their folder here, below every other layer. Every
+saver writes into a temporary sibling folder and renames it into place, so a crash never leaves a
+half-written artefact behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import hf_hub_download, snapshot_download
+
+__all__ = [
+    "HubOptions",
+    "BUNDLED_MODELS",
+    "bundled_model_path",
+    "resolve_file",
+    "resolve_snapshot",
+    "atomic_directory",
+    "atomic_file",
+]
+
+# Models that ship inside the package, by the name users load them with -> folder under medim/.
+BUNDLED_MODELS = {"medim-demo": "demo_model"}
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """The Hub options every `from_*` loader takes: `revision` (branch, tag or commit), `cache_dir`,
+    `local_files_only` (never download) and `token`.
+
+    Example:
+        >>> hub = HubOptions(revision="v1", local_files_only=True)
+        >>> resolve_file("org/repo", "config.json", hub=hub)  # doctest: +SKIP
+    """
+
+    revision: str | None = None
+    cache_dir: str | os.PathLike | None = None
+    local_files_only: bool = False
+    token: str | bool | None = None
+
+    def without_revision(self) -> HubOptions:
+        """The same options for a secondary repo: a revision names a commit of the main input only."""
+        return replace(self, revision=None)
+
+    def kwargs(self) -> dict[str, Any]:
+        """As keyword arguments of huggingface_hub's download functions."""
+        return asdict(self)
+
+
+def bundled_model_path(name: str | os.PathLike) -> Path | None:
+    """The folder of a model that ships with medim (`BUNDLED_MODELS`), or None for any other name.
+    Write "./medim-demo" to mean a local folder of that name instead.
+
+    Raises FileNotFoundError when the name is known but this build of medim holds no such model
+    (e.g. a source tree without the package data)."""
+    folder = BUNDLED_MODELS.get(str(name))
+    if folder is None:
+        return None
+    path = Path(__file__).resolve().parents[1] / folder
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"this build of medim has no bundled {name!r} model ({path} is empty); build one with "
+            "`medim demo --retrain DIR` (about 1 h 45 min on two CPU cores) and load DIR instead"
+        )
+    return path
+
+
+def resolve_file(
+    repo_or_path: str | os.PathLike,
+    filename: str | None = None,
+    *,
+    subfolder: str | None = None,
+    repo_type: str | None = None,
+    hub: HubOptions | None = None,
+) -> Path:
+    """Return a local path to one file.
+
+    `repo_or_path` may be a file, a directory holding `subfolder/filename`, or a Hub repo id
+    (downloaded with `hf_hub_download`). Raises FileNotFoundError naming what was looked for.
+    """
+    path = Path(repo_or_path).expanduser()
+    if path.is_file() and filename is None:
+        return path
+    if path.is_dir():
+        if filename is None:
+            raise ValueError(f"{path} is a directory: name the file to read inside it")
+        candidate = path / (subfolder or "") / filename
+        if not candidate.is_file():
+            raise FileNotFoundError(f"{candidate} does not exist")
+        return candidate
+    if path.exists() or str(repo_or_path).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{repo_or_path} is not a file or directory")
+    if filename is None:
+        raise ValueError(f"{repo_or_path!r} looks like a Hub repo id: name the file to download")
+    return Path(
+        hf_hub_download(
+            str(repo_or_path),
+            filename,
+            subfolder=subfolder,
+            repo_type=repo_type,
+            **(hub or HubOptions()).kwargs(),
+        )
+    )
+
+
+def resolve_snapshot(
+    repo_or_path: str | os.PathLike,
+    allow_patterns: Sequence[str] | None = None,
+    *,
+    repo_type: str | None = None,
+    hub: HubOptions | None = None,
+) -> Path:
+    """Return a local directory: `repo_or_path` itself if it is one, else a Hub snapshot holding
+    only the files matching `allow_patterns`."""
+    path = Path(repo_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(repo_or_path).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{repo_or_path} is not a directory")
+    return Path(
+        snapshot_download(
+            str(repo_or_path),
+            allow_patterns=list(allow_patterns) if allow_patterns is not None else None,
+            repo_type=repo_type,
+            **(hub or HubOptions()).kwargs(),
+        )
+    )
+
+
+def _temporary_sibling(target: Path, create: Callable[[Path], Any]) -> tuple[Path, Any]:
+    """Create a fresh hidden `.<name>.tmp-<random>` next to `target` with `create` (os.mkdir or an
+    os.open): a plain mkdir()/open() gets the mode the user's umask gives, where tempfile's
+    mkdtemp/mkstemp would force 0700/0600 onto the finished output."""
+    for _ in range(100):
+        path = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
+        try:
+            return path, create(path)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary sibling of {target}")
+
+
+def _umask() -> int:
+    # /proc names it without changing it; os.umask can only read it by setting it for a moment.
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _plain_permissions(root: Path) -> None:
+    """Give every folder and file under `root` the mode a plain mkdir()/open() gives under the umask
+    (0777/0666 less the umask; executables keep their x bits): writers such as safetensors' save_file
+    create their files 0600."""
+    mask = _umask()
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                executable = os.stat(path).st_mode & 0o111
+                os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to `target`; on success it replaces `target`.
+
+    An existing non-empty `target` is only replaced with `overwrite=True` (checked before any work).
+    On an exception the temporary directory is removed and `target` is left untouched. What lands
+    has the permissions of a plain mkdir()/open() under the user's umask.
+    """
+    target = Path(target).expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target} is not empty; pass overwrite=True to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp, _ = _temporary_sibling(target, os.mkdir)
+    try:
+        yield tmp
+        _plain_permissions(tmp)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator:
+    """Open a temporary file next to `target` and rename it into place when the block succeeds
+    (created like a plain open(): the umask decides its permissions)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    tmp, fd = _temporary_sibling(target, lambda p: os.open(p, flags, 0o666))
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise

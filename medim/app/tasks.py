@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from medim.data.synthetic import make_pair
+from medim.utils.checks import check_int
 
 __all__ = ["MAX_COUNT", "Sampling", "Progress", "text_to_image", "image_to_report", "generate_pairs", "inpaint",
            "mask_from_editor", "example_phantoms"]
@@ -29,33 +30,31 @@ def _int(value: Any, name: str, low: int, high: int | None = None) -> int:
     """A widget's number as an int: sliders may send 16.0 for 16."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
-    return value
+    return check_int(value, name, minimum=low, maximum=high)
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """The sampler controls: steps, guidance, strategy and seed (checked by the pipeline, except
-    the seed, which only the app turns into a generator)."""
+    """The sampler controls, named as the pipeline's arguments (checked by the pipeline, except the
+    seed, which only the app turns into a generator)."""
 
-    steps: Any
-    guidance: Any
+    num_inference_steps: Any
+    guidance_scale: Any
     strategy: Any
     seed: Any
 
     def kwargs(self, progress: Progress | None, total: int) -> dict[str, Any]:
         """Keyword arguments of a pipeline task; `progress` hears of each of the `total` steps."""
         seed = _int(self.seed, "seed", 0, 2**63 - 1)
-        steps = _int(self.steps, "steps", 1) if isinstance(self.steps, float) else self.steps
+        steps = self.num_inference_steps
+        steps = _int(steps, "num_inference_steps", 1) if isinstance(steps, float) else steps
         done = [0]
 
         def on_step(pipe: Any, step: int, t: float, tokens: torch.Tensor) -> None:
             done[0] += 1
             progress(done[0], total)
 
-        return dict(num_inference_steps=steps, guidance_scale=self.guidance, strategy=self.strategy,
+        return dict(num_inference_steps=steps, guidance_scale=self.guidance_scale, strategy=self.strategy,
                     generator=torch.Generator().manual_seed(seed),
                     callback_on_step_end=on_step if progress is not None else None)
 
@@ -72,7 +71,8 @@ def _text(value: Any, name: str, required: bool) -> str | None:
 
 def _steps(pipe: Any, sampling: Sampling) -> int:
     """Steps the progress bar counts (one chunk: the app samples all outputs of a click at once)."""
-    steps = sampling.steps if sampling.steps is not None else pipe.sampler_config.num_inference_steps
+    steps = sampling.num_inference_steps
+    steps = steps if steps is not None else pipe.sampler_config.num_inference_steps
     return int(steps) if isinstance(steps, (int, float)) and not isinstance(steps, bool) else 1
 
 

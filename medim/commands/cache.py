@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from medim.commands.common import add_hub_arguments, hub_options
+from medim.commands.common import HelpFormatter, add_hub_arguments, hub_options
 
 HELP = "encode images and reports once into a token cache (resumable)"
 
@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.formatter_class = HelpFormatter
     parser.add_argument(
         "--dataset", required=True, help="dataset kind: folder, jsonl, pathgen, mimic-cxr or phantom"
     )

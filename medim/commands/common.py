@@ -1,13 +1,50 @@
 """What several commands share: the Hub options (`--revision`, `--cache-dir`, `--local-files-only`,
-`--token`), the pipeline to load (`--model`, `--loader`, `--device`, `--dtype`) and loading it,
-expanding `--images`-style glob patterns, and reading a UTF-8 file of one text a line."""
+`--token`); the pipeline to load (`--model`, `--loader`, `--device`, `--dtype`), checked before it
+loads and loaded the one way every command does; the sampler options, named as the `SamplerConfig`
+fields they set; a help formatter that states each default once; expanding `--images`-style glob
+patterns; and reading a UTF-8 file of one text a line.
+
+Nothing here imports torch at module level: every command's parser is built for `medim --help`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+# The released MeDiM weights on the Hub (read with MeDiMPipeline.from_original).
+RELEASED_CHECKPOINT = "JiaMao/medim_ckpts"
+# As medim.pipelines.loading.LOADERS (kept torch-free here).
+LOADERS = ("auto", "pretrained", "original")
+DTYPES = ("float32", "bfloat16", "float16")
+# The SamplerConfig fields a command line sets (`add_sampler_arguments`), each by its own name.
+SAMPLER_FIELDS = ("num_inference_steps", "guidance_scale", "strategy", "temperature", "top_k", "top_p",
+                  "cache_interval", "order")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help states its default already or
+    there is none to state (None, a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """Turn a check's ValueError (whose message names the option) into the command's exit message."""
+    try:
+        yield
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def add_hub_arguments(parser: argparse.ArgumentParser, revision_of: str = "the model") -> None:
@@ -18,41 +55,141 @@ def add_hub_arguments(parser: argparse.ArgumentParser, revision_of: str = "the m
     parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
 
 
-def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add `--model`, `--loader`, the Hub options, `--device` and `--dtype` (read by `load_pipeline`)."""
-    parser.add_argument("--model", default="medim-demo",
-                        help="a saved MeDiMPipeline (folder or Hub repo), the bundled 'medim-demo', or with "
-                             "--loader original the released checkpoint (e.g. JiaMao/medim_ckpts)")
-    parser.add_argument("--loader", choices=("pretrained", "original"), default="pretrained",
-                        help="how to read --model: MeDiMPipeline.from_pretrained, or from_original for the "
-                             "released checkpoint and its upstream parts")
-    add_hub_arguments(parser, "--model")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
-
-
-def load_pipeline(args: argparse.Namespace, command: str):
-    """The pipeline `add_pipeline_arguments`' options name; a load error exits naming --model."""
-    import torch
-
-    from medim.pipelines.pipeline import MeDiMPipeline
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    load = MeDiMPipeline.from_original if args.loader == "original" else MeDiMPipeline.from_pretrained
-    try:
-        return load(args.model, dtype=dtype, device=device, **hub_options(args).kwargs())
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"{command}: cannot load --model {args.model}: {e}") from None
-
-
 def hub_options(args: argparse.Namespace):
     """The parsed Hub options as a `medim.utils.hub.HubOptions`."""
     from medim.utils.hub import HubOptions
 
     return HubOptions(args.revision, args.cache_dir, args.local_files_only, args.token)
 
+
+# ----------------------------------------------------------------------------------- the pipeline
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser, *, default_model: str = "medim-demo") -> None:
+    """Add `--model` (default `default_model`), `--loader`, the Hub options, `--device` and `--dtype`,
+    read by `pipeline_spec`."""
+    example = "" if default_model == RELEASED_CHECKPOINT else f", e.g. {RELEASED_CHECKPOINT}"  # named once in --help
+    parser.add_argument("--model", default=default_model,
+                        help="a saved MeDiMPipeline (folder or Hub repo with model_index.json), the bundled "
+                             "'medim-demo', or the released MeDiM checkpoint (folder or Hub repo with "
+                             f"model.safetensors{example})")
+    parser.add_argument("--loader", choices=LOADERS, default="auto",
+                        help="how to read --model: 'pretrained' = MeDiMPipeline.from_pretrained, 'original' = "
+                             "MeDiMPipeline.from_original (the released checkpoint), 'auto' = pretrained for a "
+                             "bundled name or a model_index.json, original for a folder holding model.safetensors "
+                             "(at the top or in checkpoint_<step>/) or a Hub repo without model_index.json")
+    add_hub_arguments(parser, "--model")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """The pipeline a command's options name, checked (`pipeline_spec`); `load_pipeline` loads it."""
+
+    command: str  # "medim generate": the errors say who failed
+    model: str
+    loader: str  # "pretrained" or "original": detect_loader's answer for --loader
+    hub: Any  # medim.utils.hub.HubOptions
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype
+
+
+def _device(text: str | None, *, local_rank: int, world_size: int):
+    """--device parsed and checked; under torchrun a bare "cuda" is the GPU of the process's LOCAL_RANK."""
+    import torch
+
+    from medim.utils.checks import check_dtype_device
+
+    text = text or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        _, device = check_dtype_device(None, text)
+    except ValueError as e:
+        raise SystemExit(f"--device: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {text}: CUDA is not available")
+        if device.index is None and world_size > 1:
+            if local_rank >= torch.cuda.device_count():
+                raise SystemExit(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
+                                 "start at most one process per GPU")
+            device = torch.device("cuda", local_rank)
+        if device.index is not None:  # "cuda" alone is the current device already
+            torch.cuda.set_device(device)
+    return device
+
+
+def _cannot_load(command: str, model: str, err: Exception) -> str:
+    # detect_loader's folder errors begin with the folder's name; it is said once.
+    return f"{command}: cannot load --model {model}: {str(err).removeprefix(f'{model}: ')}"
+
+
+def pipeline_spec(args: argparse.Namespace, command: str, *, local_rank: int = 0, world_size: int = 1) -> PipelineSpec:
+    """`add_pipeline_arguments`' options, checked before any weights load: --device first, then
+    --model through `medim.pipelines.loading.detect_loader` (a missing folder, or a Hub that cannot
+    be reached, stops here with the real error)."""
+    import torch
+
+    from medim.pipelines.loading import detect_loader
+
+    device = _device(args.device, local_rank=local_rank, world_size=world_size)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    hub = hub_options(args)
+    try:
+        loader = detect_loader(args.model, loader=args.loader, hub=hub)
+    except (OSError, ValueError) as e:  # every Hub error is one of these
+        raise SystemExit(_cannot_load(command, args.model, e)) from None
+    return PipelineSpec(command, args.model, loader, hub, device, dtype)
+
+
+def load_pipeline(spec: PipelineSpec):
+    """`MeDiMPipeline.from_pretrained` or `from_original` (as `spec.loader` says) on `spec.model`;
+    a load error exits as `medim COMMAND: cannot load --model X: <the error>`."""
+    from medim.pipelines.pipeline import MeDiMPipeline
+
+    load = MeDiMPipeline.from_original if spec.loader == "original" else MeDiMPipeline.from_pretrained
+    try:
+        return load(spec.model, dtype=spec.dtype, device=spec.device, **spec.hub.kwargs())
+    except (OSError, ValueError) as e:
+        raise SystemExit(_cannot_load(spec.command, spec.model, e)) from None
+
+
+# ----------------------------------------------------------------------------------- the sampler
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one option per `SAMPLER_FIELDS` entry, named as the field (`--steps` is short for
+    `--num-inference-steps`); `sampler_options` reads them."""
+    group = parser.add_argument_group("sampler", "settings of the model's saved SamplerConfig to override (every "
+                                                 "one defaults to the model's; docs/sampling.md)")
+    group.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int, metavar="N",
+                       help="denoising steps")
+    group.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale, 0 = off")
+    group.add_argument("--strategy", help="maskgit, threshold or ddpm")
+    group.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
+    group.add_argument("--top-k", type=int, help="keep the k most likely tokens")
+    group.add_argument("--top-p", type=float, help="nucleus sampling mass, in (0, 1]")
+    group.add_argument("--cache-interval", type=int,
+                       help="context caching: refresh the cached keys/values every k steps (approximate; 1 = exact)")
+    group.add_argument("--order", help="maskgit's image commit order: confidence or halton")
+
+
+def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampler options given (as the `**sampler_options` of a pipeline task), each checked by
+    `medim.diffusion.SamplerConfig` before any model loads; an error names its option."""
+    from medim.diffusion import SamplerConfig
+
+    options = {field: getattr(args, field) for field in SAMPLER_FIELDS if getattr(args, field) is not None}
+    for field, value in options.items():
+        try:
+            SamplerConfig(**{field: value})
+        except ValueError as e:
+            raise SystemExit(f"--{field.replace('_', '-')}: {e}") from None
+    return options
+
+
+# ----------------------------------------------------------------------------------- inputs
 
 def expand_globs(patterns: list[str], option: str) -> list[str]:
     """Files matching each pattern (sorted per pattern, in the order given); a pattern matching

@@ -20,13 +20,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from medim.commands.common import add_hub_arguments, hub_options
+from medim.commands.common import DTYPES, HelpFormatter, add_hub_arguments, hub_options
 
 HELP = "convert upstream checkpoints (released MeDiM, Liquid, taming VQGAN) to medim folders"
 
 logger = logging.getLogger(__name__)
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _positive_int(text: str) -> int:
@@ -52,7 +50,7 @@ def _image_offset(text: str) -> int | None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    p.formatter_class = HelpFormatter
     p.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
@@ -64,7 +62,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _pipeline_parts(p: argparse.ArgumentParser, tokenizer_default: str | None, tokenizer_help: str) -> None:
     p.add_argument("--tokenizer", default=tokenizer_default, help=tokenizer_help)
     p.add_argument("--vqgan", default="Junfeng5/Liquid_demo",
-                   help="Chameleon VQGAN: taming checkpoint (Hub repo, folder or vqgan.ckpt file) or a saved medim VQGAN folder")
+                   help="Chameleon VQGAN: taming checkpoint (Hub repo, folder or vqgan.ckpt file) or a saved "
+                        "medim VQGAN folder")
     p.add_argument("--vqgan-subfolder", default="chameleon",
                    help="folder inside --vqgan holding vqgan.ckpt + vqgan.yaml (ignored when a local --vqgan lacks it)")
     p.add_argument("--vqgan-repo-type", choices=("model", "space", "dataset"), default="space",
@@ -82,9 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        description="The released MeDiM weights (accelerate save_state output) assembled with "
                        "their config, tokenizer and VQGAN into a MeDiMPipeline folder.")
     p.add_argument("--checkpoint", default="JiaMao/medim_ckpts",
-                   help="Hub repo or folder with model.safetensors at the top or under checkpoint_<step>/ (the newest is used)")
+                   help="Hub repo or folder with model.safetensors at the top or under checkpoint_<step>/ "
+                        "(the newest is used)")
     p.add_argument("--backbone", default="Junfeng5/Liquid_V1_7B",
-                   help="where the Gemma config comes from (only config.json is read); 'none' uses Liquid's built-in config")
+                   help="where the Gemma config comes from (only config.json is read); 'none' uses Liquid's "
+                        "built-in config")
     _pipeline_parts(p, "NousResearch/Llama-2-7b-hf",
                     "Llama-2 tokenizer files (Hub repo or folder); <boi> <eoi> <eos> are added after its vocabulary")
     p.add_argument("--base-vocab-size", type=_positive_int, default=32000,
@@ -94,7 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("liquid", help="Liquid's first layers -> a fresh, trainable pipeline folder (native layout)",
                        description="A fresh MeDiM for training: the first --num-layers layers of a Liquid-format "
-                       "checkpoint, a mask row, a new timestep embedder and identity AdaLN, with the VQGAN and tokenizer.")
+                       "checkpoint, a mask row, a new timestep embedder and identity AdaLN, with the VQGAN and "
+                       "tokenizer.")
     p.add_argument("--backbone", default="Junfeng5/Liquid_V1_7B",
                    help="Hub repo or folder of a Gemma/Llama-style causal LM in the transformers format")
     _pipeline_parts(p, None, "tokenizer files (Hub repo or folder); default: the backbone's own")
@@ -109,7 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="vqgan.ckpt file, a folder holding it, or a Hub repo id (release: Junfeng5/Liquid_demo "
                    "with --repo-type space --subfolder chameleon)")
     p.add_argument("--config", default=None,
-                   help="taming vqgan.yaml; default: the one beside the checkpoint (else Chameleon's config, with a warning)")
+                   help="taming vqgan.yaml; default: the one beside the checkpoint (else Chameleon's config, "
+                        "with a warning)")
     p.add_argument("--subfolder", default=None, help="folder inside --ckpt holding vqgan.ckpt")
     p.add_argument("--repo-type", choices=("model", "space", "dataset"), default=None, help="Hub repo type of --ckpt")
     _common(p)

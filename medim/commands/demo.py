@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=DEMO_NAME, help=f"folder for the demo outputs (default: ./{DEMO_NAME})")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace files already in --out (or the folder given to --retrain)")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int, metavar="N",
                         help="sampling steps per generation (default: the model's saved sampler settings)")
     parser.add_argument("--seed", type=int, default=0,
                         help="base seed: output i uses seed * 1000003 + i; with --retrain, the training seed "
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from medim import demo
     from medim.pipelines.pipeline import MeDiMPipeline
 
-    for name in ("steps", "n", *RETRAIN_SIZES):
+    for name in ("num_inference_steps", "n", *RETRAIN_SIZES):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"medim demo: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.retrain:
@@ -69,11 +69,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.evaluate:
             pipe = MeDiMPipeline.from_pretrained(args.model)
-            print(demo.scores_table(demo.evaluate_demo(pipe, n=args.n, num_inference_steps=args.steps,
-                                                       seed=args.seed)))
+            scores = demo.evaluate_demo(pipe, n=args.n, num_inference_steps=args.num_inference_steps, seed=args.seed)
+            print(demo.scores_table(scores))
             return 0
-        summary = demo.run_demo(args.out, num_inference_steps=args.steps, seed=args.seed, overwrite=args.overwrite,
-                                model=args.model)
+        summary = demo.run_demo(args.out, num_inference_steps=args.num_inference_steps, seed=args.seed,
+                                overwrite=args.overwrite, model=args.model)
     except (FileNotFoundError, FileExistsError) as e:  # no model / a non-empty --out
         raise SystemExit(f"medim demo: {e}") from None
     print(json.dumps(summary, indent=1))

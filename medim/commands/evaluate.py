@@ -82,8 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=("float16", "bfloat16", "float32"), default=None,
         help="judge weights dtype (default: float16 on cuda, the release's; float32 on cpu)",
     )
-    pairs.add_argument("--prompt", default=None, help="the question after the image, with {report} (default: the release's)")
-    pairs.add_argument("--pattern", default=None, help="regular expression whose first match is the score (default: the release's)")
+    pairs.add_argument("--prompt", default=None,
+                       help="the question after the image, with {report} (default: the release's)")
+    pairs.add_argument("--pattern", default=None,
+                       help="regular expression whose first match is the score (default: the release's)")
     pairs.add_argument("--output", default=None, help="write the summary as JSON here")
     pairs.add_argument(
         "--csv", default=None, help="write per-pair scores and answers here (default: --output with .csv)"
@@ -167,7 +169,8 @@ def read_pairs(folder: str | Path) -> tuple[list[Path], list[str], list[str]]:
                 found[int(match.group(1))] = (p, folder / f"text_{match.group(1)}.txt")
         missing = [i for i, (_, t) in found.items() if not t.is_file()]
         if missing:
-            logger.warning("%d images have no text_<i>.txt and are skipped (e.g. image_%d.png)", len(missing), missing[0])
+            logger.warning("%d images have no text_<i>.txt and are skipped (e.g. image_%d.png)", len(missing),
+                           missing[0])
         for i in sorted(set(found) - set(missing)):
             image, text = found[i]
             images.append(image)

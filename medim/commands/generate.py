@@ -23,7 +23,19 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-from medim.commands.common import add_hub_arguments, expand_globs, hub_options, read_lines
+from medim.commands.common import (
+    RELEASED_CHECKPOINT,
+    SAMPLER_FIELDS,
+    HelpFormatter,
+    add_pipeline_arguments,
+    add_sampler_arguments,
+    expand_globs,
+    load_pipeline,
+    pipeline_spec,
+    read_lines,
+    sampler_options,
+    usage_errors,
+)
 from medim.commands.manifest import MANIFEST, collect, merge, part_path, prepare
 from medim.utils.task_names import TASKS
 
@@ -32,36 +44,21 @@ HELP = "generate images, reports or image-report pairs in batch (resumable; torc
 logger = logging.getLogger(__name__)
 
 MAX_SEED = 2**63 - 1
-# Sampler options of the command line -> SamplerConfig fields, checked before the model loads.
-SAMPLER_OPTIONS = (("--steps", "num_inference_steps", "steps"), ("--guidance-scale", "guidance_scale", "guidance_scale"),
-                   ("--strategy", "strategy", "strategy"), ("--temperature", "temperature", "temperature"),
-                   ("--top-k", "top_k", "top_k"), ("--top-p", "top_p", "top_p"),
-                   ("--cache-interval", "cache_interval", "cache_interval"), ("--order", "order", "order"))
 # Ranks finish at different times (shard sizes, model loads, a rank with nothing left to do), so
 # the final barrier may wait long; a dead rank is noticed by torchrun, not by this timeout.
 BARRIER_TIMEOUT_H = 72
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.formatter_class = HelpFormatter
+    parser.epilog = ("Under torchrun each process takes the GPU of its LOCAL_RANK (unless --device names one) and "
+                     "its share of the samples; the files are the same as one process makes.")
     parser.add_argument(
         "task", choices=sorted(TASKS),
         help="pairs: image + report from a report prompt; image: image from a report; "
         "report: report from an image; inpaint: the masked region of an image regenerated under a report",
     )
-    parser.add_argument(
-        "--model", default="JiaMao/medim_ckpts",
-        help="Hub repo id, local folder or bundled model name (medim-demo): a saved MeDiMPipeline "
-        "(model_index.json) or the released MeDiM checkpoint",
-    )
-    parser.add_argument(
-        "--loader", choices=("auto", "pretrained", "original"), default="auto",
-        help="how to read --model: 'pretrained' = MeDiMPipeline.from_pretrained, 'original' = "
-        "MeDiMPipeline.from_original (released checkpoint), 'auto' = pretrained for a bundled name or "
-        "when --model holds a model_index.json, original for a folder holding model.safetensors "
-        "(at the top or in checkpoint_<step>/) or a Hub repo without model_index.json",
-    )
-    add_hub_arguments(parser, "--model")
+    add_pipeline_arguments(parser, default_model=RELEASED_CHECKPOINT)  # the released MeDiM
     parser.add_argument("--out", required=True, type=Path, help="output folder (created; resumed if it exists)")
     parser.add_argument(
         "--prompts", type=Path, default=None,
@@ -90,26 +87,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"base seed; sample i uses seed + i, which must stay in [0, 2**63 - 1 = {MAX_SEED}]")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="samples per forward batch (per process); outputs do not depend on it")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
-    parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale, 0 = off (default: the model's)")
-    parser.add_argument("--strategy", default=None, help="sampler strategy: maskgit, threshold or ddpm (default: the model's)")
-    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model's)")
-    parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: all)")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: 1, off)")
-    parser.add_argument("--cache-interval", type=int, default=None,
-                        help="context caching: refresh the cached keys/values every k steps (approximate; 1 = exact; "
-                             "default: the model's, usually off; docs/sampling.md)")
-    parser.add_argument("--order", default=None,
-                        help="maskgit's image commit order: confidence or halton (default: the model's)")
     parser.add_argument(
         "--image-size", default="512x512",
         help="WIDTHxHEIGHT given to the model as the image size condition when generating images",
     )
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
-    parser.add_argument("--device", default=None,
-                        help="torch device (default: cuda when available; under torchrun each process "
-                        "takes the GPU of its LOCAL_RANK)")
+    add_sampler_arguments(parser)
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -164,92 +146,23 @@ def _inpaint_inputs(args: argparse.Namespace, images: list[str]) -> list[list]:
 
 def _check_options(args: argparse.Namespace, total: int) -> None:
     """Every option that can be checked without the model, each error naming its option."""
-    from medim.diffusion.config import SamplerConfig
     from medim.pipelines.generation import check_text
+    from medim.utils.checks import check_int
 
-    if args.num_per_prompt < 1:
-        raise SystemExit(f"--num-per-prompt must be >= 1, got {args.num_per_prompt}")
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+    with usage_errors():
+        check_int(args.num_per_prompt, "--num-per-prompt", minimum=1)
+        check_int(args.batch_size, "--batch-size", minimum=1)
+        check_int(args.mask_dilation, "--mask-dilation", minimum=0)
     if args.prompt is not None and args.task != "report":
         raise SystemExit("--prompt is for 'report'; give prompts to the other tasks with --prompts")
     if args.task != "inpaint" and (args.masks is not None or args.mask_dilation):
         raise SystemExit("--masks and --mask-dilation are for 'inpaint'")
-    if args.mask_dilation < 0:
-        raise SystemExit(f"--mask-dilation must be >= 0, got {args.mask_dilation}")
     if args.prompt is not None:
-        try:
+        with usage_errors():
             check_text(args.prompt, "--prompt")
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
     if args.seed < 0 or args.seed + total - 1 > MAX_SEED:
         raise SystemExit(f"--seed: sample i uses seed + i, which must stay in [0, {MAX_SEED}]; with {total} samples "
                          f"--seed {args.seed} gives [{args.seed}, {args.seed + total - 1}]")
-    for option, field, attribute in SAMPLER_OPTIONS:
-        value = getattr(args, attribute)
-        if value is not None:
-            try:
-                SamplerConfig(**{field: value})
-            except ValueError as e:
-                raise SystemExit(f"{option}: {e}") from None
-
-
-def _resolve_loader(args: argparse.Namespace) -> str:
-    """'pretrained' or 'original' for --model, decided before anything is loaded."""
-    from medim.utils.hub import bundled_model_path, resolve_file
-
-    name = str(args.model)
-    try:
-        if bundled_model_path(name) is not None:
-            return "pretrained" if args.loader == "auto" else args.loader
-    except FileNotFoundError as e:
-        raise SystemExit(f"--model: {e}") from None
-    path = Path(name).expanduser()
-    # A Hub repo id is "name" or "owner/name"; anything else can only be meant as a local path.
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        if not path.exists():
-            raise SystemExit(f"--model {name}: no such folder")
-        if not path.is_dir():
-            raise SystemExit(f"--model {name} is a file; give the folder that holds the model")
-        if args.loader != "auto":
-            return args.loader
-        if (path / "model_index.json").is_file():
-            return "pretrained"
-        if (path / "model.safetensors").is_file() or any(path.glob("checkpoint_*/model.safetensors")):
-            return "original"
-        raise SystemExit(f"--model {name} holds neither a saved MeDiMPipeline (model_index.json) nor the released "
-                         "checkpoint (model.safetensors at the top or in checkpoint_<step>/)")
-    if args.loader != "auto":
-        return args.loader
-    try:
-        resolve_file(name, "model_index.json", hub=hub_options(args))
-        return "pretrained"
-    except Exception as err:  # not in the repo, or not reachable: read it as the released checkpoint
-        logger.info("no model_index.json in %s (%s): reading it as the released checkpoint", name, err)
-        return "original"
-
-
-def _device(args: argparse.Namespace, local_rank: int, world_size: int):
-    import torch
-
-    from medim.utils.checks import check_dtype_device
-
-    text = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        _, device = check_dtype_device(None, text)
-    except ValueError as e:
-        raise SystemExit(f"--device: {e}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit(f"--device {text}: CUDA is not available")
-        if device.index is None and world_size > 1:
-            if local_rank >= torch.cuda.device_count():
-                raise SystemExit(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
-                                 "start at most one process per GPU")
-            device = torch.device("cuda", local_rank)
-        if device.index is not None:  # "cuda" alone is the current device already
-            torch.cuda.set_device(device)
-    return device
 
 
 # ----------------------------------------------------------------------------------- running
@@ -308,7 +221,9 @@ def _load_images(paths: list[str], entries: list[dict]) -> list:
     return images
 
 
-def _generate(args, pipe, method, chunk: list[int], inputs: list[str], entries: list[dict], image_size, sampling):
+
+def _generate(args: argparse.Namespace, pipe, chunk: list[int], entries: list[dict], *, inputs: list,
+              image_size: tuple[int, int], sampling: dict) -> None:
     """Make the samples of `chunk` and write their files; fills in their manifest entries."""
     import torch
 
@@ -327,6 +242,7 @@ def _generate(args, pipe, method, chunk: list[int], inputs: list[str], entries: 
         if not keep:
             return
         sources = [images[n] for n in keep]
+    method = getattr(pipe, TASKS[args.task])
     generators = [torch.Generator(pipe.device).manual_seed(args.seed + chunk[n]) for n in keep]
     if args.task == "report":
         out = method(sources, prompt=args.prompt, generator=generators, **sampling)
@@ -350,8 +266,6 @@ def _generate(args, pipe, method, chunk: list[int], inputs: list[str], entries: 
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from medim.utils.sharding import current_shard, shard
 
     # Check everything that can be checked before the (slow) model load; every rank does the same.
@@ -359,16 +273,13 @@ def run(args: argparse.Namespace) -> int:
     inputs = _inputs(args)
     total = len(inputs) * max(args.num_per_prompt, 1)
     _check_options(args, total)
+    sampling = sampler_options(args)
     where = current_shard()
-    device = _device(args, where.local_rank, where.world_size)
-    loader = _resolve_loader(args)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    spec = pipeline_spec(args, "medim generate", local_rank=where.local_rank, world_size=where.world_size)
     settings = dict(
         task=args.task, model=args.model, loader=args.loader, revision=args.revision,
-        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, strategy=args.strategy,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        cache_interval=args.cache_interval, order=args.order, image_size=list(image_size), prompt=args.prompt, dtype=str(dtype).removeprefix("torch."),
-        seed=args.seed, num_per_prompt=args.num_per_prompt,
+        **{field: sampling.get(field) for field in SAMPLER_FIELDS}, image_size=list(image_size), prompt=args.prompt,
+        dtype=str(spec.dtype).removeprefix("torch."), seed=args.seed, num_per_prompt=args.num_per_prompt,
         mask_dilation=args.mask_dilation if args.task == "inpaint" else None,
     )
     with _stop_on_sigterm(), _process_group(where.world_size) as barrier:
@@ -382,8 +293,8 @@ def run(args: argparse.Namespace) -> int:
         logger.info("%d samples, %d already done in %s; rank %d of %d makes %d", total, len(done), args.out,
                     where.rank, where.world_size, count)
         if count:
-            pipe = _load_pipeline(args, loader, dtype, device)
-            _make(args, pipe, mine, count, inputs, dict(loader=loader, settings=settings), image_size, where)
+            _make(args, load_pipeline(spec), mine, count=count, inputs=inputs, image_size=image_size,
+                  sampling=sampling, common=dict(loader=spec.loader, settings=settings), where=where)
         barrier()
         if where.rank == 0:
             lines, dirty = collect(args.out)
@@ -395,25 +306,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _make(args: argparse.Namespace, pipe, mine: Iterator[int], count: int, inputs: list[str], common: dict,
-          image_size: tuple[int, int], where) -> None:
-    """Make this rank's samples in chunks of --batch-size; each one's manifest line (with `common`)
-    goes to the rank's part after its files."""
+def _make(args: argparse.Namespace, pipe, mine: Iterator[int], *, count: int, inputs: list,
+          image_size: tuple[int, int], sampling: dict, common: dict, where) -> None:
+    """Make this rank's `count` samples (`mine`) in chunks of --batch-size; each one's manifest line
+    (with `common`) goes to the rank's part after its files."""
     from tqdm.auto import tqdm
 
     pipe.set_progress_bar_config(disable=True)
-    sampling = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, strategy=args.strategy,
-                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    cache_interval=args.cache_interval, order=args.order)
-    sampling = {k: v for k, v in sampling.items() if v is not None}
-    method = getattr(pipe, TASKS[args.task])
     part = part_path(args.out, where.rank, where.world_size)
     who = f"rank {where.rank} of {where.world_size}" if where.world_size > 1 else "medim generate"
     with tqdm(total=count, desc=f"medim generate {args.task}", unit="sample", disable=where.rank != 0) as bar:
         while chunk := list(itertools.islice(mine, args.batch_size)):
             entries = [dict(index=i, seed=args.seed + i, **common) for i in chunk]
             try:
-                _generate(args, pipe, method, chunk, inputs, entries, image_size, sampling)
+                _generate(args, pipe, chunk, entries, inputs=inputs, image_size=image_size, sampling=sampling)
             except Exception:
                 logger.error("%s failed while making samples %s", who, chunk)
                 raise
@@ -423,10 +329,3 @@ def _make(args: argparse.Namespace, pipe, mine: Iterator[int], count: int, input
                     f.flush()
                     os.fsync(f.fileno())
             bar.update(len(chunk))
-
-
-def _load_pipeline(args: argparse.Namespace, loader: str, dtype, device):
-    from medim.pipelines.pipeline import MeDiMPipeline
-
-    load = MeDiMPipeline.from_pretrained if loader == "pretrained" else MeDiMPipeline.from_original
-    return load(args.model, dtype=dtype, device=device, **hub_options(args).kwargs())

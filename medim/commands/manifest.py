@@ -15,8 +15,9 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.jsonl"
 # Settings that change what a sample looks like: a resumed run must use the same ones.
 SETTING_KEYS = (
-    "task", "model", "loader", "revision", "num_inference_steps", "guidance_scale", "strategy",
-    "temperature", "top_k", "top_p", "cache_interval", "order", "image_size", "prompt", "dtype", "seed", "num_per_prompt", "mask_dilation",
+    "task", "model", "loader", "revision", "num_inference_steps", "guidance_scale", "strategy", "temperature",
+    "top_k", "top_p", "cache_interval", "order", "image_size", "prompt", "dtype", "seed", "num_per_prompt",
+    "mask_dilation",
 )
 # What a killed run can leave in the folder: the temporary files of the atomic writers.
 LEFTOVER = re.compile(r"\.(\d{6,}\.(png|txt)|manifest(\.rank\d+)?\.jsonl)\..+")

@@ -12,7 +12,14 @@ import json
 import logging
 from pathlib import Path
 
-from medim.commands.common import add_pipeline_arguments, expand_globs, load_pipeline, read_lines
+from medim.commands.common import (
+    HelpFormatter,
+    add_pipeline_arguments,
+    expand_globs,
+    load_pipeline,
+    pipeline_spec,
+    read_lines,
+)
 
 HELP = "score image-report pairs by likelihood (log p(report | image) bounds), or rank all of them"
 
@@ -22,7 +29,7 @@ PAIR_DIRECTIONS = ("report|image", "image|report", "joint")  # as medim.pipeline
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.formatter_class = HelpFormatter
     add_pipeline_arguments(parser)
     parser.add_argument("--images", nargs="+", required=True, help="image files or glob patterns (quote them)")
     parser.add_argument("--reports", type=Path, required=True,
@@ -53,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                          "(or use --rank to score every image with every report)")
     if args.out.is_dir():
         raise SystemExit(f"--out: {args.out} is a folder; give a file name")
-    pipe = load_pipeline(args, "medim score")
+    pipe = load_pipeline(pipeline_spec(args, "medim score"))
     options = dict(direction=args.direction, num_samples=args.num_samples, batch_size=args.batch_size,
                    generator=torch.Generator().manual_seed(args.seed))
     settings = dict(model=args.model, direction=args.direction, num_samples=args.num_samples, seed=args.seed)

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import urllib.request
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from medim.app.ui import QUEUE
 from medim.cli import main
 from medim.data.synthetic import make_pair
 
-FAST = tasks.Sampling(steps=4, guidance=0.0, strategy="maskgit", seed=0)
+FAST = tasks.Sampling(num_inference_steps=4, guidance_scale=0.0, strategy="maskgit", seed=0)
 PAINT = np.zeros((64, 64, 4), dtype=np.uint8)  # an image editor's layer: strokes over the upper left
 PAINT[8:24, 8:24, 3] = 255
 
@@ -44,7 +45,7 @@ def test_text_to_image_with_progress_and_seed(pipe):
     again = tasks.text_to_image(pipe, "A large dense nodule in the right upper zone.", 3, FAST)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, again))
     other = tasks.text_to_image(pipe, "A large dense nodule in the right upper zone.", 1,
-                                tasks.Sampling(4.0, 0, "maskgit", 1.0))  # sliders may send floats
+                                replace(FAST, num_inference_steps=4.0, seed=1.0))  # sliders may send floats
     assert not np.array_equal(np.asarray(other[0]), np.asarray(images[0]))
 
 
@@ -62,18 +63,18 @@ def test_image_to_report_and_pairs(pipe):
 
 @pytest.mark.parametrize("call, error", [
     (lambda p: tasks.text_to_image(p, "   ", 1, FAST), "the report is empty"),
-    (lambda p: tasks.text_to_image(p, "a", 0, FAST), "number of images must be an integer in \\[1, 8\\]"),
+    (lambda p: tasks.text_to_image(p, "a", 0, FAST), "number of images must be an int in \\[1, 8\\]"),
     (lambda p: tasks.text_to_image(p, "a", 2.5, FAST), "number of images"),
-    (lambda p: tasks.text_to_image(p, "a", 1, tasks.Sampling(4, 0, "maskgit", -1)), "seed must be"),
-    (lambda p: tasks.text_to_image(p, "a", 1, tasks.Sampling(4, 0, "maskgit", None)), "seed must be"),
-    (lambda p: tasks.text_to_image(p, "a", 1, tasks.Sampling(4, -1.0, "maskgit", 0)), "guidance_scale must be"),
-    (lambda p: tasks.text_to_image(p, "a", 1, tasks.Sampling(0, 0, "maskgit", 0)), "num_inference_steps"),
-    (lambda p: tasks.text_to_image(p, "a", 1, tasks.Sampling(4, 0, "greedy", 0)), "strategy must be one of"),
+    (lambda p: tasks.text_to_image(p, "a", 1, replace(FAST, seed=-1)), "seed must be"),
+    (lambda p: tasks.text_to_image(p, "a", 1, replace(FAST, seed=None)), "seed must be"),
+    (lambda p: tasks.text_to_image(p, "a", 1, replace(FAST, guidance_scale=-1.0)), "guidance_scale must be"),
+    (lambda p: tasks.text_to_image(p, "a", 1, replace(FAST, num_inference_steps=0)), "num_inference_steps"),
+    (lambda p: tasks.text_to_image(p, "a", 1, replace(FAST, strategy="greedy")), "strategy must be one of"),
     (lambda p: tasks.image_to_report(p, None, "", FAST), "no image: upload one"),
     (lambda p: tasks.generate_pairs(p, "a", 9, FAST), "number of pairs"),
     (lambda p: tasks.inpaint(p, None, "a", 0, FAST), "no image"),
     (lambda p: tasks.inpaint(p, {"background": Image.new("RGB", (64, 64)), "layers": [PAINT]}, "a", -1, FAST),
-     "grow must be an integer"),
+     "grow must be an int in \\[0, 8\\]"),
 ])
 def test_bad_inputs_fail_before_any_compute(pipe, call, error, monkeypatch):
     def no_compute(*args, **kwargs):

@@ -120,7 +120,7 @@ def test_cache_interval_and_order_reach_the_sampler(model_dir, prompts, tmp_path
         (("report", "--images", "/nothing/here/*.png"), "nothing matches"),
         (("report",), "needs --images"),
         (("pairs",), "needs --prompts"),
-        (("pairs", "--prompts", "PROMPTS", "--num-per-prompt", "0"), "--num-per-prompt must be >= 1"),
+        (("pairs", "--prompts", "PROMPTS", "--num-per-prompt", "0"), "--num-per-prompt must be an int >= 1"),
         (("image", "--prompts", "PROMPTS", "--image-size", "big"), "WIDTHxHEIGHT"),
         (("image", "--prompts", "PROMPTS", "--prompt", "x"), "--prompt is for 'report'"),
     ],
@@ -195,7 +195,8 @@ def test_prompts_file_that_is_not_utf8(tmp_path, model_dir):
     (("--seed", 2**63), r"--seed: sample i uses seed \+ i, which must stay in \[0, 9223372036854775807\]"),
     (("--seed", 2**63 - 3, "--num-per-prompt", 2), r"gives \[9223372036854775805, 9223372036854775808\]"),
     (("--seed", -1), "--seed"),
-    (("--steps", 10**9), r"--steps: num_inference_steps must be an int in \[1, 65536\], got 1000000000"),
+    (("--steps", 10**9), r"--num-inference-steps: num_inference_steps must be an int in \[1, 65536\], got 1000000000"),
+    (("--num-inference-steps", 0), r"--num-inference-steps: num_inference_steps must be an int in \[1, 65536\]"),
     (("--top-p", 1.5), r"--top-p: top_p must be None or a number in \(0, 1\]"),
     (("--strategy", "beam"), "--strategy: strategy must be one of"),
     (("--cache-interval", 0), r"--cache-interval: cache_interval must be None \(no caching\) or an int in \[1, 65536\]"),
@@ -228,7 +229,7 @@ def test_huge_request_is_planned_lazily(prompts, tmp_path, monkeypatch):
     def load(*args, **kwargs):
         raise RuntimeError(f"reached the model load; peak {tracemalloc.get_traced_memory()[1]} bytes")
 
-    monkeypatch.setattr(generate_command, "_load_pipeline", load)
+    monkeypatch.setattr(generate_command, "load_pipeline", load)
     tracemalloc.start()
     try:
         with pytest.raises(RuntimeError, match="reached the model load") as reached:

@@ -136,8 +136,13 @@ def test_help_explains_every_option():
     for action in sub._actions:
         assert action.help, f"{action.option_strings or action.dest} has no help"
     text = sub.format_help()
-    for option in ("--model", "--prompts", "--images", "--num-per-prompt", "--out", "--seed", "--batch-size", "--steps"):
+    for option in ("--model", "--prompts", "--images", "--num-per-prompt", "--out", "--seed", "--batch-size",
+                   "--num-inference-steps N, --steps N", "--guidance-scale", "--cache-interval", "--order"):
         assert option in text
+    # Each default said once: none that says nothing ("(default: None)"), the released model named once.
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert text.count("JiaMao/medim_ckpts") == 1 and "(default: JiaMao/medim_ckpts)" in text
+    assert all(action.dest == "num_inference_steps" for action in sub._actions if "--steps" in action.option_strings)
 
 
 # ------------------------------------------------------- bad inputs: a clear error before any compute
@@ -153,7 +158,7 @@ def bad(tmp_path: Path, *argv) -> str:
 
 def test_model_folder_errors(prompts, tmp_path):
     message = bad(tmp_path, "pairs", "--prompts", prompts, "--model", tmp_path / "nope")
-    assert message == f"--model {tmp_path / 'nope'}: no such folder"
+    assert message == f"medim generate: cannot load --model {tmp_path / 'nope'}: no such folder"
     assert "no such folder" in bad(tmp_path, "pairs", "--prompts", prompts, "--model", "./nope")
     (tmp_path / "empty").mkdir()
     assert "holds neither a saved MeDiMPipeline (model_index.json) nor the released checkpoint" in bad(
@@ -178,6 +183,33 @@ def test_auto_loader_reads_a_release_folder_as_the_original_checkpoint(prompts, 
     assert calls == [str(release)]
 
 
+def test_hub_errors_are_reported_as_they_are(prompts, tmp_path, monkeypatch):
+    """A repo id the Hub cannot answer for (offline, no access) stops before any load with the
+    Hub's own error, never read as the released checkpoint instead."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def unreachable(repo, filename, **kwargs):
+        raise LocalEntryNotFoundError(f"cannot reach the Hub for {repo}/{filename}")
+
+    def must_not_load(*a, **k):
+        raise AssertionError("a loader ran after the Hub failed")
+
+    monkeypatch.setattr("medim.pipelines.loading.resolve_file", unreachable)
+    monkeypatch.setattr(MeDiMPipeline, "from_original", must_not_load)
+    monkeypatch.setattr(MeDiMPipeline, "from_pretrained", must_not_load)
+    assert bad(tmp_path, "pairs", "--prompts", prompts, "--model", "org/medim-cxr") == (
+        "medim generate: cannot load --model org/medim-cxr: cannot reach the Hub for org/medim-cxr/model_index.json")
+    assert not (tmp_path / "o").exists()
+
+
+def test_load_errors_are_reported_as_they_are(prompts, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{not json")
+    message = bad(tmp_path, "pairs", "--prompts", prompts, "--model", broken)
+    assert message.startswith(f"medim generate: cannot load --model {broken}: ") and "is not valid JSON" in message
+
+
 def test_bundled_model_by_name(prompts, tmp_path):
     assert main(["generate", "image", "--model", "medim-demo", "--prompts", str(prompts), "--steps", "2",
                  "--out", str(tmp_path / "o")]) == 0
@@ -199,7 +231,8 @@ def test_prompts_file_that_is_not_utf8(tmp_path, model_dir):
     (("--num-inference-steps", 0), r"--num-inference-steps: num_inference_steps must be an int in \[1, 65536\]"),
     (("--top-p", 1.5), r"--top-p: top_p must be None or a number in \(0, 1\]"),
     (("--strategy", "beam"), "--strategy: strategy must be one of"),
-    (("--cache-interval", 0), r"--cache-interval: cache_interval must be None \(no caching\) or an int in \[1, 65536\]"),
+    (("--cache-interval", 0),
+     r"--cache-interval: cache_interval must be None \(no caching\) or an int in \[1, 65536\]"),
     (("--order", "spiral"), r"--order: order must be one of \['confidence', 'halton'\]"),
     (("--device", "meta"), "--device: .*meta"),
 ])

@@ -16,7 +16,13 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: the parsers are built without torch
+    import torch
+
+    from medim.pipelines.pipeline import MeDiMPipeline
+    from medim.utils.hub import HubOptions
 
 # The released MeDiM weights on the Hub (read with MeDiMPipeline.from_original).
 RELEASED_CHECKPOINT = "JiaMao/medim_ckpts"
@@ -55,7 +61,7 @@ def add_hub_arguments(parser: argparse.ArgumentParser, revision_of: str = "the m
     parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
 
 
-def hub_options(args: argparse.Namespace):
+def hub_options(args: argparse.Namespace) -> HubOptions:
     """The parsed Hub options as a `medim.utils.hub.HubOptions`."""
     from medim.utils.hub import HubOptions
 
@@ -91,12 +97,12 @@ class PipelineSpec:
     command: str  # "medim generate": the errors say who failed
     model: str
     loader: str  # "pretrained" or "original": detect_loader's answer for --loader
-    hub: Any  # medim.utils.hub.HubOptions
-    device: Any  # torch.device
-    dtype: Any  # torch.dtype
+    hub: HubOptions
+    device: torch.device
+    dtype: torch.dtype
 
 
-def _device(text: str | None, *, local_rank: int, world_size: int):
+def _device(text: str | None, *, local_rank: int, world_size: int) -> torch.device:
     """--device parsed and checked; under torchrun a bare "cuda" is the GPU of the process's LOCAL_RANK."""
     import torch
 
@@ -143,7 +149,7 @@ def pipeline_spec(args: argparse.Namespace, command: str, *, local_rank: int = 0
     return PipelineSpec(command, args.model, loader, hub, device, dtype)
 
 
-def load_pipeline(spec: PipelineSpec):
+def load_pipeline(spec: PipelineSpec) -> MeDiMPipeline:
     """`MeDiMPipeline.from_pretrained` or `from_original` (as `spec.loader` says) on `spec.model`;
     a load error exits as `medim COMMAND: cannot load --model X: <the error>`."""
     from medim.pipelines.pipeline import MeDiMPipeline

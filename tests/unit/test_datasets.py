@@ -317,7 +317,7 @@ def test_phantom_dataset_matches_generator(caplog):
 
 def test_build_dataset_errors(tmp_path):
     with pytest.raises(
-        ValueError, match=r"kind must be one of \['folder', 'jsonl', 'mimic-cxr', 'pathgen', 'phantom'\]"
+        ValueError, match=r"kind must be one of \['folder', 'hf', 'jsonl', 'mimic-cxr', 'pathgen', 'phantom'\]"
     ):
         build_dataset("coco")
     with pytest.raises(TypeError, match="unknown arguments \\['path'\\]; accepted: \\['root'\\]"):

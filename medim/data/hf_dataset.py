@@ -167,11 +167,12 @@ class HFPairedDataset(torch.utils.data.Dataset):
         >>> pairs = HFPairedDataset(data, HFColumns(report_column="text"))  # doctest: +SKIP
     """
 
-    def __init__(self, data: Any, columns: HFColumns | None = None, *, fingerprint: dict | None = None):
+    def __init__(self, data: Any, columns: HFColumns | None = None, *, fingerprint: dict | None = None,
+                 what: str = "the dataset"):
         self.columns = columns or HFColumns()
-        self.columns.check(list(data.column_names), "the dataset")
+        self.columns.check(list(data.column_names), what)
         if len(data) == 0:
-            raise ValueError("split: the dataset holds no rows")
+            raise ValueError(f"split: {what} holds no rows")
         self.dtype = _leaf_dtype(data.features[self.columns.image_column])
         self.data = _undecoded(data, self.columns.image_column)
         self.fingerprint = fingerprint or {"dataset": data._fingerprint, **asdict(self.columns)}
@@ -193,17 +194,18 @@ class HFStreamingPairs(torch.utils.data.IterableDataset):
     data cannot be identified (a token cache built from it then cannot be resumed).
     """
 
-    def __init__(self, data: Any, columns: HFColumns | None = None, *, fingerprint: dict | None = None):
+    def __init__(self, data: Any, columns: HFColumns | None = None, *, fingerprint: dict | None = None,
+                 what: str = "the streamed dataset"):
         self.columns = columns or HFColumns()
         if data.features:  # else the columns show in the first row
-            self.columns.check(list(data.features), "the streamed dataset")
+            self.columns.check(list(data.features), what)
         self.dtype = _leaf_dtype(data.features[self.columns.image_column]) if data.features else None
         self.data = _undecoded(data, self.columns.image_column)
         try:
             first = next(iter(self.data))
         except StopIteration:
-            raise ValueError("split: the streamed dataset holds no rows") from None
-        self.columns.check(list(first), "the streamed dataset")
+            raise ValueError(f"split: {what} holds no rows") from None
+        self.columns.check(list(first), what)
         self.fingerprint = fingerprint
         self.skipped = Counter()
 
@@ -294,4 +296,5 @@ def load_hf_dataset(
         data, identity = _from_builder(str(path), split, {**options, "cache_dir": cache_dir, "token": token}, streaming)
     fingerprint = {**identity, **asdict(columns)}
     kind = HFStreamingPairs if streaming else HFPairedDataset
-    return kind(data, columns, fingerprint=fingerprint)
+    what = f"{path} (split {identity['split']!r})" if identity["split"] else str(path)
+    return kind(data, columns, fingerprint=fingerprint, what=what)

@@ -3,8 +3,9 @@
 Images go through the VQGAN once (batched, on the GPU when there is one) and reports through the
 tokenizer for the layout; the result is safetensors shards + index.json, resumable after an
 interruption (finished shards are kept) by the same command: index.json records the dataset
-(--dataset, --dataset-args, --data-root), the VQGAN and tokenizer hashes and the settings, and a
-re-run with other inputs is refused.
+(--dataset, --dataset-args but a Hub token, --data-root; for the hf kind also the dataset's own
+fingerprint), the VQGAN and tokenizer hashes and the settings, and a re-run with other inputs is
+refused.
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
         vqgan, tokenizer, layout, tokenizer_name = _parts(args)
         summary = build_token_cache(
             dataset, args.out, vqgan=vqgan, tokenizer=tokenizer, layout=layout,
-            source={"kind": args.dataset, "args": dataset_kwargs}, tokenizer_name=tokenizer_name,
+            # A Hub token is a secret, and not what decides the data: not written to index.json.
+            source={"kind": args.dataset, "args": {k: v for k, v in dataset_kwargs.items() if k != "token"}},
+            tokenizer_name=tokenizer_name,
             shard_size=args.shard_size, batch_size=args.batch_size, resize=args.resize, overwrite=args.overwrite,
         )
     except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, TypeError, ImportError,

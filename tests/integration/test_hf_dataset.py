@@ -70,7 +70,8 @@ def test_cache_and_train_two_steps(tmp_path, form, capsys):
     base, phantom_cache = tiny_run(tmp_path)  # its cache: the same phantom pairs, built from the phantom source
     out = tmp_path / "hf-cache"
     if form == "save_to_disk":
-        args = ["--data-root", str(saved(tmp_path / "saved")), "--dataset-args", '{"report_column": "findings"}']
+        args = ["--data-root", str(saved(tmp_path / "saved")),
+                "--dataset-args", '{"report_column": "findings", "token": "hf_secret"}']
     else:
         options = {"path": "parquet", "data_files": str(parquet(tmp_path / "pq" / "train.parquet")),
                    "report_column": "findings", "cache_dir": str(tmp_path / "hf-datasets")}
@@ -85,6 +86,7 @@ def test_cache_and_train_two_steps(tmp_path, form, capsys):
     assert index["source"]["kind"] == "hf" and index["num_items"] == 12
     assert index["dataset_fingerprint"]["report_column"] == "findings"
     assert ("dataset" if form == "save_to_disk" else "config") in index["dataset_fingerprint"]
+    assert "hf_secret" not in (out / "index.json").read_text()  # a token is not recorded
 
     trainer = Trainer(tiny_config(tmp_path, "run", f"data.cache={out}", "train.max_steps=2", "log.every=1",
                                   "eval.every=0", "data.val_size=4"))

@@ -142,6 +142,18 @@ def _decode_image(value: Any, what: str, dtype: str | None) -> Image.Image:
         raise PairLoadError(f"cannot read {what}: {e}", "unreadable_image") from e
 
 
+def _check_image_feature(feature: Any, column: str) -> None:
+    """ValueError naming image_column when its feature cannot hold images (e.g. an int column),
+    rather than every item being skipped as unreadable."""
+    datasets = import_datasets()
+    if isinstance(feature, datasets.Image) or hasattr(feature, "feature") or hasattr(feature, "shape"):
+        return  # decoded images, or arrays (Array2D..5D, nested lists)
+    if isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary", "string", "large_string"):
+        return  # encoded bytes or file paths
+    raise ValueError(f"image_column: column {column!r} holds {feature}, not images (an Image feature, encoded "
+                     "bytes, file paths or arrays)")
+
+
 def _leaf_dtype(feature: Any) -> str | None:
     # Nested lists (Array2D/3D, List of Value) keep their element type in the feature, not in the row.
     while hasattr(feature, "feature"):
@@ -173,6 +185,7 @@ class HFPairedDataset(torch.utils.data.Dataset):
         self.columns.check(list(data.column_names), what)
         if len(data) == 0:
             raise ValueError(f"split: {what} holds no rows")
+        _check_image_feature(data.features[self.columns.image_column], self.columns.image_column)
         self.dtype = _leaf_dtype(data.features[self.columns.image_column])
         self.data = _undecoded(data, self.columns.image_column)
         self.fingerprint = fingerprint or {"dataset": data._fingerprint, **asdict(self.columns)}
@@ -199,6 +212,7 @@ class HFStreamingPairs(torch.utils.data.IterableDataset):
         self.columns = columns or HFColumns()
         if data.features:  # else the columns show in the first row
             self.columns.check(list(data.features), what)
+            _check_image_feature(data.features[self.columns.image_column], self.columns.image_column)
         self.dtype = _leaf_dtype(data.features[self.columns.image_column]) if data.features else None
         self.data = _undecoded(data, self.columns.image_column)
         try:

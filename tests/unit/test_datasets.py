@@ -398,6 +398,14 @@ def test_hf_unreadable_images_are_skipped(tmp_path):
     items = list(iter_pairs(build_dataset("hf", path=tmp_path / "saved"), stats))
     assert [it["id"] for it in items] == ["0", "3"]
     assert stats == Counter(yielded=2, unreadable_image=1, missing_image=1)
+    # Streamed, the same rows are read and skipped the same way; a stream is read in order only.
+    streamed, stats = build_dataset("hf", path=tmp_path / "saved", streaming=True), Counter()
+    assert [it["id"] for it in iter_pairs(streamed, stats)] == ["0", "3"]
+    assert stats == Counter(yielded=2, unreadable_image=1, missing_image=1)
+    with pytest.raises(ValueError, match="indices: a streamed dataset is read in order"):
+        next(iter_pairs(streamed, indices=[1]))
+    with pytest.raises(PairLoadError, match="cannot read image of row 1"):
+        list(streamed)  # iterating it directly raises on the first unusable row
 
 
 def test_hf_bad_options_name_the_option(tmp_path):
@@ -416,6 +424,7 @@ def test_hf_bad_options_name_the_option(tmp_path):
         (dict(report_template="{findings"), "report_template .* is not a format string"),
         (dict(report_column="findings", report_template="{findings}"), "report_column or report_template, not both"),
         (dict(report_column="findings", id_column="id"), "id_column: .* has no column 'id'"),
+        (dict(image_column="uid", report_column="findings"), "image_column: column 'uid' holds .*int64.*, not images"),
         (dict(report_column=""), "report_column must be a non-empty string"),
         (dict(report_column="findings", split="test"), "split 'test': .* holds a single dataset"),
         (dict(report_column="findings", split=""), "split must be a non-empty string"),

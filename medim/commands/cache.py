@@ -3,8 +3,9 @@
 Images go through the VQGAN once (batched, on the GPU when there is one) and reports through the
 tokenizer for the layout; the result is safetensors shards + index.json, resumable after an
 interruption (finished shards are kept) by the same command: index.json records the dataset
-(--dataset, --dataset-args, --data-root), the VQGAN and tokenizer hashes and the settings, and a
-re-run with other inputs is refused.
+(--dataset, --dataset-args but a Hub token, --data-root; for the hf kind also the dataset's own
+fingerprint), the VQGAN and tokenizer hashes and the settings, and a re-run with other inputs is
+refused.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = HelpFormatter
     parser.add_argument(
-        "--dataset", required=True, help="dataset kind: folder, jsonl, pathgen, mimic-cxr or phantom"
+        "--dataset", required=True,
+        help="dataset kind: folder, jsonl, pathgen, mimic-cxr, phantom or hf (a Hugging Face dataset)",
     )
     parser.add_argument(
         "--data-root", default=None,
         help="the dataset's main path: folder root, jsonl manifest, pathgen records file, "
-        "mimic-cxr jpg root (other arguments go in --dataset-args)",
+        "mimic-cxr jpg root, hf path (a save_to_disk folder, data folder or Hub id) "
+        "(other arguments go in --dataset-args)",
     )
     parser.add_argument(
         "--dataset-args", default="{}",
@@ -55,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # The main path argument of each dataset kind.
-_ROOT_ARG = {"folder": "root", "jsonl": "manifest", "pathgen": "records", "mimic-cxr": "jpg_root"}
+_ROOT_ARG = {"folder": "root", "jsonl": "manifest", "pathgen": "records", "mimic-cxr": "jpg_root", "hf": "path"}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,17 +77,23 @@ def run(args: argparse.Namespace) -> int:
     if args.data_root is not None:
         if args.dataset not in _ROOT_ARG:
             raise SystemExit(f"medim cache: --data-root does not apply to --dataset {args.dataset}")
-        # Absolute, so that the cache records which data it holds whatever the working directory.
-        dataset_kwargs[_ROOT_ARG[args.dataset]] = str(Path(args.data_root).expanduser().resolve())
+        # Absolute, so that the cache records which data it holds whatever the working directory
+        # (an hf path that is no local file or folder is a Hub id, kept as written).
+        root = Path(args.data_root).expanduser()
+        local = args.dataset != "hf" or root.exists()
+        dataset_kwargs[_ROOT_ARG[args.dataset]] = str(root.resolve()) if local else args.data_root
     try:
         dataset = build_dataset(args.dataset, **dataset_kwargs)
         vqgan, tokenizer, layout, tokenizer_name = _parts(args)
         summary = build_token_cache(
             dataset, args.out, vqgan=vqgan, tokenizer=tokenizer, layout=layout,
-            source={"kind": args.dataset, "args": dataset_kwargs}, tokenizer_name=tokenizer_name,
+            # A Hub token is a secret, and not what decides the data: not written to index.json.
+            source={"kind": args.dataset, "args": {k: v for k, v in dataset_kwargs.items() if k != "token"}},
+            tokenizer_name=tokenizer_name,
             shard_size=args.shard_size, batch_size=args.batch_size, resize=args.resize, overwrite=args.overwrite,
         )
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, TypeError) as e:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, TypeError, ImportError,
+            ConnectionError) as e:
         raise SystemExit(f"medim cache: {e}") from e
     print(f"{summary.path}: {summary.num_items} items cached, skipped {summary.skipped or 'none'} "
           f"({summary.shards_written} shards written, {summary.shards_reused} reused)")

@@ -4,7 +4,8 @@ so training reads small integer tensors instead of decoding JPEGs and running th
 On disk (no pickle):
   index.json                 the fingerprint of every input that decides the contents (data source
                              and item count, layout, VQGAN config + sha256 of its weights, sha256
-                             of the tokenizer, image size, resize mode, shard size), finished shards
+                             of the tokenizer, image size, resize mode, shard size; the dataset's own
+                             fingerprint where it has one), finished shards
   shard_00000.safetensors    image_codes [n, image_len] int16 (int32 if the codebook needs it),
                              text_ids [n, text_len] int32, sizes [n, 2] int32 (original width,
                              height), prefix_len [n] int32 (tokens of the report's first sentence);
@@ -18,12 +19,13 @@ two datasets, or two tokenizations, in one cache).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +35,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from medim.data.datasets import PairLoadError
+from medim.data.datasets import PairLoadError, dataset_length, item_loaders
 from medim.data.images import RESIZE_MODES, preprocess
 from medim.layout import SequenceLayout
+from medim.utils.checks import check_choice, check_int
 from medim.utils.hub import atomic_file
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,8 @@ VERSION = 2  # 2: the header holds the fingerprint of the inputs (version 1 cach
 INDEX = "index.json"
 # Header entries that describe but do not decide the contents: not compared on resume.
 INFO_KEYS = ("tokenizer",)
+# Header entry of a dataset that identifies its own data (`fingerprint`, e.g. the hf kind's).
+FINGERPRINT = "dataset_fingerprint"
 
 
 @dataclass
@@ -151,8 +156,8 @@ def build_token_cache(
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> CacheSummary:
-    """Encode a paired dataset (`medim.data.datasets`: `dataset[i]` -> {"id", "image", "report", ...})
-    into a token cache.
+    """Encode a paired dataset (`medim.data.datasets`: `dataset[i]` -> {"id", "image", "report", ...},
+    or a streamed one, read in order) into a token cache.
 
     Images are preprocessed to the square size the layout needs (`sqrt(image_len) * f` pixels) and
     encoded in batches on the VQGAN's device. Items whose image cannot be read or preprocessed are
@@ -165,6 +170,8 @@ def build_token_cache(
     (`overwrite=True` rebuilds). `source` says what the dataset is, e.g. `{"kind": "jsonl",
     "args": {"manifest": "/data/train.jsonl"}}` (`medim cache` records its --dataset,
     --dataset-args and --data-root); without it only the dataset's length identifies the data.
+    A dataset with a `fingerprint` (the `hf` kind: its data and column mapping) has it recorded and
+    compared too; a streamed dataset without one cannot be resumed.
     `tokenizer_name` is recorded for people to read, not compared.
 
     Example:
@@ -173,63 +180,100 @@ def build_token_cache(
         ...                   vqgan=vqgan, tokenizer=tok, layout=layout,
         ...                   source={"kind": "jsonl", "args": {"manifest": "train.jsonl"}})
     """
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be an integer >= 1, got {shard_size!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if resize not in RESIZE_MODES:  # else every item would be skipped as a bad image
-        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    check_int(shard_size, "shard_size", minimum=1)
+    check_int(batch_size, "batch_size", minimum=1)
+    check_choice(resize, "resize", RESIZE_MODES)  # else every item would be skipped as a bad image
     if source is not None and not isinstance(source, Mapping):
         raise TypeError(f"source must be a dict describing the dataset or None, got {type(source).__name__}")
     side = math.isqrt(layout.image_len)
     if side * side != layout.image_len:
         raise ValueError(f"layout.image_len={layout.image_len} is not a square number of codes")
-    image_size = side * vqgan.downsample_factor
-    code_dtype = torch.int16 if vqgan.num_codes <= 2**15 else torch.int32
+    encoder = _ShardEncoder(vqgan, tokenizer, layout, image_size=side * vqgan.downsample_factor, resize=resize,
+                            batch_size=batch_size)
+    header = _header(dataset, encoder, source=source, tokenizer_name=tokenizer_name, shard_size=shard_size)
     out = Path(out_dir)
+    index = _open_index(out, header, overwrite=overwrite)
+    if index["complete"]:
+        logger.info("token cache %s is already complete", out)
+        return _summary(out, index, written=0, reused=len(index["shards"]))
+    reused = len(index["shards"])
+    if reused:
+        _check_resumable(out, index, dataset)
+    written = _write_shards(dataset, out, index, encoder, show_progress=show_progress)
+    index["complete"] = True
+    _write_index(out, index)
+    summary = _summary(out, index, written=written, reused=reused)
+    logger.info("token cache %s: %d items, skipped %s", out, summary.num_items, summary.skipped)
+    return summary
+
+
+def _header(dataset: torch.utils.data.Dataset, encoder: _ShardEncoder, *, source: Mapping[str, Any] | None,
+            tokenizer_name: str, shard_size: int) -> dict:
+    """The fingerprint of every input that decides the cache's contents (see the module docstring)."""
     header = {
         "format": FORMAT,
         "version": VERSION,
         # As JSON stores it (tuples become lists, paths strings), so a resume compares like with like.
-        "source": None if source is None else json.loads(json.dumps(dict(source), default=str)),
-        "num_items": len(dataset),
-        "layout": layout.to_dict(),
+        "source": _as_json(source),
+        "num_items": dataset_length(dataset),
+        "layout": encoder.layout.to_dict(),
         "tokenizer": tokenizer_name,
-        "tokenizer_sha256": _tokenizer_sha256(tokenizer),
-        "vqgan": vqgan.config.to_dict(),
-        "vqgan_sha256": _state_sha256(vqgan),
-        "image_size": image_size,
-        "resize": resize,
+        "tokenizer_sha256": _tokenizer_sha256(encoder.tokenizer),
+        "vqgan": encoder.vqgan.config.to_dict(),
+        "vqgan_sha256": _state_sha256(encoder.vqgan),
+        "image_size": encoder.image_size,
+        "resize": encoder.resize,
         "shard_size": shard_size,
     }
+    if hasattr(dataset, "fingerprint"):  # only sources that have one, so other caches keep their bytes
+        header[FINGERPRINT] = _as_json(dataset.fingerprint)
+    return header
+
+
+def _as_json(value: Mapping[str, Any] | None) -> dict | None:
+    return None if value is None else json.loads(json.dumps(dict(value), default=str))
+
+
+def _open_index(out: Path, header: dict, *, overwrite: bool) -> dict:
+    """The index to continue: the existing one if it was built from the same inputs, else a new one
+    (after clearing old shards when `overwrite`)."""
     index = None if overwrite else _read_index(out)
     if index is not None:
         _check_same_inputs(out, index, header)
-    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+        return index
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty and holds no token cache; pass overwrite=True")
-    if index is None or overwrite:
-        if out.is_dir():
-            for p in out.glob("shard_*.safetensors"):
-                p.unlink()
-        index = {**header, "shards": [], "complete": False}
-        out.mkdir(parents=True, exist_ok=True)
-        _write_index(out, index)
-    if index["complete"]:
-        logger.info("token cache %s is already complete", out)
-        return _summary(out, index, written=0, reused=len(index["shards"]))
+    if out.is_dir():
+        for p in out.glob("shard_*.safetensors"):
+            p.unlink()
+    index = {**header, "shards": [], "complete": False}
+    out.mkdir(parents=True, exist_ok=True)
+    _write_index(out, index)
+    return index
 
-    reused = len(index["shards"])
-    if reused and index["source"] is None:
+
+def _check_resumable(out: Path, index: dict, dataset: torch.utils.data.Dataset) -> None:
+    """Refuse to resume a streamed dataset nothing identifies; warn where only the length does."""
+    if index["num_items"] is None and index.get(FINGERPRINT) is None:
+        raise ValueError(f"{out} holds part of a token cache of a streamed dataset without a fingerprint, so "
+                         "nothing says the stream is the same data; rebuild it with overwrite=True "
+                         "(`medim cache --overwrite`)")
+    if index["source"] is None and index.get(FINGERPRINT) is None:
         logger.warning("resuming %s: its data source was not recorded (source=None), so only the dataset's "
                        "length (%d items) says it is the same data", out, len(dataset))
+
+
+def _write_shards(dataset: torch.utils.data.Dataset, out: Path, index: dict, encoder: _ShardEncoder, *,
+                  show_progress: bool) -> int:
+    """Encode the items after the finished shards, one shard at a time, each written atomically and
+    then listed in index.json. Returns the number of shards written."""
     start = sum(sh["items_read"] for sh in index["shards"])
     index["index_skipped"] = dict(getattr(dataset, "skipped", {}))  # dropped while indexing
-    bar = tqdm(total=len(dataset), initial=start, desc="caching", unit="item", disable=not show_progress)
+    loaders = item_loaders(dataset, start)
+    bar = tqdm(total=index["num_items"], initial=start, desc="caching", unit="item", disable=not show_progress)
     written = 0
-    for first in range(start, len(dataset), shard_size):
-        rows = range(first, min(first + shard_size, len(dataset)))
-        tensors, ids, skipped = _encode_shard(dataset, rows, vqgan, tokenizer, layout, image_size, resize,
-                                              batch_size, code_dtype)
+    while rows := list(itertools.islice(loaders, index["shard_size"])):
+        tensors, ids, skipped = encoder.encode(rows)
         name = f"shard_{len(index['shards']):05d}.safetensors"
         if ids:
             with atomic_file(out / name, mode="wb") as f:
@@ -240,11 +284,7 @@ def build_token_cache(
         written += 1
         bar.update(len(rows))
     bar.close()
-    index["complete"] = True
-    _write_index(out, index)
-    summary = _summary(out, index, written=written, reused=reused)
-    logger.info("token cache %s: %d items, skipped %s", out, summary.num_items, summary.skipped)
-    return summary
+    return written
 
 
 def _check_same_inputs(out: Path, index: dict, header: dict) -> None:
@@ -253,8 +293,8 @@ def _check_same_inputs(out: Path, index: dict, header: dict) -> None:
     if index.get("version") != VERSION:
         raise ValueError(f"{out} holds a token cache of format version {index.get('version')}, which records no "
                          f"fingerprint of its inputs (this medim writes version {VERSION}). {advice}")
-    differs = _differences({k: index.get(k) for k in header if k not in INFO_KEYS},
-                           {k: v for k, v in header.items() if k not in INFO_KEYS})
+    keys = [k for k in header if k not in INFO_KEYS] + ([FINGERPRINT] if FINGERPRINT in index.keys() - header else [])
+    differs = _differences({k: index.get(k) for k in keys}, {k: header.get(k) for k in keys})
     if differs:
         raise ValueError(f"{out} holds a token cache built from other inputs; continuing would mix them:\n  "
                          + "\n  ".join(differs) + f"\n{advice}")
@@ -273,47 +313,58 @@ def _summary(out: Path, index: dict, written: int, reused: int) -> CacheSummary:
     )
 
 
-def _encode_shard(dataset, rows, vqgan, tokenizer, layout, image_size, resize, batch_size, code_dtype):
-    codes, texts, sizes, prefix, ids = [], [], [], [], []
-    skipped: Counter = Counter()
-    pending: list[tuple[dict, torch.Tensor, tuple[int, int]]] = []
+@dataclass
+class _ShardEncoder:
+    """Encodes the items of one shard: images by the VQGAN in batches of `batch_size`, reports by the
+    tokenizer for the layout, with the first-sentence lengths and original sizes."""
 
-    def flush() -> None:
-        pixels = torch.cat([p for _, p, _ in pending]).to(vqgan.device, vqgan.dtype)
-        codes.append(vqgan.encode(pixels).cpu().to(code_dtype))
+    vqgan: torch.nn.Module
+    tokenizer: Any
+    layout: SequenceLayout
+    image_size: int
+    resize: str
+    batch_size: int
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        return torch.int16 if self.vqgan.num_codes <= 2**15 else torch.int32
+
+    def encode(self, rows: list[tuple[int, Callable[[], dict]]]) -> tuple[dict[str, torch.Tensor], list[str], dict]:
+        """(tensors, ids, skipped reasons) for the usable items among `rows` (index, load)."""
+        parts: dict[str, list[torch.Tensor]] = {"image_codes": [], "text_ids": [], "sizes": [], "prefix_len": []}
+        ids: list[str] = []
+        skipped: Counter = Counter()
+        pending: list[tuple[dict, torch.Tensor, tuple[int, int]]] = []
+        for i, load in rows:
+            try:
+                item = load()
+                pixels, size = preprocess([item["image"]], size=self.image_size, resize=self.resize, return_sizes=True)
+            except PairLoadError as e:
+                logger.warning("skipping item %d: %s", i, e)
+                skipped[e.reason] += 1
+                continue
+            except (OSError, ValueError, TypeError) as e:
+                logger.warning("skipping item %d: cannot preprocess its image: %s", i, e)
+                skipped["bad_image"] += 1
+                continue
+            pending.append((item, pixels, size[0]))
+            if len(pending) == self.batch_size:
+                self._flush(pending, parts, ids)
+        if pending:
+            self._flush(pending, parts, ids)
+        if not ids:
+            return {}, [], dict(skipped)
+        return {k: torch.cat(v) for k, v in parts.items()}, ids, dict(skipped)
+
+    def _flush(self, pending: list, parts: dict[str, list[torch.Tensor]], ids: list[str]) -> None:
+        pixels = torch.cat([p for _, p, _ in pending]).to(self.vqgan.device, self.vqgan.dtype)
+        parts["image_codes"].append(self.vqgan.encode(pixels).cpu().to(self.code_dtype))
         reports = [it["report"] for it, _, _ in pending]
-        texts.append(layout.encode_reports(tokenizer, reports).to(torch.int32))
-        prefix.append(first_sentence_length(layout, tokenizer, reports))
-        sizes.append(torch.tensor([list(sz) for _, _, sz in pending], dtype=torch.int32))
+        parts["text_ids"].append(self.layout.encode_reports(self.tokenizer, reports).to(torch.int32))
+        parts["prefix_len"].append(first_sentence_length(self.layout, self.tokenizer, reports))
+        parts["sizes"].append(torch.tensor([list(sz) for _, _, sz in pending], dtype=torch.int32))
         ids.extend(str(it["id"]) for it, _, _ in pending)
         pending.clear()
-
-    for i in rows:
-        try:
-            item = dataset[i]
-            pixels, size = preprocess([item["image"]], size=image_size, resize=resize, return_sizes=True)
-        except PairLoadError as e:
-            logger.warning("skipping item %d: %s", i, e)
-            skipped[e.reason] += 1
-            continue
-        except (OSError, ValueError, TypeError) as e:
-            logger.warning("skipping item %d: cannot preprocess its image: %s", i, e)
-            skipped["bad_image"] += 1
-            continue
-        pending.append((item, pixels, size[0]))
-        if len(pending) == batch_size:
-            flush()
-    if pending:
-        flush()
-    if not ids:
-        return {}, [], dict(skipped)
-    tensors = {
-        "image_codes": torch.cat(codes),
-        "text_ids": torch.cat(texts),
-        "sizes": torch.cat(sizes),
-        "prefix_len": torch.cat(prefix),
-    }
-    return tensors, ids, dict(skipped)
 
 
 class TokenCacheDataset(torch.utils.data.Dataset):

@@ -15,6 +15,11 @@ Sources (by `build_dataset` kind):
 - "mimic-cxr": the MIMIC-CXR-JPG tree + the study reports + the official split csv
   (`medim.data.mimic_cxr`).
 - "phantom": synthetic phantom pairs (`medim.data.synthetic`), generated on the fly.
+- "hf": a Hugging Face `datasets` dataset: Hub id, `save_to_disk` folder or data files, optionally
+  streamed, with a column mapping (`medim.data.hf_dataset`; needs `pip install 'medim[hf]'`).
+
+A streamed source is a torch `IterableDataset` without a length; `item_loaders` reads either kind
+in order, from any item on (how `iter_pairs` and the token cache walk a dataset).
 
 Example:
     >>> from medim.data.datasets import build_dataset, iter_pairs
@@ -30,7 +35,8 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +45,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from medim.data.hf_dataset import load_hf_dataset
 from medim.data.mimic_cxr import MIMIC_CXR_PREFIX, extract_sections, mimic_cxr_records
 from medim.data.pathgen import pathgen_records
 from medim.data.records import IMAGE_SUFFIXES, PairedRecord, PairLoadError, clean_text, existing_dir
 from medim.data.synthetic import make_pair
+from medim.utils.checks import check_choice, check_int
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -52,6 +60,8 @@ __all__ = [
     "PairedDataset",
     "PhantomDataset",
     "iter_pairs",
+    "item_loaders",
+    "dataset_length",
     "extract_sections",
     "build_dataset",
     "DATASET_KINDS",
@@ -228,10 +238,8 @@ class PhantomDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, n: int, seed: int = 0, size: int = 64):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"n must be an int >= 0, got {n!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        check_int(n, "n", minimum=0)
+        check_int(seed, "seed", minimum=0)
         make_pair(0, size)  # validates size before any item is requested
         self.n, self.seed, self.size = n, seed, size
         self.skipped = Counter()
@@ -248,6 +256,27 @@ class PhantomDataset(torch.utils.data.Dataset):
         return {"id": f"phantom-{self.seed}-{index}", "image": image, "report": report, "meta": meta}
 
 
+def dataset_length(dataset: torch.utils.data.Dataset) -> int | None:
+    """The number of items, or None for a streamed (iterable) dataset."""
+    return None if isinstance(dataset, torch.utils.data.IterableDataset) else len(dataset)
+
+
+def item_loaders(dataset: torch.utils.data.Dataset, start: int = 0) -> Iterator[tuple[int, Callable[[], dict]]]:
+    """`(index, load)` for each item from `start` on, in order; `load()` returns the item or raises
+    `PairLoadError`. Indexable datasets are read with `dataset[i]`; a streamed one through its own
+    `item_loaders` (e.g. `HFStreamingPairs`), or else by iterating it and passing over the first
+    `start` items."""
+    if not isinstance(dataset, torch.utils.data.IterableDataset):
+        for index in range(start, len(dataset)):
+            yield index, partial(dataset.__getitem__, index)
+    elif hasattr(dataset, "item_loaders"):
+        yield from dataset.item_loaders(start)
+    else:
+        for index, item in enumerate(dataset):
+            if index >= start:
+                yield index, partial(dict, item)
+
+
 def iter_pairs(
     dataset: torch.utils.data.Dataset,
     stats: Counter | None = None,
@@ -258,9 +287,9 @@ def iter_pairs(
     """Yield the usable items of `dataset`, skipping (and counting) the ones that fail to load.
 
     `indices` picks the items to read, in order (default: all; e.g. `range(rank, len(ds), world)`
-    for one shard). `stats`, if given, is updated as items are read: "yielded" and one count per
-    skip reason, starting with the dataset's index-time `skipped` counts. A summary is logged at
-    the end.
+    for one shard; not for a streamed dataset). `stats`, if given, is updated as items are read:
+    "yielded" and one count per skip reason, starting with the dataset's index-time `skipped`
+    counts. A summary is logged at the end.
 
     Example:
         >>> stats = Counter()
@@ -270,10 +299,16 @@ def iter_pairs(
     """
     counts = stats if stats is not None else Counter()
     counts.update(getattr(dataset, "skipped", {}))
-    indices = range(len(dataset)) if indices is None else list(indices)
-    for index in tqdm(indices, desc="reading pairs", disable=not progress):
+    if indices is None:
+        loaders, total = item_loaders(dataset), dataset_length(dataset)
+    elif dataset_length(dataset) is None:
+        raise ValueError("indices: a streamed dataset is read in order; leave indices unset")
+    else:
+        indices = list(indices)
+        loaders, total = ((index, partial(dataset.__getitem__, index)) for index in indices), len(indices)
+    for index, load in tqdm(loaders, total=total, desc="reading pairs", disable=not progress):
         try:
-            item = dataset[index]
+            item = load()
         except PairLoadError as e:
             logger.warning("skipping item %d: %s", index, e)
             counts[e.reason] += 1
@@ -300,23 +335,24 @@ DATASET_KINDS = {
     "pathgen": PairedDataset.from_pathgen,
     "mimic-cxr": PairedDataset.from_mimic_cxr,
     "phantom": PhantomDataset,
+    "hf": load_hf_dataset,
 }
 
 
-def build_dataset(kind: str, **kwargs) -> PairedDataset | PhantomDataset:
+def build_dataset(kind: str, **kwargs) -> torch.utils.data.Dataset:
     """Build a paired dataset by name; `kwargs` go to the source's constructor.
 
     Kinds: "folder" (root), "jsonl" (manifest), "pathgen" (records, patch_dir, ...),
     "mimic-cxr" (jpg_root, reports_root, split_csv, split, sections, prefix, ...),
-    "phantom" (n, seed, size).
+    "phantom" (n, seed, size), "hf" (path, split, data_files, streaming, image_column,
+    report_column or report_template, ...: `medim.data.hf_dataset.load_hf_dataset`).
 
     Example:
         >>> ds = build_dataset("phantom", n=2, seed=3, size=64)
         >>> ds[0]["image"].size
         (64, 64)
     """
-    if kind not in DATASET_KINDS:
-        raise ValueError(f"kind must be one of {sorted(DATASET_KINDS)}, got {kind!r}")
+    check_choice(kind, "kind", sorted(DATASET_KINDS))
     factory = DATASET_KINDS[kind]
     params = inspect.signature(factory).parameters
     unknown = sorted(set(kwargs) - set(params))

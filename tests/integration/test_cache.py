@@ -122,7 +122,8 @@ def saved_parts(root: Path) -> list[str]:
     tiny_vqgan().save_pretrained(root / "vqgan")
     tiny_tokenizer().save_pretrained(str(root / "tokenizer"))
     (root / "layout.json").write_text(json.dumps(tiny_layout().to_dict()))
-    return ["--vqgan", str(root / "vqgan"), "--tokenizer", str(root / "tokenizer"), "--layout", str(root / "layout.json")]
+    return ["--vqgan", str(root / "vqgan"), "--tokenizer", str(root / "tokenizer"),
+            "--layout", str(root / "layout.json")]
 
 
 def test_cli_resume_on_other_data_is_refused(tmp_path, monkeypatch):
@@ -172,7 +173,8 @@ def other_tokenizer():
 
 
 @pytest.mark.parametrize("change, differs", [
-    (dict(source={"kind": "phantom", "args": {"n": 4, "seed": 1, "size": 32}}), "source.args.seed: 0 in the cache, 1 now"),
+    (dict(source={"kind": "phantom", "args": {"n": 4, "seed": 1, "size": 32}}),
+     "source.args.seed: 0 in the cache, 1 now"),
     (dict(source=None), 'source: {"kind": "phantom", "args": {"n": 4, "seed": 0, "size": 32}} in the cache, null now'),
     (dict(vqgan=tiny_vqgan(seed=1)), "vqgan_sha256: "),
     (dict(tokenizer=other_tokenizer()), "tokenizer_sha256: "),
@@ -238,7 +240,8 @@ def test_cli_model_argument(tmp_path, capsys):
     assert "2 items cached" in capsys.readouterr().out
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("x")
-    for model, message in [(tmp_path / "empty", "holds no model_index.json"), (tmp_path / "nope", "nope: no such folder"),
+    for model, message in [(tmp_path / "empty", "holds no model_index.json"),
+                           (tmp_path / "nope", "nope: no such folder"),
                            ("./nope", r"\./nope: no such folder"), (tmp_path / "file", "is a file, not a folder"),
                            ("nope", "nope: no such folder, and no Hub repo of that name")]:
         with pytest.raises(SystemExit, match=f"^medim cache: --model .*{message}"):
@@ -246,3 +249,56 @@ def test_cli_model_argument(tmp_path, capsys):
     (tmp_path / "empty" / "model_index.json").write_text("[1, 2]")
     with pytest.raises(SystemExit, match="model_index.json must hold a JSON object, got a list"):
         cache(str(tmp_path / "empty"))
+
+
+def test_dataset_fingerprint_recorded_and_compared(tmp_path):
+    out, parts = tmp_path / "cache", dict(vqgan=tiny_vqgan(), tokenizer=tiny_tokenizer(), layout=tiny_layout())
+    ds = build_dataset("phantom", n=4, seed=0, size=32)
+    make_cache(tmp_path / "plain", n=4)
+    assert "dataset_fingerprint" not in json.loads((tmp_path / "plain" / "index.json").read_text())
+    ds.fingerprint = {"data": "a"}  # e.g. the hf kind's: its data and column mapping
+    build_token_cache(ds, out, shard_size=5, show_progress=False, **parts)
+    assert json.loads((out / "index.json").read_text())["dataset_fingerprint"] == {"data": "a"}
+    ds.fingerprint = {"data": "b"}
+    with pytest.raises(ValueError, match='dataset_fingerprint.data: "a" in the cache, "b" now'):
+        build_token_cache(ds, out, shard_size=5, show_progress=False, **parts)
+    del ds.fingerprint  # a source without one is not taken for the same data either
+    with pytest.raises(ValueError, match=re.escape('dataset_fingerprint: {"data": "a"} in the cache, null now')):
+        build_token_cache(ds, out, shard_size=5, show_progress=False, **parts)
+
+
+class Streamed(torch.utils.data.IterableDataset):
+    """Phantom pairs as a stream: no length, no fingerprint."""
+
+    def __iter__(self):
+        items = build_dataset("phantom", n=12, seed=0, size=32)
+        return (items[i] for i in range(len(items)))
+
+
+def test_streamed_dataset_cached_like_an_indexed_one(tmp_path, monkeypatch):
+    make_cache(tmp_path / "ref")
+
+    def build(**kwargs):
+        return build_token_cache(Streamed(), tmp_path / "cache", vqgan=tiny_vqgan(), tokenizer=tiny_tokenizer(),
+                                 layout=tiny_layout(), shard_size=5, batch_size=3, show_progress=False, **kwargs)
+
+    assert build().num_items == 12
+    a, b = TokenCacheDataset(tmp_path / "ref"), TokenCacheDataset(tmp_path / "cache")
+    assert a.ids == b.ids and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert b.index["num_items"] is None
+    # Interrupted, it is not resumed: nothing says the stream is the same data.
+    real_encode, calls = VQGAN.encode, []
+
+    def crashing_encode(self, pixels):
+        calls.append(1)
+        if len(calls) == 4:  # inside shard 1
+            raise KeyboardInterrupt
+        return real_encode(self, pixels)
+
+    monkeypatch.setattr(VQGAN, "encode", crashing_encode)
+    with pytest.raises(KeyboardInterrupt):
+        build(overwrite=True)
+    monkeypatch.setattr(VQGAN, "encode", real_encode)
+    with pytest.raises(ValueError, match="streamed dataset without a fingerprint"):
+        build()
+    assert build(overwrite=True).shards_written == 3

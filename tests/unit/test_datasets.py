@@ -1,7 +1,10 @@
 import csv
 import gzip
+import io
 import json
 import logging
+import re
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -317,10 +320,131 @@ def test_phantom_dataset_matches_generator(caplog):
 
 def test_build_dataset_errors(tmp_path):
     with pytest.raises(
-        ValueError, match=r"kind must be one of \['folder', 'jsonl', 'mimic-cxr', 'pathgen', 'phantom'\]"
+        ValueError, match=r"kind must be one of \['folder', 'hf', 'jsonl', 'mimic-cxr', 'pathgen', 'phantom'\]"
     ):
         build_dataset("coco")
     with pytest.raises(TypeError, match="unknown arguments \\['path'\\]; accepted: \\['root'\\]"):
         build_dataset("folder", path=tmp_path)
     with pytest.raises(FileNotFoundError, match="root"):
         build_dataset("folder", root=tmp_path / "missing")
+
+
+# ---------------------------------------------------------------- the hf kind (Hugging Face datasets)
+def _hf_table(tmp_path: Path):
+    """A dataset with one image column of each stored kind, report columns and ids, saved to disk."""
+    datasets = pytest.importorskip("datasets")
+    pairs = make_dataset(4, seed=3, size=32)
+    images = [image for image, _, _ in pairs]
+    paths = [str(_image(tmp_path / f"files/{i}.png", size=(20, 16))) for i in range(4)]
+    encoded = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    deep = np.random.default_rng(0).integers(0, 4096, (4, 16, 16), dtype=np.uint16)
+    features = datasets.Features({
+        "image": datasets.Image(), "png": datasets.Value("binary"), "file": datasets.Value("string"),
+        "deep": datasets.Array2D((16, 16), "uint16"), "findings": datasets.Value("string"),
+        "impression": datasets.Value("string"), "uid": datasets.Value("int64")})
+    data = datasets.Dataset.from_dict({
+        "image": images, "png": encoded, "file": paths, "deep": deep,
+        "findings": [report for _, report, _ in pairs[:3]] + [" \n"],
+        "impression": ["No change.", None, "Stable.", None], "uid": [10, 11, 12, 13]}, features=features)
+    data.save_to_disk(str(tmp_path / "saved"))
+    return data, pairs, paths, deep
+
+
+def test_hf_columns_and_image_kinds(tmp_path):
+    from medim.data.hf_dataset import HFPairedDataset
+    from medim.data.images import load_image
+
+    data, pairs, paths, deep = _hf_table(tmp_path)
+    ds = build_dataset("hf", path=tmp_path / "saved", report_column="findings", id_column="uid")
+    assert isinstance(ds, HFPairedDataset) and len(ds) == 4
+    item = ds[1]
+    assert item["id"] == "11" and item["report"] == pairs[1][1] and item["meta"] == {"source": "hf", "index": 1}
+    assert np.array_equal(np.asarray(item["image"]), np.asarray(pairs[1][0].convert("RGB")))
+    expected = {"png": pairs[2][0].convert("RGB"), "file": load_image(paths[2]), "deep": load_image(deep[2])}
+    for column, image in expected.items():
+        got = build_dataset("hf", path=tmp_path / "saved", image_column=column, report_column="findings")[2]
+        assert got["image"].mode == "RGB" and np.array_equal(np.asarray(got["image"]), np.asarray(image)), column
+    # A template joins several columns; a missing value reads as empty.
+    ds = build_dataset("hf", path=tmp_path / "saved", report_template="FINDINGS: {findings} IMPRESSION: {impression}")
+    assert ds[0]["report"] == f"FINDINGS: {pairs[0][1]} IMPRESSION: No change."
+    assert ds[1]["report"] == f"FINDINGS: {pairs[1][1]} IMPRESSION:"
+    # Its data are identified by the saved dataset's own fingerprint (from its contents), plus the columns.
+    fingerprint = pytest.importorskip("datasets").load_from_disk(str(tmp_path / "saved"))._fingerprint
+    assert ds.fingerprint == {"dataset": fingerprint, "split": None,
+                              "image_column": "image", "report_column": None,
+                              "report_template": "FINDINGS: {findings} IMPRESSION: {impression}", "id_column": None}
+    # The last row's report is blank in every column: skipped and counted like any empty report.
+    stats = Counter()
+    assert [it["id"] for it in iter_pairs(build_dataset("hf", path=tmp_path / "saved", report_column="findings"),
+                                          stats)] == ["0", "1", "2"]
+    assert stats == Counter(yielded=3, empty_report=1)
+    with pytest.raises(PairLoadError, match="empty report"):
+        ds[3]
+
+
+def test_hf_unreadable_images_are_skipped(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    image = Image.new("L", (8, 8))
+    rows = {"image": [image, {"bytes": b"\x89PNG not really", "path": None}, None, image],
+            "report": ["One.", "Two.", "Three.", "Four."]}
+    data = datasets.Dataset.from_dict(rows, features=datasets.Features(
+        {"image": datasets.Image(), "report": datasets.Value("string")}))
+    data.save_to_disk(str(tmp_path / "saved"))
+    stats = Counter()
+    items = list(iter_pairs(build_dataset("hf", path=tmp_path / "saved"), stats))
+    assert [it["id"] for it in items] == ["0", "3"]
+    assert stats == Counter(yielded=2, unreadable_image=1, missing_image=1)
+    # Streamed, the same rows are read and skipped the same way; a stream is read in order only.
+    streamed, stats = build_dataset("hf", path=tmp_path / "saved", streaming=True), Counter()
+    assert [it["id"] for it in iter_pairs(streamed, stats)] == ["0", "3"]
+    assert stats == Counter(yielded=2, unreadable_image=1, missing_image=1)
+    with pytest.raises(ValueError, match="indices: a streamed dataset is read in order"):
+        next(iter_pairs(streamed, indices=[1]))
+    with pytest.raises(PairLoadError, match="cannot read image of row 1"):
+        list(streamed)  # iterating it directly raises on the first unusable row
+
+
+def test_hf_bad_options_name_the_option(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from medim.data.hf_dataset import HFColumns, HFPairedDataset
+
+    _hf_table(tmp_path)
+    saved = tmp_path / "saved"
+    columns = "image, png, file, deep, findings, impression, uid"
+    for options, message in [
+        (dict(), f"report_column: {saved} has no column 'report'; its columns: {columns}"),
+        (dict(report_column="text"), "report_column: .* has no column 'text'"),
+        (dict(image_column="img", report_column="findings"), "image_column: .* has no column 'img'"),
+        (dict(report_template="{findings} {notes}"), "report_template: .* has no column 'notes'"),
+        (dict(report_template="{0}"), "report_template must name columns"),
+        (dict(report_template="{findings"), "report_template .* is not a format string"),
+        (dict(report_column="findings", report_template="{findings}"), "report_column or report_template, not both"),
+        (dict(report_column="findings", id_column="id"), "id_column: .* has no column 'id'"),
+        (dict(image_column="uid", report_column="findings"), "image_column: column 'uid' holds .*int64.*, not images"),
+        (dict(report_column=""), "report_column must be a non-empty string"),
+        (dict(report_column="findings", split="test"), "split 'test': .* holds a single dataset"),
+        (dict(report_column="findings", split=""), "split must be a non-empty string"),
+        (dict(report_column="findings", revision="main"), "revision: not used with a save_to_disk folder"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            build_dataset("hf", path=saved, **options)
+    with pytest.raises(TypeError, match="streaming must be a bool"):
+        build_dataset("hf", path=saved, report_column="findings", streaming="yes")
+    data = datasets.load_from_disk(str(saved))
+    datasets.DatasetDict({"train": data, "test": data.select([0])}).save_to_disk(str(tmp_path / "splits"))
+    assert len(build_dataset("hf", path=tmp_path / "splits", report_column="findings")) == 4  # "train"
+    assert len(build_dataset("hf", path=tmp_path / "splits", split="test", report_column="findings")) == 1
+    with pytest.raises(ValueError, match="split 'val': .* holds the splits train, test"):
+        build_dataset("hf", path=tmp_path / "splits", split="val", report_column="findings")
+    with pytest.raises(ValueError, match="split: the dataset holds no rows"):  # (datasets cannot reload one saved)
+        HFPairedDataset(data.select([]), HFColumns(report_column="findings"))
+
+
+def test_hf_without_the_library_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(ImportError, match=re.escape("pip install 'medim[hf]'")):
+        build_dataset("hf", path=tmp_path)

@@ -253,7 +253,7 @@ class VQGAN(nn.Module, PyTorchModelHubMixin, library_name="medim", tags=["vqgan"
     def _grid(self, t: int, height: int | None, width: int | None) -> tuple[int, int]:
         f = self.downsample_factor
         for name, value in (("height", height), ("width", width)):
-            if check_int(value, name, minimum=f, allow_none=True) is not None and value % f:
+            if value is not None and (check_int(value, name) < f or value % f):
                 raise ValueError(f"{name} must be a positive multiple of {f} pixels, got {value!r}")
         if height is None and width is None:
             side = math.isqrt(t)

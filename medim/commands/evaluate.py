@@ -252,7 +252,7 @@ def _run_pairs(args) -> int:
     images, reports, names = read_pairs(args.dir)
     # pair_match checks every input before it loads the judge.
     out = pair_match(
-        images, reports, args.judge, prompt=args.prompt or PROMPT, pattern=args.pattern or SCORE_PATTERN,
+        images, reports, judge=args.judge, prompt=args.prompt or PROMPT, pattern=args.pattern or SCORE_PATTERN,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=args.device,
         dtype=getattr(torch, args.dtype) if args.dtype else None, hub=hub_options(args),
     )

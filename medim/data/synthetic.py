@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from medim.utils.checks import check_int
+
 __all__ = [
     "SIDES",
     "LEVELS",
@@ -133,13 +135,13 @@ def _rng(rng_or_seed: int | np.random.Generator) -> np.random.Generator:
     raise TypeError(f"rng_or_seed must be an int seed or a numpy Generator, got {type(rng_or_seed).__name__}")
 
 
+def _check_int(value: int, name: str, **bounds: int) -> None:
+    # numpy integers count as ints: seeds and sizes often come out of numpy arrays.
+    check_int(int(value) if isinstance(value, np.integer) else value, name, **bounds)
+
+
 def _check_size(size: int) -> None:
-    if (
-        not isinstance(size, (int, np.integer))
-        or isinstance(size, bool)
-        or not _MIN_SIZE <= size <= _MAX_SIZE
-    ):
-        raise ValueError(f"size must be an int in [{_MIN_SIZE}, {_MAX_SIZE}], got {size!r}")
+    _check_int(size, "size", minimum=_MIN_SIZE, maximum=_MAX_SIZE)
 
 
 def random_spec(rng: np.random.Generator) -> PhantomSpec:
@@ -258,10 +260,8 @@ def make_pair(
 
 def make_dataset(n: int, seed: int = 0, size: int = 64) -> list[tuple[Image.Image, str, PhantomSpec]]:
     """`n` pairs; pair `i` comes from the RNG seeded with `[seed, i]`, so it does not depend on `n`."""
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"n must be an int >= 0, got {n!r}")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    _check_int(n, "n", minimum=0)
+    _check_int(seed, "seed", minimum=0)
     _check_size(size)
     return [make_pair(np.random.default_rng([int(seed), i]), size) for i in range(n)]
 

@@ -65,9 +65,7 @@ def build_demo(out: str | os.PathLike, settings: BuildSettings | None = None, de
     trained on the report corpus, a tiny Llama-style backbone turned into MeDiM by
     `MeDiMPipeline.from_base_models` (native layout), the token cache and `medim.training`.
     `vqgan`: a VQGAN folder to reuse (e.g. the `vqgan/` of an earlier build) instead of training
-    one, to retrain only the MeDiM part; build.json records it.
-
-    Takes about 1 h 45 min on two CPU cores with the default settings.
+    one, to retrain only the MeDiM part; build.json records it. Build times: docs/demo.md.
 
     Example:
         >>> build_demo("my-demo", BuildSettings(num_train=2000, vqgan_steps=300, model_steps=500))
@@ -77,17 +75,6 @@ def build_demo(out: str | os.PathLike, settings: BuildSettings | None = None, de
     from medim.data.datasets import PhantomDataset
     from medim.pipelines.pipeline import MeDiMPipeline
     from medim.training import Trainer
-    from medim.training.config import (
-        CheckpointConfig,
-        DataConfig,
-        DiffusionConfig,
-        EvalConfig,
-        LogConfig,
-        ModelConfig,
-        OptimConfig,
-        TrainConfig,
-        TrainSection,
-    )
     from medim.training.logs import training_summary
 
     s = settings or BuildSettings()
@@ -103,33 +90,10 @@ def build_demo(out: str | os.PathLike, settings: BuildSettings | None = None, de
         tmp = Path(tmp_name)
         logger.info("phantoms: %d training pairs", s.num_train)
         data = PhantomDataset(s.num_train, seed=s.seed, size=IMAGE_SIZE)
-        if reused is None:
-            vq = train_vqgan(lesion_rich_pixels(min(s.num_train, 4000), s.seed), s.vqgan_steps, dev,
-                             batch_size=s.vqgan_batch_size, seed=s.seed, n_embed=s.vqgan_codes)
-        else:
-            vq = reused.to(dev)
-        vq.cpu().save_pretrained(tmp / "vqgan")
-        tokenizer = train_tokenizer([data[i]["report"] for i in range(min(s.num_train, 4000))])
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        _write_backbone(tmp / "backbone", len(tokenizer), s.hidden, s.layers, s.seed, s.rope_theta)
-        pipe = MeDiMPipeline.from_base_models(
-            tmp / "backbone", vqgan=tmp / "vqgan", tokenizer=tmp / "tokenizer", num_layers=s.layers,
-            layout="native", vqgan_subfolder=None, vqgan_repo_type=None, text_len=TEXT_LEN,
-            image_len=(IMAGE_SIZE // vq.downsample_factor) ** 2, image_offset=None,
-        )
-        pipe.save_pretrained(tmp / "init")
+        vq, pipe = _initial_pipeline(tmp, data, s, dev, reused)
         build_token_cache(data, tmp / "cache", vqgan=vq.to(dev), tokenizer=pipe.tokenizer, layout=pipe.layout,
                           batch_size=256, show_progress=False)
-        config = TrainConfig(
-            model=ModelConfig(init=str(tmp / "init")),
-            data=DataConfig(cache=str(tmp / "cache"), val_size=min(256, s.num_train // 10)),
-            optim=OptimConfig(lr=s.lr, scheduler="cosine", warmup_steps=min(200, s.model_steps // 10)),
-            diffusion=DiffusionConfig(cond_drop_prob=s.cond_drop_prob, cond_keep_prob=s.cond_keep_prob),
-            train=TrainSection(output_dir=str(tmp / "run"), max_steps=s.model_steps, seed=s.seed,
-                               global_batch_size=s.batch_size, micro_batch_size=s.batch_size,
-                               precision="fp32", device=str(dev)),
-            log=LogConfig(every=100), eval=EvalConfig(every=0), checkpoint=CheckpointConfig(every=0, keep_last=1),
-        )
+        config = _train_config(tmp, s, dev)
         result = Trainer(config).fit()
         trained = MeDiMPipeline.from_pretrained(result.final_dir)
         trained.sampler_config = trained.sampler_config.replace(**DEMO_SAMPLER)
@@ -137,15 +101,71 @@ def build_demo(out: str | os.PathLike, settings: BuildSettings | None = None, de
         card = {"license": "mit", "repo_id": DEMO_NAME,
                 "training": training_summary(result.history, result.step, config, s.num_train - held_out)}
         trained.save_pretrained(final, overwrite=True, model_card=card)
-        history = [{k: r[k] for k in ("step", "loss") if k in r} for r in result.history]
-        recorded, source = asdict(s), None
-        if reused is not None:  # the VQGAN settings did not apply: name the weights that did
-            del recorded["vqgan_steps"], recorded["vqgan_batch_size"]
-            recorded["vqgan_codes"] = reused.config.n_embed
-            digest = hashlib.sha256((final / "vqgan" / "model.safetensors").read_bytes()).hexdigest()
-            source = {"reused": Path(vqgan).name, "sha256": digest}
-        (final / "build.json").write_text(json.dumps(
-            {"settings": recorded, "vqgan": source, "device": str(dev), "seconds": round(time.perf_counter() - start, 1),
-             "torch": torch.__version__, "loss_history": history}, indent=1))
+        record = _build_record(s, final, reused, vqgan, dev)
+        record["seconds"] = round(time.perf_counter() - start, 1)
+        record["torch"] = torch.__version__
+        record["loss_history"] = [{k: r[k] for k in ("step", "loss") if k in r} for r in result.history]
+        (final / "build.json").write_text(json.dumps(record, indent=1))
     logger.info("demo built in %.0f s -> %s", time.perf_counter() - start, out)
     return out
+
+
+def _initial_pipeline(tmp: Path, data, s: BuildSettings, dev: torch.device, reused):
+    """The untrained pipeline, saved to `tmp/init`: the VQGAN (trained on lesion-rich phantoms, or
+    `reused`), a tokenizer trained on the reports and a fresh backbone. Returns (VQGAN, pipeline)."""
+    from medim.pipelines.pipeline import MeDiMPipeline
+
+    if reused is None:
+        vq = train_vqgan(lesion_rich_pixels(min(s.num_train, 4000), s.seed), s.vqgan_steps, dev,
+                         batch_size=s.vqgan_batch_size, seed=s.seed, n_embed=s.vqgan_codes)
+    else:
+        vq = reused.to(dev)
+    vq.cpu().save_pretrained(tmp / "vqgan")
+    tokenizer = train_tokenizer([data[i]["report"] for i in range(min(s.num_train, 4000))])
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    _write_backbone(tmp / "backbone", len(tokenizer), s.hidden, s.layers, s.seed, s.rope_theta)
+    pipe = MeDiMPipeline.from_base_models(
+        tmp / "backbone", vqgan=tmp / "vqgan", tokenizer=tmp / "tokenizer", num_layers=s.layers,
+        layout="native", vqgan_subfolder=None, vqgan_repo_type=None, text_len=TEXT_LEN,
+        image_len=(IMAGE_SIZE // vq.downsample_factor) ** 2, image_offset=None,
+    )
+    pipe.save_pretrained(tmp / "init")
+    return vq, pipe
+
+
+def _train_config(tmp: Path, s: BuildSettings, dev: torch.device):
+    """The `medim.training` run of the build: the token cache in `tmp`, fp32, no checkpoints kept."""
+    from medim.training.config import (
+        CheckpointConfig,
+        DataConfig,
+        DiffusionConfig,
+        EvalConfig,
+        LogConfig,
+        ModelConfig,
+        OptimConfig,
+        TrainConfig,
+        TrainSection,
+    )
+
+    return TrainConfig(
+        model=ModelConfig(init=str(tmp / "init")),
+        data=DataConfig(cache=str(tmp / "cache"), val_size=min(256, s.num_train // 10)),
+        optim=OptimConfig(lr=s.lr, scheduler="cosine", warmup_steps=min(200, s.model_steps // 10)),
+        diffusion=DiffusionConfig(cond_drop_prob=s.cond_drop_prob, cond_keep_prob=s.cond_keep_prob),
+        train=TrainSection(output_dir=str(tmp / "run"), max_steps=s.model_steps, seed=s.seed,
+                           global_batch_size=s.batch_size, micro_batch_size=s.batch_size,
+                           precision="fp32", device=str(dev)),
+        log=LogConfig(every=100), eval=EvalConfig(every=0), checkpoint=CheckpointConfig(every=0, keep_last=1),
+    )
+
+
+def _build_record(s: BuildSettings, final: Path, reused, vqgan: str | os.PathLike | None, dev: torch.device) -> dict:
+    """The start of build.json: the settings that applied and, for a reused VQGAN, its folder name
+    and the sha256 of its weights (its own training settings did not apply)."""
+    recorded, source = asdict(s), None
+    if reused is not None:
+        del recorded["vqgan_steps"], recorded["vqgan_batch_size"]
+        recorded["vqgan_codes"] = reused.config.n_embed
+        digest = hashlib.sha256((final / "vqgan" / "model.safetensors").read_bytes()).hexdigest()
+        source = {"reused": Path(vqgan).name, "sha256": digest}
+    return {"settings": recorded, "vqgan": source, "device": str(dev)}

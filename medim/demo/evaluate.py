@@ -10,6 +10,7 @@ import torch
 
 from medim.data import synthetic
 from medim.demo.settings import DEMO_NAME, EVAL_SEED, IMAGE_SIZE, PAIR_PROMPTS
+from medim.utils.checks import check_int
 
 __all__ = ["DemoScores", "evaluate_demo", "scores_table"]
 
@@ -48,8 +49,7 @@ def evaluate_demo(pipe=None, n: int = 200, num_inference_steps: int | None = Non
     """
     from medim.pipelines.pipeline import MeDiMPipeline
 
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    check_int(n, "n", minimum=1)
     if pipe is None:
         pipe = MeDiMPipeline.from_pretrained(DEMO_NAME)
     if num_inference_steps is None:

@@ -11,12 +11,12 @@ from pathlib import Path
 DEMO_NAME = "medim-demo"
 IMAGE_SIZE = 64  # phantom side in pixels; the VQGAN turns it into an 8 x 8 grid of codes
 TEXT_LEN = 40  # report slots: the longest phantom report is about 35 tokens with its end mark
-# Sampler settings saved with the demo, chosen on held-out phantoms: 64 image codes need far
-# fewer steps than 1024; this small model reads best unguided (guidance 5 drops image-to-report
-# from ~0.85 to ~0.75); a low confidence noise orders commits by confidence, but at 0 every
-# generated pair collapses to "no lesion", while 3 keeps about the data's share of lesions. The
-# cosine schedule at 32 steps is the cheapest point of the sampler map (benchmarks/bench_quality.py)
-# within 0.5 points of the best on all three accuracies.
+# Sampler settings saved with the demo, chosen on held-out phantoms (docs/demo.md, "What moved the
+# numbers"): 64 image codes need far fewer steps than 1024; this small model reads best unguided; a
+# low confidence noise orders commits by confidence, but at 0 every generated pair collapses to "no
+# lesion", while 3 keeps about the data's share of lesions. The cosine schedule at 32 steps is the
+# cheapest point of the sampler map (benchmarks/bench_quality.py) within 0.5 points of the best on
+# all three accuracies.
 DEMO_SAMPLER = {"num_inference_steps": 32, "schedule": "cosine", "guidance_scale": 0.0, "confidence_temperature": 3.0}
 # Held-out phantoms are drawn with this seed; training uses `BuildSettings.seed` (0), never this one.
 EVAL_SEED = 10_000
@@ -43,10 +43,9 @@ def demo_path() -> Path:
 class BuildSettings:
     """Everything `build_demo` trains with (saved next to the model as build.json).
 
-    The defaults are the shipped model's recipe (README, "The demo"), sized for a 2-core CPU: about
-    12 minutes of VQGAN and 94 of token cache + MeDiM (640k pairs). At 6500 steps of 32 (the
-    earlier recipe) text-to-image was still at the "no lesion" baseline, so cut `model_steps` only
-    for smoke runs; on a GPU raise `batch_size` instead.
+    The defaults are the shipped model's recipe, sized for a 2-core CPU (build times and what fewer
+    steps cost: docs/demo.md, "Retraining it"). Cut `model_steps` only for smoke runs; on a GPU
+    raise `batch_size` instead.
 
     Example:
         >>> BuildSettings(num_train=2000, vqgan_steps=300, model_steps=500)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from medim.data.images import load_image
 from medim.evaluation.inception import INCEPTION_SIZE, FIDInceptionV3
+from medim.utils.checks import check_int
 
 __all__ = ["FIDInceptionV3", "FIDResult", "fid", "frechet_distance", "feature_statistics", "load_images"]
 
@@ -163,8 +164,7 @@ def fid(
         >>> from medim.evaluation import fid
         >>> fid("data/real", "out/images", weights="pt_inception-2015-12-05-6726825d.pth").fid  # doctest: +SKIP
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int(batch_size, "batch_size", minimum=1)
     if (feature_extractor is None) == (weights is None):
         raise ValueError(
             "pass exactly one of weights= (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, from "

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from medim.data.images import load_image
 from medim.evaluation.fid import ImageSource, load_images
 from medim.evaluation.inception import INCEPTION_SIZE, InceptionV3
+from medim.utils.checks import check_int
 
 __all__ = ["InceptionScoreResult", "inception_score", "inception_score_from_probs"]
 
@@ -62,8 +63,7 @@ def inception_score_from_probs(probs: np.ndarray | torch.Tensor, splits: int = 1
         4.0
     """
     p = probs.detach().cpu().double().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs, np.float64)
-    if not isinstance(splits, int) or splits < 1:
-        raise ValueError(f"splits must be a positive integer, got {splits!r}")
+    check_int(splits, "splits", minimum=1)
     if p.ndim != 2 or p.shape[0] < splits:
         raise ValueError(f"probs must be [N, C] with N >= splits={splits}, got shape {tuple(p.shape)}")
     if not np.isfinite(p).all() or (p < 0).any() or (p.sum(axis=1) <= 0).any():
@@ -129,10 +129,8 @@ def inception_score(
         >>> out = inception_score("out/images", weights="inception_v3_google-0cc3c7bd.pth")  # doctest: +SKIP
         >>> out.mean, out.std  # doctest: +SKIP
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not isinstance(splits, int) or splits < 1:
-        raise ValueError(f"splits must be a positive integer, got {splits!r}")
+    check_int(batch_size, "batch_size", minimum=1)
+    check_int(splits, "splits", minimum=1)
     if classifier is not None and weights is not None:
         raise ValueError("pass weights= (the Inception network) or classifier=, not both")
     if classifier is not None and not callable(classifier):

@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from medim.data.images import load_image
+from medim.utils.checks import check_int
 from medim.utils.hub import HubOptions
 
 __all__ = ["DEFAULT_JUDGE", "PROMPT", "SCORE_PATTERN", "VLMJudge", "PairMatchResult", "load_judge", "pair_match",
@@ -159,9 +160,13 @@ def load_judge(
     """
     from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 
-    if not (isinstance(min_pixels, int) and isinstance(max_pixels, int) and 0 < min_pixels <= max_pixels):
-        raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels!r}, {max_pixels!r}")
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_int(min_pixels, "min_pixels", minimum=1)
+    check_int(max_pixels, "max_pixels", minimum=1)
+    if min_pixels > max_pixels:
+        raise ValueError(f"need min_pixels <= max_pixels, got {min_pixels} and {max_pixels}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     judge = str(judge)
     options = (hub or HubOptions()).kwargs()
@@ -209,6 +214,7 @@ def _generation_config(model, max_new_tokens: int):
 def pair_match(
     images: Sequence[str | os.PathLike | Image.Image],
     reports: Sequence[str],
+    *,
     judge: str | os.PathLike | VLMJudge = DEFAULT_JUDGE,
     prompt: str = PROMPT,
     pattern: str = SCORE_PATTERN,
@@ -237,6 +243,25 @@ def pair_match(
         >>> out = pair_match(["a.png", "b.png"], ["No acute findings.", "Left effusion."])  # doctest: +SKIP
         >>> out.mean, out.scores  # doctest: +SKIP
     """
+    _check_inputs(images, reports, prompt, pattern)
+    check_int(batch_size, "batch_size", minimum=1)
+    check_int(max_new_tokens, "max_new_tokens", minimum=1)
+    if not isinstance(judge, VLMJudge):
+        judge = load_judge(judge, device=device, dtype=dtype, hub=hub)
+    answers = _answers(judge, images, reports, prompt, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                       progress=progress)
+    scores = [parse_score(a, pattern) for a in answers]
+    valid = [s for s in scores if s is not None]
+    mean = sum(valid) / len(valid) if valid else None
+    unparsable = len(scores) - len(valid)
+    if unparsable:
+        logger.warning("%d of %d answers hold no score and are left out of the mean", unparsable, len(scores))
+    return PairMatchResult(mean, scores, answers, len(scores), len(valid), unparsable, judge.name, prompt)
+
+
+def _check_inputs(images, reports, prompt: str, pattern: str) -> None:
+    """Every pair's types, files and image size, the prompt's `{report}` slot and the pattern, before
+    the judge loads."""
     if isinstance(images, (str, os.PathLike)) or isinstance(reports, str):
         raise TypeError("images and reports must be sequences (one entry per pair), not a single path or string")
     if len(images) != len(reports) or not images:
@@ -255,14 +280,13 @@ def pair_match(
         re.compile(pattern)
     except re.error as e:
         raise ValueError(f"pattern {pattern!r} is not a regular expression: {e}") from e
-    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not isinstance(judge, VLMJudge):
-        judge = load_judge(judge, device=device, dtype=dtype, hub=hub)
+
+
+def _answers(judge: VLMJudge, images, reports, prompt: str, *, batch_size: int, max_new_tokens: int,
+             progress: bool) -> list[str]:
+    """The judge's answer for every pair: `batch_size` pairs per greedy, left-padded `generate` call."""
     processor, model = judge.processor, judge.model
     generation_config = _generation_config(model, max_new_tokens)
-
     answers: list[str] = []
     for start in tqdm(range(0, len(images), batch_size), desc="pair match", unit="batch", disable=not progress):
         batch_images = [_release_resize(load_image(i)) for i in images[start : start + batch_size]]
@@ -282,9 +306,4 @@ def pair_match(
         answers += processor.batch_decode(
             out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
-    scores = [parse_score(a, pattern) for a in answers]
-    valid = [s for s in scores if s is not None]
-    mean = sum(valid) / len(valid) if valid else None
-    if len(valid) < len(scores):
-        logger.warning("%d of %d answers hold no score and are left out of the mean", len(scores) - len(valid), len(scores))
-    return PairMatchResult(mean, scores, answers, len(scores), len(valid), len(scores) - len(valid), judge.name, prompt)
+    return answers

@@ -29,6 +29,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medim.evaluation.wordnet import import_nltk, load_wordnet
+from medim.utils.checks import check_choice
 
 __all__ = [
     "ReportMetrics",
@@ -206,8 +207,7 @@ def cider_d(
 
 # ---------------------------------------------------------------- the two protocols
 def _check_inputs(predictions, references, protocol) -> None:
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    check_choice(protocol, "protocol", PROTOCOLS)
     for name, seq in (("predictions", predictions), ("references", references)):
         if isinstance(seq, str) or not isinstance(seq, Sequence):
             raise TypeError(f"{name} must be a list of strings, got {type(seq).__name__}")

@@ -30,7 +30,7 @@ from torch import nn
 
 from medim import __version__
 from medim.models.taming import Decoder, Encoder, Quantizer
-from medim.utils.checks import check_dtype_device, check_state_shapes
+from medim.utils.checks import check_dtype_device, check_int, check_state_shapes
 from medim.utils.hub import HubOptions, atomic_directory, resolve_file
 
 __all__ = ["VQGAN", "VQGANConfig"]
@@ -48,7 +48,8 @@ MODEL_CARD = """---
 ---
 
 A taming-transformers VQGAN image tokenizer (Chameleon layout) saved by medim as config.json +
-model.safetensors. Load it with `medim.models.vqgan.VQGAN.from_pretrained("{{ repo_id | default("path/to/folder", true) }}")`;
+model.safetensors. Load it with
+`medim.models.vqgan.VQGAN.from_pretrained("{{ repo_id | default("path/to/folder", true) }}")`;
 `encode` maps pixels in [-1, 1] to codes, `decode` maps codes back to pixels.
 """
 
@@ -79,11 +80,11 @@ class VQGANConfig:
         self.attn_resolutions = tuple(self.attn_resolutions)
         for name in ("embed_dim", "n_embed", "z_channels", "resolution", "in_channels", "out_ch", "ch",
                      "num_res_blocks"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"VQGANConfig.{name} must be a positive int, got {value!r}")
-        if not self.ch_mult or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.ch_mult):
-            raise ValueError(f"VQGANConfig.ch_mult must be a non-empty list of positive ints, got {self.ch_mult!r}")
+            check_int(getattr(self, name), f"VQGANConfig.{name}", minimum=1)
+        if not self.ch_mult:
+            raise ValueError("VQGANConfig.ch_mult must be a non-empty list of positive ints, got ()")
+        for i, m in enumerate(self.ch_mult):
+            check_int(m, f"VQGANConfig.ch_mult[{i}]", minimum=1)
         # Every GroupNorm has 32 groups, so every channel width must divide by 32.
         if any((self.ch * m) % 32 for m in (1, *self.ch_mult)):
             raise ValueError(f"VQGANConfig.ch * each ch_mult must be a multiple of 32 (GroupNorm(32)), "
@@ -192,8 +193,9 @@ class VQGAN(nn.Module, PyTorchModelHubMixin, library_name="medim", tags=["vqgan"
         `[B, (H/f) * (W/f)]` (LongTensor, raster order: t = row * (W/f) + col).
 
         The nearest-code search is float32 whatever the model dtype. On CUDA, PyTorch's default
-        TF32 convolutions change ~0.15% of codes against a CPU float32 encode; set
-        `torch.backends.cudnn.allow_tf32 = False` for exact float32 (about 5x slower encodes).
+        TF32 convolutions change a few codes against a CPU float32 encode; set
+        `torch.backends.cudnn.allow_tf32 = False` for exact float32, at a cost in speed
+        (benchmarks/RESULTS.md, "VQGAN encode and TF32").
 
         Example:
             >>> vqgan.encode(torch.zeros(2, 3, 512, 512)).shape
@@ -251,7 +253,7 @@ class VQGAN(nn.Module, PyTorchModelHubMixin, library_name="medim", tags=["vqgan"
     def _grid(self, t: int, height: int | None, width: int | None) -> tuple[int, int]:
         f = self.downsample_factor
         for name, value in (("height", height), ("width", width)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < f or value % f):
+            if value is not None and (check_int(value, name) < f or value % f):
                 raise ValueError(f"{name} must be a positive multiple of {f} pixels, got {value!r}")
         if height is None and width is None:
             side = math.isqrt(t)
@@ -329,7 +331,8 @@ class VQGAN(nn.Module, PyTorchModelHubMixin, library_name="medim", tags=["vqgan"
                 logger.warning("no %s found next to %s; using the Chameleon VQGAN config", config_filename, ckpt)
                 config = VQGANConfig()
         elif not isinstance(config, VQGANConfig):
-            raise TypeError(f"config must be a VQGANConfig, a taming yaml path or dict, or None; got {type(config).__name__}")
+            raise TypeError(
+                f"config must be a VQGANConfig, a taming yaml path or dict, or None; got {type(config).__name__}")
 
         path = resolve_file(ckpt) if ckpt_is_file else resolve_file(ckpt, filename, **hub)
         try:

@@ -100,13 +100,17 @@ def compile_blocks(model: torch.nn.Module) -> None:
 
 
 def sample_indices(
-    num_items: int, seed: int, shuffle: bool, start: int, count: int, rank: int, world_size: int
+    num_items: int, start: int, count: int, *, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1
 ) -> list[int]:
     """Dataset indices for one rank's micro-batch, DistributedSampler-style but stateless.
 
     The global sample stream is the concatenation of one seeded permutation per epoch; a micro-batch
     of `count` samples per rank takes stream positions `start + rank * count + [0, count)`, so ranks
     never read the same position and the stream position alone is enough to resume exactly.
+
+    Example:
+        >>> sample_indices(12, start=3, count=2, seed=0, shuffle=False, rank=1, world_size=2)
+        [5, 6]
     """
     out = []
     first = start + rank * count

@@ -163,7 +163,8 @@ class Trainer:
         cfg, info, m = self.cfg, self.info, self.cfg.train.micro_batch_size
         start = self.samples_seen + k * m * info.world_size
         return self._device_batch(
-            sample_indices(self.num_train, cfg.train.seed, cfg.data.shuffle, start, m, info.rank, info.world_size))
+            sample_indices(self.num_train, start, m, seed=cfg.train.seed, shuffle=cfg.data.shuffle, rank=info.rank,
+                           world_size=info.world_size))
 
     def _device_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """The host side of a micro-batch: read, check the tokens, build the layout's condition, copy

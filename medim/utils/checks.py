@@ -3,15 +3,17 @@ checkpoint tensor names and shapes; how a bad value is described.
 
 Each public entry point checks its inputs once, before any compute, with these helpers, so every
 error names the argument and what is accepted in the same words. Internal calls below that edge
-take their inputs as valid and do not check again.
+take their inputs as valid and do not check again. torch is imported only where a check needs it:
+torch-free modules (phantoms, sharding, argument parsing) use the scalar checks too.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["describe", "check_int", "check_number", "check_choice", "check_bool", "check_dtype_device",
            "check_state_shapes"]
@@ -77,6 +79,8 @@ def check_bool(value: Any, name: str) -> bool:
 
 def describe(value: Any) -> str:
     """A short description of a value for an error message: a tensor's dtype and shape, else its type."""
+    import torch
+
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {list(value.shape)}"
     return type(value).__name__
@@ -93,6 +97,8 @@ def check_dtype_device(
         >>> check_dtype_device(torch.bfloat16, "cuda:0")
         (torch.bfloat16, device(type='cuda', index=0))
     """
+    import torch
+
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
     if device is None:

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
+from medim.utils.checks import check_int
+
 __all__ = ["Shard", "current_shard", "rank_indices", "shard"]
 
 T = TypeVar("T")
@@ -32,9 +34,7 @@ class Shard:
 
     def __post_init__(self) -> None:
         for name in ("rank", "world_size", "local_rank"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            check_int(getattr(self, name), name)
         if self.world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {self.world_size}")
         if not 0 <= self.rank < self.world_size:
@@ -82,8 +82,7 @@ def rank_indices(n: int, rank: int | None = None, world_size: int | None = None)
         >>> list(rank_indices(10, rank=1, world_size=4))
         [1, 5, 9]
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    check_int(n, "n", minimum=0)
     where = _resolve(rank, world_size)
     return range(where.rank, n, where.world_size)
 

@@ -72,12 +72,12 @@ def test_sample_indices_shard_and_cover():
     n, world, m = 12, 2, 2
     seen = []
     for start in range(0, 2 * n, world * m):
-        per_rank = [sample_indices(n, 0, True, start, m, r, world) for r in range(world)]
+        per_rank = [sample_indices(n, start, m, seed=0, shuffle=True, rank=r, world_size=world) for r in range(world)]
         assert not set(per_rank[0]) & set(per_rank[1])  # ranks read distinct samples
         seen += per_rank[0] + per_rank[1]
     assert sorted(seen[:n]) == list(range(n)) and sorted(seen[n:]) == list(range(n))  # each epoch once
     assert seen[:n] != seen[n:]  # reshuffled per epoch
-    assert sample_indices(n, 0, False, 3, 2, 1, 2) == [5, 6]
+    assert sample_indices(n, 3, 2, seed=0, shuffle=False, rank=1, world_size=2) == [5, 6]
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -28,7 +28,8 @@ def native_model(backbone, attn="sdpa", **config_kwargs):
 
 def native_state(batch=2, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return torch.cat([torch.randint(0, 100, (batch, 8), generator=gen), torch.randint(100, 164, (batch, 16), generator=gen)], 1)
+    text = torch.randint(0, 100, (batch, 8), generator=gen)
+    return torch.cat([text, torch.randint(100, 164, (batch, 16), generator=gen)], 1)
 
 
 @pytest.mark.parametrize("family", ["gemma", "llama"])
@@ -37,7 +38,8 @@ def test_causal_parity_with_transformers(family):
     make, cls = (tiny_gemma_config, GemmaForCausalLM) if family == "gemma" else (tiny_llama_config, LlamaForCausalLM)
     ref = randomize_(cls(make()).eval())
     model = native_model(make(), causal=True)
-    missing, unexpected = model.load_state_dict({k.removeprefix("model."): v for k, v in ref.state_dict().items()}, strict=False)
+    state = {k.removeprefix("model."): v for k, v in ref.state_dict().items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all("adaLN" in k or "time_embedder" in k for k in missing)
     ids = torch.randint(0, 164, (2, 20))
     with torch.no_grad():
@@ -89,7 +91,8 @@ def test_eager_and_sdpa_agree():
     key_mask = torch.rand(2, 15) > 0.3
     ids = torch.randint(0, 164, (2, 15))
     with torch.no_grad():
-        d = eager.backbone_logits(ids, torch.ones(2), key_mask=key_mask) - sdpa.backbone_logits(ids, torch.ones(2), key_mask=key_mask)
+        d = (eager.backbone_logits(ids, torch.ones(2), key_mask=key_mask)
+             - sdpa.backbone_logits(ids, torch.ones(2), key_mask=key_mask))
     assert d.abs().max() < 1e-4
 
 
@@ -99,9 +102,11 @@ def test_positions_logits_and_bad_inputs():
     with torch.no_grad():
         full = model(x, sigma).logprobs
         part = model(x, sigma, positions={"image": torch.tensor([8, 20])}, return_logits=True).logits
-    assert full["text"].shape == (2, 8, 100) and full["image"].shape == (2, 16, 64) and full["image"].dtype == torch.float32
+    assert full["text"].shape == (2, 8, 100) and full["image"].shape == (2, 16, 64)
+    assert full["image"].dtype == torch.float32
     assert torch.allclose(full["image"].exp().sum(-1), torch.ones(2, 16))
-    assert set(part) == {"image"} and torch.allclose(part["image"].log_softmax(-1), full["image"][:, [0, 12]], atol=1e-5)
+    assert set(part) == {"image"}
+    assert torch.allclose(part["image"].log_softmax(-1), full["image"][:, [0, 12]], atol=1e-5)
     with pytest.raises(ValueError, match="x must be a LongTensor"):
         model(x[:, :5], sigma)
     with pytest.raises(ValueError, match="sigma must be a float tensor"):
@@ -222,7 +227,8 @@ def test_release_checkpoint_matches_reference_per_row(tmp_path):
         for b in range(3):
             c = int(cond["cond_mask"][b].sum())
             ref_text, ref_image = release_reference(state, config, layout, x[b], sigma[b], cond["cond_ids"][b, :c])
-            print(f"row {b}: max |medim - release reference| text {(out['text'][b] - ref_text).abs().max():.1e} image {(out['image'][b] - ref_image).abs().max():.1e}")
+            print(f"row {b}: max |medim - release reference| text {(out['text'][b] - ref_text).abs().max():.1e} "
+                  f"image {(out['image'][b] - ref_image).abs().max():.1e}")
             assert (out["text"][b] - ref_text).abs().max() < 1e-4
             assert (out["image"][b] - ref_image).abs().max() < 1e-4
             alone = model(x[b : b + 1], sigma[b : b + 1], cond_ids=cond["cond_ids"][b : b + 1, :c],

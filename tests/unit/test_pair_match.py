@@ -27,7 +27,8 @@ CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content"
     " or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture "
     "{{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video'"
     " or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
@@ -128,7 +129,7 @@ def test_exact_prompt_and_image_grid(judge, monkeypatch):
         return seen["output"]
 
     monkeypatch.setattr(judge.model, "generate", recording_generate)
-    out = pair_match(_images(2), REPORTS[:2], judge, batch_size=2, max_new_tokens=4, progress=False)
+    out = pair_match(_images(2), REPORTS[:2], judge=judge, batch_size=2, max_new_tokens=4, progress=False)
     tokenizer = judge.processor.tokenizer
     # 256x256 -> 252x252 (qwen_vl_utils' rounding) -> 448x448 (at least 256 tokens): 32x32 patches.
     assert seen["image_grid_thw"].tolist() == [[1, 32, 32]] * 2
@@ -155,8 +156,8 @@ def test_exact_prompt_and_image_grid(judge, monkeypatch):
 def test_scores_and_batching_invariance(judge):
     images = _images(5, seed=1) + [Image.new("L", (300, 200), 90)]  # another size and mode
     reports = REPORTS + ["Normal.", "Right upper lobe opacity.", "Small effusion."]
-    one = pair_match(images, reports, judge, batch_size=1, max_new_tokens=6, progress=False)
-    four = pair_match(images, reports, judge, batch_size=4, max_new_tokens=6, progress=False)
+    one = pair_match(images, reports, judge=judge, batch_size=1, max_new_tokens=6, progress=False)
+    four = pair_match(images, reports, judge=judge, batch_size=4, max_new_tokens=6, progress=False)
     assert len(set(one.answers)) > 2  # the answers depend on the pair
     assert one.answers == four.answers and one.scores == four.scores
     assert one.scores == [parse_score(a) for a in one.answers]
@@ -164,28 +165,28 @@ def test_scores_and_batching_invariance(judge):
     valid = [s for s in one.scores if s is not None]
     assert one.mean == pytest.approx(sum(valid) / len(valid))
     # A custom prompt and pattern: every answer holds a digit.
-    custom = pair_match(images[:2], reports[:2], judge, prompt="Rate: {report}", pattern=r"\d", max_new_tokens=6,
-                        progress=False)
+    custom = pair_match(images[:2], reports[:2], judge=judge, prompt="Rate: {report}", pattern=r"\d",
+                        max_new_tokens=6, progress=False)
     assert custom.num_unparsable == sum(not any(c.isdigit() for c in a) for a in custom.answers)
 
 
 def test_judge_loading_is_offline_and_strict_about_inputs(judge, judge_dir, tmp_path):
     assert judge.processor.image_processor.__class__.__name__ in ("Qwen2VLImageProcessorPil", "Qwen2VLImageProcessor")
     with pytest.raises(ValueError, match="as many images as reports"):
-        pair_match(_images(2), ["a"], judge)
+        pair_match(_images(2), ["a"], judge=judge)
     with pytest.raises(FileNotFoundError, match="image 0"):
-        pair_match([tmp_path / "missing.png"], ["a"], judge)
+        pair_match([tmp_path / "missing.png"], ["a"], judge=judge)
     with pytest.raises(ValueError, match=r"\{report\}"):
-        pair_match(_images(1), ["a"], judge, prompt="Rate this.")
+        pair_match(_images(1), ["a"], judge=judge, prompt="Rate this.")
     with pytest.raises(ValueError, match="aspect ratio"):
-        pair_match([Image.new("RGB", (600, 2))], ["a"], judge)
+        pair_match([Image.new("RGB", (600, 2))], ["a"], judge=judge)
     (tmp_path / "text.png").write_text("not an image")
     with pytest.raises(ValueError, match="not an image file"):
-        pair_match([tmp_path / "text.png"], ["a"], judge)
+        pair_match([tmp_path / "text.png"], ["a"], judge=judge)
     with pytest.raises(ValueError, match="not a regular expression"):
-        pair_match(_images(1), ["a"], judge, pattern="(")
+        pair_match(_images(1), ["a"], judge=judge, pattern="(")
     with pytest.raises(ValueError, match="batch_size"):
-        pair_match(_images(1), ["a"], judge, batch_size=0)
+        pair_match(_images(1), ["a"], judge=judge, batch_size=0)
     with pytest.raises(ValueError, match="min_pixels"):
         load_judge(judge_dir, device="cpu", min_pixels=10, max_pixels=5)
 
@@ -220,7 +221,7 @@ def test_cli_pairs(layout, judge, judge_dir, tmp_path, capsys):
     args = ["evaluate", "pairs", "--dir", str(folder), "--judge", str(judge_dir), "--device", "cpu",
             "--batch-size", "2", "--max-new-tokens", "6", "--output", str(output)]
     assert main(args) == 0
-    expected = pair_match(images, reports, judge, max_new_tokens=6, progress=False)
+    expected = pair_match(images, reports, judge=judge, max_new_tokens=6, progress=False)
     result = json.loads(output.read_text())
     assert result["num_pairs"] == 3 and result["mean"] == pytest.approx(expected.mean)
     assert result["num_unparsable"] == expected.num_unparsable and "scores" not in result
@@ -243,7 +244,7 @@ def test_cli_pairs_text_to_image_manifest_uses_prompts(judge, judge_dir, tmp_pat
         json.dumps({"index": i, "prompt": REPORTS[i], "image": f"{i:06d}.png"}) + "\n" for i in range(2)))
     assert main(["evaluate", "pairs", "--dir", str(folder), "--judge", str(judge_dir), "--device", "cpu",
                  "--max-new-tokens", "6", "--csv", str(tmp_path / "s.csv")]) == 0
-    expected = pair_match(images, REPORTS[:2], judge, max_new_tokens=6, progress=False)
+    expected = pair_match(images, REPORTS[:2], judge=judge, max_new_tokens=6, progress=False)
     with open(tmp_path / "s.csv", newline="") as f:
         assert [r["answer"] for r in csv.DictReader(f)] == expected.answers
 

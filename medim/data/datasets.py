@@ -8,7 +8,7 @@ walks a dataset, skips images that cannot be decoded, counts them and logs a sum
 file never stops an epoch.
 
 Sources (by `build_dataset` kind):
-- "folder": `x.png|jpg|jpeg` beside `x.txt`, searched recursively.
+- "folder": `x.png|jpg|jpeg|dcm|dicom` beside `x.txt`, searched recursively.
 - "jsonl": one `{"image": path relative to the manifest, "report": text, ...}` per line.
 - "pathgen": PathGen-1.6M records (json / jsonl / csv, e.g. MeDiM's csv split files) joined with
   the user's extracted patches (`medim.data.pathgen`).
@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from medim.data.images import DICOM_SUFFIXES, read_image_file
 from medim.data.mimic_cxr import MIMIC_CXR_PREFIX, extract_sections, mimic_cxr_records
 from medim.data.pathgen import pathgen_records
 from medim.data.records import IMAGE_SUFFIXES, PairedRecord, PairLoadError, clean_text, existing_dir
@@ -61,12 +62,10 @@ logger = logging.getLogger(__name__)
 
 
 def _load_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            image.load()  # decode now: a truncated or corrupt file fails here, not later
-            return image
+    try:  # decoded now (DICOM too): a truncated or corrupt file fails here, not later
+        return read_image_file(path, lambda image: image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise PairLoadError(f"cannot read image {path}: {e}", "unreadable_image", path) from e
+        raise PairLoadError(f"cannot read image: {e}", "unreadable_image", path) from e
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
@@ -112,10 +111,11 @@ class PairedDataset(torch.utils.data.Dataset):
 
     @classmethod
     def from_folder(cls, root: str | os.PathLike) -> PairedDataset:
-        """Every `x.png|jpg|jpeg` under `root` (recursively) paired with `x.txt` beside it."""
+        """Every `x.png|jpg|jpeg|dcm|dicom` under `root` (recursively) paired with `x.txt` beside it."""
         root = existing_dir(root, "root")
         records, skipped = [], Counter()
-        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        suffixes = IMAGE_SUFFIXES + DICOM_SUFFIXES
+        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file()):
             report = _read_report(path.with_suffix(".txt"), skipped)
             if report:
                 rel = path.relative_to(root).as_posix()

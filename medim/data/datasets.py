@@ -14,7 +14,8 @@ Sources (by `build_dataset` kind):
   the user's extracted patches (`medim.data.pathgen`).
 - "mimic-cxr": the MIMIC-CXR-JPG tree + the study reports + the official split csv
   (`medim.data.mimic_cxr`).
-- "phantom": synthetic phantom pairs (`medim.data.synthetic`), generated on the fly.
+- "phantom": synthetic phantom pairs (`medim.data.synthetic`), generated on the fly; `variant`
+  picks an opt-in variant (e.g. "effusion").
 
 Example:
     >>> from medim.data.datasets import build_dataset, iter_pairs
@@ -223,17 +224,17 @@ class PairedDataset(torch.utils.data.Dataset):
 class PhantomDataset(torch.utils.data.Dataset):
     """`n` synthetic phantom pairs (`medim.data.synthetic`), generated on demand.
 
-    Item `i` is `make_pair(numpy.random.default_rng([seed, i]), size)`, identical to
-    `make_dataset(n, seed, size)[i]`; `meta["spec"]` holds its true attributes.
+    Item `i` is `make_pair(numpy.random.default_rng([seed, i]), size, variant=variant)`, identical
+    to `make_dataset(n, seed, size, variant=variant)[i]`; `meta["spec"]` holds its true attributes.
     """
 
-    def __init__(self, n: int, seed: int = 0, size: int = 64):
+    def __init__(self, n: int, seed: int = 0, size: int = 64, variant: str | None = None):
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ValueError(f"n must be an int >= 0, got {n!r}")
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-        make_pair(0, size)  # validates size before any item is requested
-        self.n, self.seed, self.size = n, seed, size
+        make_pair(0, size, variant=variant)  # validates size and variant before any item is requested
+        self.n, self.seed, self.size, self.variant = n, seed, size, variant
         self.skipped = Counter()
 
     def __len__(self) -> int:
@@ -243,9 +244,12 @@ class PhantomDataset(torch.utils.data.Dataset):
         if not -self.n <= index < self.n:
             raise IndexError(f"index {index} out of range for {self.n} phantom pairs")
         index %= self.n
-        image, report, spec = make_pair(np.random.default_rng([self.seed, index]), self.size)
+        image, report, spec = make_pair(np.random.default_rng([self.seed, index]), self.size, variant=self.variant)
         meta = {"source": "phantom", "seed": self.seed, "index": index, "spec": spec.to_dict()}
-        return {"id": f"phantom-{self.seed}-{index}", "image": image, "report": report, "meta": meta}
+        name = "phantom" if self.variant is None else f"phantom-{self.variant}"
+        if self.variant is not None:
+            meta["variant"] = self.variant
+        return {"id": f"{name}-{self.seed}-{index}", "image": image, "report": report, "meta": meta}
 
 
 def iter_pairs(
@@ -308,7 +312,7 @@ def build_dataset(kind: str, **kwargs) -> PairedDataset | PhantomDataset:
 
     Kinds: "folder" (root), "jsonl" (manifest), "pathgen" (records, patch_dir, ...),
     "mimic-cxr" (jpg_root, reports_root, split_csv, split, sections, prefix, ...),
-    "phantom" (n, seed, size).
+    "phantom" (n, seed, size, variant).
 
     Example:
         >>> ds = build_dataset("phantom", n=2, seed=3, size=64)

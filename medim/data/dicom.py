@@ -71,15 +71,20 @@ def _pydicom():
 @contextmanager
 def _quiet() -> Iterator[None]:
     # pydicom warns (and logs) about odd elements quoting their values, e.g. an invalid date: none of
-    # them may reach a log. Our own errors say what went wrong instead.
-    logger = logging.getLogger("pydicom")
-    disabled, logger.disabled = logger.disabled, True
+    # them may reach a log. Our own errors say what went wrong instead. Its child loggers
+    # (pydicom.pixels...) propagate past a disabled parent, so each is disabled.
+    names = ["pydicom", *(name for name in list(logging.root.manager.loggerDict) if name.startswith("pydicom."))]
+    loggers = [logging.getLogger(name) for name in names]
+    before = [logger.disabled for logger in loggers]
     try:
+        for logger in loggers:
+            logger.disabled = True
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.disabled = disabled
+        for logger, disabled in zip(loggers, before):
+            logger.disabled = disabled
 
 
 def _check_image(ds, path: Path) -> None:

@@ -253,3 +253,7 @@ def test_folder_dataset_reads_dicom_without_leaks(tmp_path, caplog):
     assert [item["id"] for item in items] == ["good.dcm"] and items[0]["image"].mode == "L"
     assert stats["unreadable_image"] == 2
     _assert_no_secrets({"log": caplog.text, "meta": json.dumps([item["meta"] for item in items])})
+    # A manifest may name DICOM files without a suffix.
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"image": "noext", "report": "No focal lesion."}) + "\n")
+    items = list(iter_pairs(build_dataset("jsonl", manifest=tmp_path / "pairs.jsonl")))
+    assert np.array_equal(np.asarray(items[0]["image"]), np.asarray(load_image(files[0]))[..., 0])

@@ -2,9 +2,9 @@
 
 Medical images come in many shapes: 8-bit grayscale, 16-bit X-rays, RGBA screenshots, DICOM files,
 odd sizes. `load_image` turns any of them into an RGB PIL image (a DICOM file, named `.dcm` or
-holding the DICOM preamble, through `medim.data.dicom`'s display chain), `preprocess` makes the square [-1, 1] batch
-the VQGAN encodes (MeDiM's pad-to-square or Liquid's center crop), and `postprocess` turns decoded
-pixels back into uint8 images.
+holding the DICOM preamble, through `medim.data.dicom`'s display chain), `preprocess` makes the
+square [-1, 1] batch the VQGAN encodes (MeDiM's pad-to-square or Liquid's center crop), and
+`postprocess` turns decoded pixels back into uint8 images.
 
 Example:
     >>> pixels, sizes = preprocess(["cxr.png", Image.open("cxr16.tif")], return_sizes=True)

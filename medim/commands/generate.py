@@ -120,8 +120,7 @@ def _inputs(args: argparse.Namespace) -> list:
 def _inpaint_inputs(args: argparse.Namespace, images: list[str]) -> list[list]:
     """[image, mask, prompt] per image; masks and prompts come one per image or one for all, and
     every mask must have its image's size (read before the model loads)."""
-    from PIL import Image
-
+    from medim.data.images import read_image_file
     from medim.pipelines.editing import load_mask
 
     def per_image(values: list, option: str) -> list:
@@ -135,7 +134,7 @@ def _inpaint_inputs(args: argparse.Namespace, images: list[str]) -> list[list]:
     prompts = per_image(read_lines(args.prompts, "--prompts"), "--prompts") if args.prompts else [None] * len(images)
     for i, (image, mask) in enumerate(zip(images, masks)):
         try:
-            width, height = Image.open(image).size
+            width, height = read_image_file(image, lambda opened: opened.size)  # DICOM too
             shape = load_mask(mask, f"--masks[{i}]").shape
         except (OSError, ValueError) as e:
             raise SystemExit(f"--masks[{i}] / --images[{i}]: {e}") from None

@@ -8,13 +8,14 @@ walks a dataset, skips images that cannot be decoded, counts them and logs a sum
 file never stops an epoch.
 
 Sources (by `build_dataset` kind):
-- "folder": `x.png|jpg|jpeg` beside `x.txt`, searched recursively.
+- "folder": `x.png|jpg|jpeg|dcm|dicom` beside `x.txt`, searched recursively.
 - "jsonl": one `{"image": path relative to the manifest, "report": text, ...}` per line.
 - "pathgen": PathGen-1.6M records (json / jsonl / csv, e.g. MeDiM's csv split files) joined with
   the user's extracted patches (`medim.data.pathgen`).
 - "mimic-cxr": the MIMIC-CXR-JPG tree + the study reports + the official split csv
   (`medim.data.mimic_cxr`).
-- "phantom": synthetic phantom pairs (`medim.data.synthetic`), generated on the fly.
+- "phantom": synthetic phantom pairs (`medim.data.synthetic`), generated on the fly; `variant`
+  picks an opt-in variant (e.g. "effusion").
 - "hf": a Hugging Face `datasets` dataset: Hub id, `save_to_disk` folder or data files, optionally
   streamed, with a column mapping (`medim.data.hf_dataset`; needs `pip install 'medim[hf]'`).
 
@@ -46,6 +47,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from medim.data.hf_dataset import load_hf_dataset
+from medim.data.images import DICOM_SUFFIXES, read_image_file
 from medim.data.mimic_cxr import MIMIC_CXR_PREFIX, extract_sections, mimic_cxr_records
 from medim.data.pathgen import pathgen_records
 from medim.data.records import IMAGE_SUFFIXES, PairedRecord, PairLoadError, clean_text, existing_dir
@@ -71,12 +73,10 @@ logger = logging.getLogger(__name__)
 
 
 def _load_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            image.load()  # decode now: a truncated or corrupt file fails here, not later
-            return image
+    try:  # decoded now (DICOM too): a truncated or corrupt file fails here, not later
+        return read_image_file(path, lambda image: image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise PairLoadError(f"cannot read image {path}: {e}", "unreadable_image", path) from e
+        raise PairLoadError(f"cannot read image: {e}", "unreadable_image", path) from e
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
@@ -122,10 +122,11 @@ class PairedDataset(torch.utils.data.Dataset):
 
     @classmethod
     def from_folder(cls, root: str | os.PathLike) -> PairedDataset:
-        """Every `x.png|jpg|jpeg` under `root` (recursively) paired with `x.txt` beside it."""
+        """Every `x.png|jpg|jpeg|dcm|dicom` under `root` (recursively) paired with `x.txt` beside it."""
         root = existing_dir(root, "root")
         records, skipped = [], Counter()
-        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        suffixes = IMAGE_SUFFIXES + DICOM_SUFFIXES
+        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file()):
             report = _read_report(path.with_suffix(".txt"), skipped)
             if report:
                 rel = path.relative_to(root).as_posix()
@@ -233,15 +234,15 @@ class PairedDataset(torch.utils.data.Dataset):
 class PhantomDataset(torch.utils.data.Dataset):
     """`n` synthetic phantom pairs (`medim.data.synthetic`), generated on demand.
 
-    Item `i` is `make_pair(numpy.random.default_rng([seed, i]), size)`, identical to
-    `make_dataset(n, seed, size)[i]`; `meta["spec"]` holds its true attributes.
+    Item `i` is `make_pair(numpy.random.default_rng([seed, i]), size, variant=variant)`, identical
+    to `make_dataset(n, seed, size, variant=variant)[i]`; `meta["spec"]` holds its true attributes.
     """
 
-    def __init__(self, n: int, seed: int = 0, size: int = 64):
+    def __init__(self, n: int, seed: int = 0, size: int = 64, variant: str | None = None):
         check_int(n, "n", minimum=0)
         check_int(seed, "seed", minimum=0)
-        make_pair(0, size)  # validates size before any item is requested
-        self.n, self.seed, self.size = n, seed, size
+        make_pair(0, size, variant=variant)  # validates size and variant before any item is requested
+        self.n, self.seed, self.size, self.variant = n, seed, size, variant
         self.skipped = Counter()
 
     def __len__(self) -> int:
@@ -251,9 +252,12 @@ class PhantomDataset(torch.utils.data.Dataset):
         if not -self.n <= index < self.n:
             raise IndexError(f"index {index} out of range for {self.n} phantom pairs")
         index %= self.n
-        image, report, spec = make_pair(np.random.default_rng([self.seed, index]), self.size)
+        image, report, spec = make_pair(np.random.default_rng([self.seed, index]), self.size, variant=self.variant)
         meta = {"source": "phantom", "seed": self.seed, "index": index, "spec": spec.to_dict()}
-        return {"id": f"phantom-{self.seed}-{index}", "image": image, "report": report, "meta": meta}
+        name = "phantom" if self.variant is None else f"phantom-{self.variant}"
+        if self.variant is not None:
+            meta["variant"] = self.variant
+        return {"id": f"{name}-{self.seed}-{index}", "image": image, "report": report, "meta": meta}
 
 
 def dataset_length(dataset: torch.utils.data.Dataset) -> int | None:
@@ -344,7 +348,7 @@ def build_dataset(kind: str, **kwargs) -> torch.utils.data.Dataset:
 
     Kinds: "folder" (root), "jsonl" (manifest), "pathgen" (records, patch_dir, ...),
     "mimic-cxr" (jpg_root, reports_root, split_csv, split, sections, prefix, ...),
-    "phantom" (n, seed, size), "hf" (path, split, data_files, streaming, image_column,
+    "phantom" (n, seed, size, variant), "hf" (path, split, data_files, streaming, image_column,
     report_column or report_template, ...: `medim.data.hf_dataset.load_hf_dataset`).
 
     Example:

@@ -1,9 +1,10 @@
 """Image pre- and post-processing around the VQGAN.
 
-Medical images come in many shapes: 8-bit grayscale, 16-bit X-rays, RGBA screenshots, odd sizes.
-`load_image` turns any of them into an RGB PIL image, `preprocess` makes the square [-1, 1] batch
-the VQGAN encodes (MeDiM's pad-to-square or Liquid's center crop), and `postprocess` turns decoded
-pixels back into uint8 images.
+Medical images come in many shapes: 8-bit grayscale, 16-bit X-rays, RGBA screenshots, DICOM files,
+odd sizes. `load_image` turns any of them into an RGB PIL image (a DICOM file, named `.dcm` or
+holding the DICOM preamble, through `medim.data.dicom`'s display chain), `preprocess` makes the
+square [-1, 1] batch the VQGAN encodes (MeDiM's pad-to-square or Liquid's center crop), and
+`postprocess` turns decoded pixels back into uint8 images.
 
 Example:
     >>> pixels, sizes = preprocess(["cxr.png", Image.open("cxr16.tif")], return_sizes=True)
@@ -22,9 +23,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from medim.data.dicom import DICOM_SUFFIXES, is_dicom, read_dicom
+
 T = TypeVar("T")
 
-__all__ = ["PAD_COLOR", "ImageInput", "load_image", "read_image_file", "preprocess", "postprocess"]
+__all__ = ["PAD_COLOR", "DICOM_SUFFIXES", "ImageInput", "load_image", "read_image_file", "preprocess", "postprocess"]
 
 ImageInput = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
 
@@ -84,12 +87,21 @@ def read_image_file(path: str | os.PathLike, read: Callable[[Image.Image], T], k
     """`read` applied to the decoded image in the file at `path` (while it is open); a missing or
     unreadable file raises FileNotFoundError / ValueError saying so, after `prefix` (e.g. "masks[2]: ").
 
+    A DICOM file (`medim.data.dicom.is_dicom`) is read by `read_dicom` and given to `read` as the
+    8-bit image a viewer shows ("L" for grayscale, "RGB" for colour).
+
     Example:
         >>> read_image_file("phantom.png", lambda im: im.size)
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{prefix}{kind} file {path} does not exist")
+    if is_dicom(path):
+        try:
+            pixels = read_dicom(path)
+        except ValueError as e:
+            raise ValueError(f"{prefix}{e}") from None
+        return read(_array_to_pil(pixels, str(path)))
     try:
         with Image.open(path) as opened:
             opened.load()
@@ -106,9 +118,10 @@ def load_image(image: ImageInput, name: str | None = None) -> Image.Image:
     Accepts a PIL image of any common mode (L, 1, P, RGB, CMYK, ...; 16/32-bit "I;16", "I", "F"
     are rescaled to 8 bit by their actual min/max; alpha modes are composited on white), a file
     path, a numpy array HxW or HxWxC (C = 1, 3, 4; uint8, other ints rescaled by range, floats in
-    [0, 1]) or a tensor CxHxW / HxW with the same dtype rules. Float images holding NaN or inf
-    are refused. `name` is what errors call the input (default: its file path, else "image",
-    "image array" or "image tensor").
+    [0, 1]) or a tensor CxHxW / HxW with the same dtype rules. A DICOM file is shown as a viewer
+    would (`medim.data.dicom.read_dicom`: Modality LUT, VOI LUT or window, MONOCHROME1 inverted).
+    Float images holding NaN or inf are refused. `name` is what errors call the input (default: its
+    file path, else "image", "image array" or "image tensor").
 
     Example:
         >>> load_image(np.zeros((64, 48), dtype=np.uint16)).mode
@@ -154,7 +167,8 @@ def load_image(image: ImageInput, name: str | None = None) -> Image.Image:
         return Image.alpha_composite(white, rgba).convert("RGB")
     if mode in PLAIN_MODES:
         return image.convert("RGB")
-    raise ValueError(f"{what} has unsupported image mode {mode!r}; accepted: {', '.join(PLAIN_MODES + HIGH_DEPTH_MODES + ALPHA_MODES)}")
+    accepted = ", ".join(PLAIN_MODES + HIGH_DEPTH_MODES + ALPHA_MODES)
+    raise ValueError(f"{what} has unsupported image mode {mode!r}; accepted: {accepted}")
 
 
 def _pad_to_square(image: Image.Image) -> Image.Image:

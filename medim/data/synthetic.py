@@ -13,6 +13,15 @@ the truth, so a model trained on phantoms can be measured end to end.
 Side convention: reports use the **patient's** side, as radiology does. The patient faces the
 viewer, so the patient's right is on the **image's left** (small x).
 
+The opt-in `variant="effusion"` adds a finding the shipped demo has never seen: in 2 of 3 phantoms a
+small or large pleural effusion, bright fluid filling the base of one hemithorax under a meniscus
+that rises towards the chest wall ("A small right pleural effusion."). It obscures the lower zone of
+its side, so no lesion is drawn there, and comes with at most one lesion, so that every report fits
+the demo's 40 report tokens (its tokenizer spells "pleural effusion" in letters). Without the
+variant every draw, image and report is what it always was, seed for seed; `read_image(...,
+variant="effusion")` reads the effusion back (the default reader does not look for one),
+`parse_report` always reads effusion sentences.
+
 Example:
     >>> from medim.data.synthetic import make_pair, read_image, parse_report
     >>> image, report, spec = make_pair(0)
@@ -37,7 +46,9 @@ __all__ = [
     "LEVELS",
     "SIZES",
     "DENSITIES",
+    "VARIANTS",
     "Lesion",
+    "Effusion",
     "PhantomSpec",
     "PhantomScores",
     "random_spec",
@@ -71,6 +82,17 @@ _LARGE_FRACTION = 0.33
 
 _MIN_SIZE, _MAX_SIZE = 32, 2048
 
+VARIANTS = ("effusion",)  # opt-in phantom variants (`variant=` of random_spec, make_pair, ...)
+# An effusion fills its hemithorax below a surface at `top` (by size) medially that rises by
+# _MENISCUS at the chest wall. A small one stays below every lesion but the obscured lower one; a
+# large one reaches the middle of the lung, still clear of the upper zone's detector window.
+_EFFUSION_TOP = {"small": (0.24, 0.27), "large": (0.04, 0.07)}
+_MENISCUS, _WALL = 0.08, 0.4  # the rise, reached at this lateral distance
+# Where the reader looks, as (lateral u, y) boxes on the effusion's side: the base (any effusion
+# fills it, no other lesion reaches it) and a band only a large one reaches.
+_EFFUSION_BASE = ((0.04, 0.20), (0.30, 0.39))
+_EFFUSION_LARGE = ((0.08, 0.30), (0.10, 0.16))
+
 
 def _check(name: str, value: object, accepted: Sequence[str]) -> None:
     if value not in accepted:
@@ -102,16 +124,35 @@ class Lesion:
 
 
 @dataclass(frozen=True)
+class Effusion:
+    """A pleural effusion (`variant="effusion"`): the patient's `side` and its `size`.
+
+    `size` may be None only in what `parse_report(strict=False)` returns.
+    """
+
+    side: str
+    size: str | None
+
+    def __post_init__(self) -> None:
+        _check("effusion side", self.side, SIDES)
+        _check("effusion size", self.size, (*SIZES, None))
+
+
+@dataclass(frozen=True)
 class PhantomSpec:
-    """What a phantom shows: up to four lesions, at most one per quadrant (kept sorted)."""
+    """What a phantom shows: up to four lesions, at most one per quadrant (kept sorted), and in the
+    effusion variant at most one pleural effusion."""
 
     lesions: tuple[Lesion, ...] = ()
+    effusion: Effusion | None = None
 
     def __post_init__(self) -> None:
         lesions = tuple(sorted(self.lesions, key=lambda x: (SIDES.index(x.side), LEVELS.index(x.level))))
         quadrants = [lesion.quadrant for lesion in lesions]
         if len(set(quadrants)) != len(quadrants):
             raise ValueError(f"lesions: at most one lesion per quadrant, got {quadrants}")
+        if self.effusion is not None and not isinstance(self.effusion, Effusion):
+            raise TypeError(f"effusion must be an Effusion or None, got {type(self.effusion).__name__}")
         object.__setattr__(self, "lesions", lesions)
 
     def at(self, side: str, level: str) -> Lesion | None:
@@ -119,12 +160,17 @@ class PhantomSpec:
         return next((x for x in self.lesions if x.quadrant == (side, level)), None)
 
     def to_dict(self) -> dict:
-        """JSON-friendly form (used as dataset metadata)."""
-        return {"lesions": [vars(lesion).copy() for lesion in self.lesions]}
+        """JSON-friendly form (used as dataset metadata); "effusion" only when there is one."""
+        data = {"lesions": [vars(lesion).copy() for lesion in self.lesions]}
+        if self.effusion is not None:
+            data["effusion"] = vars(self.effusion).copy()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> PhantomSpec:
-        return cls(tuple(Lesion(**lesion) for lesion in data["lesions"]))
+        effusion = data.get("effusion")
+        return cls(tuple(Lesion(**lesion) for lesion in data["lesions"]),
+                   Effusion(**effusion) if effusion is not None else None)
 
 
 def _rng(rng_or_seed: int | np.random.Generator) -> np.random.Generator:
@@ -144,16 +190,32 @@ def _check_size(size: int) -> None:
     _check_int(size, "size", minimum=_MIN_SIZE, maximum=_MAX_SIZE)
 
 
-def random_spec(rng: np.random.Generator) -> PhantomSpec:
-    """Draw 0, 1 or 2 lesions (equally likely) in distinct quadrants with random attributes."""
-    count = int(rng.integers(0, 3))
-    quadrants = [(s, lv) for s in SIDES for lv in LEVELS]
+def _check_variant(variant: str | None) -> None:
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"variant must be None or one of {list(VARIANTS)}, got {variant!r}")
+
+
+def random_spec(rng: np.random.Generator, variant: str | None = None) -> PhantomSpec:
+    """Draw 0, 1 or 2 lesions (equally likely) in distinct quadrants with random attributes.
+
+    `variant="effusion"` first draws an effusion (none, right or left, equally likely; small or
+    large) and then the lesions among the quadrants it leaves visible; without it the draws are
+    exactly the base phantoms'. With an effusion, 0 or 1 lesion.
+    """
+    _check_variant(variant)
+    effusion = None
+    if variant == "effusion":
+        side = (None, *SIDES)[rng.integers(3)]
+        effusion = Effusion(side, SIZES[rng.integers(2)]) if side is not None else None
+    count = int(rng.integers(0, 3 if effusion is None else 2))
+    quadrants = [(s, lv) for s in SIDES for lv in LEVELS if effusion is None or (s, lv) != (effusion.side, "lower")]
     chosen = rng.choice(len(quadrants), size=count, replace=False)
     return PhantomSpec(
         tuple(
             Lesion(*quadrants[q], size=SIZES[rng.integers(2)], density=DENSITIES[rng.integers(2)])
             for q in chosen
-        )
+        ),
+        effusion,
     )
 
 
@@ -169,11 +231,26 @@ def _grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(x, y)
 
 
+def _lateral(x: np.ndarray, side: str) -> np.ndarray:
+    """Distance from the midline towards the chest wall on the patient's `side` (negative beyond)."""
+    return -x if side == "right" else x
+
+
+def _effusion_cover(effusion: Effusion, x: np.ndarray, y: np.ndarray, rng: np.random.Generator,
+                    size: int) -> np.ndarray:
+    """Coverage in [0, 1] of the fluid: below the meniscus, on its side of the midline (anti-aliased
+    over one pixel, like the lesions)."""
+    u = _lateral(x, effusion.side)
+    surface = rng.uniform(*_EFFUSION_TOP[effusion.size]) - _MENISCUS * np.clip(u / _WALL, 0.0, 1.0) ** 2
+    return np.clip((y - surface) * size + 0.5, 0.0, 1.0) * np.clip(u * size + 0.5, 0.0, 1.0)
+
+
 def render(spec: PhantomSpec, rng: np.random.Generator, size: int = 64) -> Image.Image:
     """Draw `spec` as a `size` x `size` grayscale ("L") PIL image.
 
     Small random jitter (body outline, tissue level and gradient, lesion position/radius/contrast,
-    pixel noise) keeps images varied while leaving the attributes unambiguous.
+    effusion level and contrast, pixel noise) keeps images varied while leaving the attributes
+    unambiguous. A spec without an effusion draws exactly what it always did.
     """
     _check_size(size)
     x, y = _grid(size, size)
@@ -192,6 +269,10 @@ def render(spec: PhantomSpec, rng: np.random.Generator, size: int = 64) -> Image
         dist = np.hypot(x - ex, y - ey)
         cover = np.clip((radius - dist) * size + 0.5, 0.0, 1.0)
         img = img + cover * contrast
+    if spec.effusion is not None:  # fluid is dense: bright, inside the body only
+        if spec.effusion.size is None:
+            raise ValueError(f"spec: effusion {spec.effusion} has no size to draw")
+        img = img + body * _effusion_cover(spec.effusion, x - cx, y, rng, size) * rng.uniform(*_CONTRAST)
     img = img + rng.normal(0.0, 3.0, size=img.shape)
     return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), mode="L")
 
@@ -208,12 +289,17 @@ _TEMPLATES = (
     "{Size} {density} {noun} projecting over the {level} zone of the {side} lung.",
     "The {side} {level} zone shows a {size} {density} {noun}.",
 )
+_EFFUSION_TEMPLATES = (  # short ones: with an opener and a lesion at most 39 tokens of the demo's tokenizer
+    "A {size} {side} pleural effusion.",
+    "There is a {size} {side} pleural effusion.",
+    "{Size} {side} pleural effusion.",
+)
 
 
 def write_report(spec: PhantomSpec, rng: np.random.Generator) -> str:
-    """A short report stating exactly the lesions of `spec` (sides are the patient's)."""
+    """A short report stating exactly the lesions of `spec`, then its effusion (sides are the patient's)."""
     sentences = [_OPENERS[rng.integers(len(_OPENERS))]] if rng.random() < 0.5 else []
-    if not spec.lesions:
+    if not spec.lesions and spec.effusion is None:
         sentences.append(_NORMAL[rng.integers(len(_NORMAL))])
     # Findings in a fixed reading order (right before left, upper before lower), as a systematic
     # report would list them: a small generative model then only has to bind each sentence to
@@ -234,15 +320,23 @@ def write_report(spec: PhantomSpec, rng: np.random.Generator) -> str:
                 zone=("zone", "lung")[rng.integers(2)],
             )
         )
+    if spec.effusion is not None:
+        if spec.effusion.size is None:
+            raise ValueError(f"spec: effusion {spec.effusion} has no size to report")
+        size = _SIZE_WORDS[spec.effusion.size][rng.integers(2)]
+        template = _EFFUSION_TEMPLATES[rng.integers(len(_EFFUSION_TEMPLATES))]
+        sentences.append(template.format(size=size, Size=size.capitalize(), side=spec.effusion.side))
     return " ".join(sentences)
 
 
 def make_pair(
-    rng_or_seed: int | np.random.Generator, size: int = 64, spec: PhantomSpec | None = None
+    rng_or_seed: int | np.random.Generator, size: int = 64, spec: PhantomSpec | None = None, *,
+    variant: str | None = None,
 ) -> tuple[Image.Image, str, PhantomSpec]:
     """One phantom pair: `(image, report, spec)`.
 
-    `spec` is drawn with `random_spec` unless given. The same seed always gives the same pair.
+    `spec` is drawn with `random_spec(rng, variant)` unless given. The same seed always gives the
+    same pair.
 
     Example:
         >>> image, report, spec = make_pair(3, size=64)
@@ -250,20 +344,27 @@ def make_pair(
         ((64, 64), 'L')
     """
     _check_size(size)
+    _check_variant(variant)
     if spec is not None and not isinstance(spec, PhantomSpec):
         raise TypeError(f"spec must be a PhantomSpec or None, got {type(spec).__name__}")
     rng = _rng(rng_or_seed)
-    spec = random_spec(rng) if spec is None else spec
+    spec = random_spec(rng, variant) if spec is None else spec
     report = write_report(spec, rng)
     return render(spec, rng, size), report, spec
 
 
-def make_dataset(n: int, seed: int = 0, size: int = 64) -> list[tuple[Image.Image, str, PhantomSpec]]:
-    """`n` pairs; pair `i` comes from the RNG seeded with `[seed, i]`, so it does not depend on `n`."""
+def make_dataset(n: int, seed: int = 0, size: int = 64, *,
+                 variant: str | None = None) -> list[tuple[Image.Image, str, PhantomSpec]]:
+    """`n` pairs; pair `i` comes from the RNG seeded with `[seed, i]`, so it does not depend on `n`.
+
+    Example:
+        >>> [spec.effusion for _, _, spec in make_dataset(3, seed=1, variant="effusion")]
+    """
     _check_int(n, "n", minimum=0)
     _check_int(seed, "seed", minimum=0)
     _check_size(size)
-    return [make_pair(np.random.default_rng([int(seed), i]), size) for i in range(n)]
+    _check_variant(variant)
+    return [make_pair(np.random.default_rng([int(seed), i]), size, variant=variant) for i in range(n)]
 
 
 _WORD_TO_SIZE = {w: k for k, ws in _SIZE_WORDS.items() for w in ws}
@@ -278,19 +379,25 @@ def _first(words: list[str], vocabulary: dict[str, str] | Sequence[str]) -> str 
 
 
 def parse_report(text: str, strict: bool = True) -> PhantomSpec:
-    """Read the lesions back from a report.
+    """Read the lesions (and an effusion) back from a report.
 
-    A sentence naming a side (right/left) or a level (upper/lower) describes one lesion. With
-    `strict=True` (for reports written by `write_report`) a lesion sentence missing any attribute,
-    or a second lesion in one quadrant, raises ValueError. With `strict=False` (for generated text)
-    such sentences keep what they can: a sentence without both side and level is dropped, a missing
-    size/density becomes None, and only the first lesion per quadrant is kept.
+    A sentence naming an effusion describes the effusion (side and size); any other sentence naming
+    a side (right/left) or a level (upper/lower) describes one lesion. With `strict=True` (for
+    reports written by `write_report`) a sentence missing any attribute, or a second lesion in one
+    quadrant or a second effusion, raises ValueError. With `strict=False` (for generated text) such
+    sentences keep what they can: a lesion without both side and level or an effusion without a
+    side is dropped, a missing size/density becomes None, and only the first lesion per quadrant
+    and the first effusion are kept.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     lesions: dict[tuple[str, str], Lesion] = {}
+    effusions: list[Effusion] = []
     for sentence in re.split(r"[.\n;]+", text.lower()):
         words = re.findall(r"[a-z]+", sentence)
+        if "effusion" in words:
+            _parse_effusion(sentence, words, effusions, strict)
+            continue
         side, level = _first(words, SIDES), _first(words, LEVELS)
         if side is None and level is None:
             continue
@@ -302,17 +409,45 @@ def parse_report(text: str, strict: bool = True) -> PhantomSpec:
         if side is None or level is None or (side, level) in lesions:
             continue
         lesions[(side, level)] = Lesion(side, level, size, density)
-    return PhantomSpec(tuple(lesions.values()))
+    return PhantomSpec(tuple(lesions.values()), effusions[0] if effusions else None)
 
 
-def read_image(image: Image.Image | np.ndarray) -> PhantomSpec:
+def _parse_effusion(sentence: str, words: list[str], found: list[Effusion], strict: bool) -> None:
+    side, size = _first(words, SIDES), _first(words, _WORD_TO_SIZE)
+    if strict and (side is None or size is None or found):
+        problem = "repeats the effusion" if found else "misses the effusion's side or size"
+        raise ValueError(f"text: sentence {sentence.strip()!r} {problem}")
+    if side is not None and not found:
+        found.append(Effusion(side, size))
+
+
+def _read_effusion(pixels: np.ndarray, x: np.ndarray, y: np.ndarray, tissue: float) -> Effusion | None:
+    """The effusion whose base box is the most filled with bright pixels (at least half of it), large
+    when its band higher up is filled too."""
+
+    def filled(side: str, box: tuple) -> float:
+        (u0, u1), (y0, y1) = box
+        u = _lateral(x, side)
+        return float(np.mean(pixels[(u > u0) & (u < u1) & (y > y0) & (y < y1)] - tissue > _THRESHOLD))
+
+    base = {side: filled(side, _EFFUSION_BASE) for side in SIDES}
+    side = max(SIDES, key=base.get)
+    if base[side] < 0.5:
+        return None
+    return Effusion(side, "large" if filled(side, _EFFUSION_LARGE) > 0.5 else "small")
+
+
+def read_image(image: Image.Image | np.ndarray, *, variant: str | None = None) -> PhantomSpec:
     """Detect the lesions of a phantom image (any size and mode; RGB is converted to gray).
 
     For each quadrant, the pixels of a disc around the nominal lesion centre are compared with the
     tissue level (median of the body interior): a lesion is present when enough of them differ by
     more than a fixed threshold; its density is the sign of the difference and its size follows
-    from the covered fraction of the disc.
+    from the covered fraction of the disc. `variant="effusion"` also looks for an effusion (bright
+    fluid filling a box at one lung base; large when it also fills a band higher up) and reads no
+    lesion in the lower zone it obscures.
     """
+    _check_variant(variant)
     if isinstance(image, Image.Image):
         pixels = np.asarray(image.convert("L"), dtype=np.float64)
     elif isinstance(image, np.ndarray) and image.ndim == 2:
@@ -326,9 +461,12 @@ def read_image(image: Image.Image | np.ndarray) -> PhantomSpec:
     # The body interior, well inside the outline so that blur at the rim does not leak in.
     inner = (x / (_BODY_AXES[0] - 0.08)) ** 2 + (y / (_BODY_AXES[1] - 0.08)) ** 2 <= 1.0
     tissue = float(np.median(pixels[inner]))
+    effusion = _read_effusion(pixels, x, y, tissue) if variant == "effusion" else None
     lesions = []
     for side in SIDES:
         for level in LEVELS:
+            if effusion is not None and (side, level) == (effusion.side, "lower"):
+                continue
             ex, ey = _centre(side, level)
             window = pixels[np.hypot(x - ex, y - ey) <= _WINDOW] - tissue
             bright = float(np.mean(window > _THRESHOLD))
@@ -338,7 +476,7 @@ def read_image(image: Image.Image | np.ndarray) -> PhantomSpec:
                 continue
             size = "large" if covered > _LARGE_FRACTION else "small"
             lesions.append(Lesion(side, level, size, "bright" if bright >= dark else "dark"))
-    return PhantomSpec(tuple(lesions))
+    return PhantomSpec(tuple(lesions), effusion)
 
 
 @dataclass(frozen=True)
@@ -351,6 +489,8 @@ class PhantomScores:
     - `attributes`: fraction of the 4 x n quadrants whose whole description matches: no lesion in
       either, or a lesion of the same size and density in both (what `medim.demo` reports).
     - `size`, `density`: accuracy over quadrants where both hold a lesion (nan if there are none).
+    - `effusion`: fraction of pairs whose effusion matches: none in either, or the same side and
+      size in both (1.0 on phantoms without the effusion variant).
     """
 
     n: int
@@ -361,6 +501,7 @@ class PhantomScores:
     size: float
     density: float
     matched: int = field(default=0)  # quadrants holding a lesion in both (the size/density denominator)
+    effusion: float = field(default=1.0)
 
 
 def compare(predicted: Sequence[PhantomSpec], reference: Sequence[PhantomSpec]) -> PhantomScores:
@@ -377,9 +518,10 @@ def compare(predicted: Sequence[PhantomSpec], reference: Sequence[PhantomSpec]) 
         )
     if not reference:
         raise ValueError("reference must hold at least one PhantomSpec")
-    exact = count = presence = attributes = size = density = matched = 0
+    exact = count = presence = attributes = size = density = matched = effusion = 0
     for pred, ref in zip(predicted, reference):
         exact += pred == ref
+        effusion += pred.effusion == ref.effusion
         count += len(pred.lesions) == len(ref.lesions)
         for side in SIDES:
             for level in LEVELS:
@@ -400,4 +542,5 @@ def compare(predicted: Sequence[PhantomSpec], reference: Sequence[PhantomSpec]) 
         size=size / matched if matched else math.nan,
         density=density / matched if matched else math.nan,
         matched=matched,
+        effusion=effusion / n,
     )

@@ -239,3 +239,29 @@ def test_shipped_model_quality():
     assert scores.image_to_report >= 0.88
     assert scores.text_to_image >= 0.90
     assert scores.pairs >= 0.85 and scores.pairs_with_lesions >= 0.3
+
+
+def test_evaluate_demo_scores_the_effusion_variant():
+    # The truth looked up from the held-out effusion phantoms scores 1; "no finding" answers miss
+    # every effusion.
+    held = synthetic.make_dataset(24, seed=EVAL_SEED, size=IMAGE_SIZE, variant="effusion")
+    report_of = {image.tobytes(): report for image, report, _ in held}
+    image_of = {report: image for image, report, _ in held}
+    pipe = StandIn(reports=lambda images: [report_of[im.tobytes()] for im in images],
+                   images=lambda reports: [image_of[r] for r in reports],
+                   pairs=lambda k: ([im for im, _, _ in held[:k]], [r for _, r, _ in held[:k]]))
+    scores = evaluate_demo(pipe, n=24, variant="effusion")
+    assert scores.image_to_report == scores.text_to_image == scores.pairs == 1.0
+    assert scores.variant == "effusion" and scores.effusion == dict.fromkeys(scores.exact, 1.0)
+    assert pipe.calls[1][1] == [r for _, r, _ in held]
+    assert "effusion" in scores_table(scores)
+    blank = synthetic.render(synthetic.PhantomSpec(), np.random.default_rng(0), size=IMAGE_SIZE)
+    none = StandIn(reports=lambda images: ["No focal lesion."] * len(images),
+                   images=lambda reports: [blank] * len(reports),
+                   pairs=lambda k: ([blank] * k, ["No focal lesion."] * k))
+    scores = evaluate_demo(none, n=24, variant="effusion")
+    assert scores.effusion["image_to_report"] == scores.effusion["text_to_image"] == \
+        sum(spec.effusion is None for _, _, spec in held) / 24 < 1
+    assert evaluate_demo(none, n=2).effusion is None
+    with pytest.raises(ValueError, match="variant must be"):
+        evaluate_demo(none, n=2, variant="x")

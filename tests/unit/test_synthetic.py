@@ -1,4 +1,6 @@
+import hashlib
 import io
+import json
 import math
 import re
 
@@ -6,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from medim.data.datasets import build_dataset
 from medim.data.synthetic import (
+    Effusion,
     Lesion,
     PhantomSpec,
     compare,
@@ -159,3 +163,141 @@ def test_bad_arguments():
         read_image(np.zeros((4, 4, 4)))
     with pytest.raises(ValueError, match="same length"):
         compare([PhantomSpec()], [])
+
+
+# ----------------------------------------------------------------------------- base streams, unchanged
+
+def _digest(pairs) -> str:
+    h = hashlib.sha256()
+    for image, report, spec in pairs:
+        h.update(image.tobytes())
+        h.update(report.encode())
+        h.update(json.dumps(spec.to_dict(), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def test_base_phantoms_are_byte_identical_to_before_the_variant():
+    # Digests computed with the pre-variant code (/work/before, commit 00428b4).
+    assert _digest(make_dataset(6, seed=0)) == "6b1f3a660c015f43d9158a7ebc8a7bacd9fdd3c4b739dd22d3e167b4ab66c409"
+    assert _digest(make_dataset(4, seed=123, size=96)) == \
+        "dbd4bb435b2f4c562ed44bc355ff39274486ad4bb2e1659a7f35e05640e4283c"
+    assert _digest([make_pair(7)]) == "c7e2355ed9cdfac096dbce48339e2aa4f093e50ad15d37b33fec2a0f2c88c0b5"
+    assert _digest([make_pair(np.random.default_rng(99), size=48)]) == \
+        "215f20cbb35731603f6b36a3ee8d02d406238cbe552f9cbc103ec96ca49ad122"
+    assert _digest(make_dataset(6, seed=0, variant=None)) == _digest(make_dataset(6, seed=0))
+
+
+# ----------------------------------------------------------------------------- the effusion variant
+
+@pytest.fixture(scope="module")
+def effusions():
+    return make_dataset(300, seed=1234, variant="effusion")
+
+
+def test_effusion_variant_draws_every_kind(effusions):
+    kinds = {(s.effusion.side, s.effusion.size) if s.effusion else None for _, _, s in effusions}
+    assert kinds == {None, ("right", "small"), ("right", "large"), ("left", "small"), ("left", "large")}
+    present = sum(s.effusion is not None for _, _, s in effusions) / len(effusions)
+    assert 0.55 < present < 0.78  # 2 in 3
+    assert {len(s.lesions) for _, _, s in effusions} == {0, 1, 2}
+    for _, report, spec in effusions:
+        if spec.effusion is not None:
+            assert spec.at(spec.effusion.side, "lower") is None  # the fluid obscures that zone
+            assert len(spec.lesions) <= 1
+            assert "pleural effusion" in report.lower()
+        else:
+            assert "effusion" not in report.lower()
+
+
+def test_effusion_reports_fit_the_demo_text_length():
+    # The demo model is what gets fine-tuned on the variant: no report may be truncated.
+    from transformers import AutoTokenizer
+
+    from medim.demo.settings import TEXT_LEN, demo_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(demo_path() / "tokenizer"))
+    reports = [r for _, r, s in make_dataset(2000, seed=3, variant="effusion") if s.effusion is not None]
+    longest = max(len(tokenizer(r)["input_ids"]) for r in reports)
+    assert longest + 1 <= TEXT_LEN  # + the end-of-report mark
+
+
+def test_effusion_readers_are_exact(effusions):
+    truth = [s for _, _, s in effusions]
+    for predicted in (
+        [read_image(im, variant="effusion") for im, _, _ in effusions],
+        [read_image(_degrade(im), variant="effusion") for im, _, _ in effusions],
+        [parse_report(r) for _, r, _ in effusions],
+    ):
+        scores = compare(predicted, truth)
+        assert scores.exact == scores.attributes == scores.effusion == 1.0
+    # The base reader does not look for an effusion: the fluid reads as a lesion in the lower zone.
+    assert compare([read_image(im) for im, _, _ in effusions], truth).exact < 0.6
+
+
+@pytest.mark.parametrize("size", [48, 256])
+def test_effusion_other_sizes(size):
+    pairs = make_dataset(40, seed=5, size=size, variant="effusion")
+    assert compare([read_image(im, variant="effusion") for im, _, _ in pairs], [s for _, _, s in pairs]).exact == 1.0
+
+
+def test_effusion_reader_finds_none_on_base_phantoms(pairs):
+    assert all(read_image(im, variant="effusion") == spec for im, _, spec in pairs)
+
+
+def test_effusion_is_drawn_at_the_base_of_its_side():
+    spec = PhantomSpec(effusion=Effusion("right", "large"))  # the patient's right: the image's left
+    image, report, got = make_pair(0, spec=spec)
+    pixels = np.asarray(image, dtype=float)
+    assert got == spec and parse_report(report) == spec and read_image(image, variant="effusion") == spec
+    assert pixels[50:56, 14:28].mean() > pixels[50:56, 36:50].mean() + 60  # bright fluid, left half only
+    assert pixels[8:20, 14:28].mean() < pixels[50:56, 14:28].mean() - 60  # the upper zone stays clear
+    small = np.asarray(make_pair(0, spec=PhantomSpec(effusion=Effusion("right", "small")))[0], dtype=float)
+    assert small[40:44, 14:28].mean() < pixels[40:44, 14:28].mean() - 60  # a small one stays lower
+
+
+def test_effusion_reports_parse_strict_and_lenient():
+    assert parse_report("Tiny pleural effusion on the left.") == PhantomSpec(effusion=Effusion("left", "small"))
+    text = "A big dense nodule in the left upper zone. There is a right pleural effusion."
+    with pytest.raises(ValueError, match="misses the effusion's side or size"):
+        parse_report(text)
+    assert parse_report(text, strict=False) == PhantomSpec(
+        (Lesion("left", "upper", "large", "bright"),), Effusion("right", None)
+    )
+    two = "A small right pleural effusion. A large left pleural effusion."
+    with pytest.raises(ValueError, match="repeats the effusion"):
+        parse_report(two)
+    assert parse_report(two, strict=False).effusion == Effusion("right", "small")
+    assert parse_report("Pleural effusion.", strict=False) == PhantomSpec()  # no side: nothing to keep
+
+
+def test_effusion_spec_round_trip_and_scores():
+    spec = PhantomSpec((Lesion("left", "upper", "small", "dark"),), Effusion("right", "large"))
+    assert PhantomSpec.from_dict(spec.to_dict()) == spec
+    assert "effusion" not in PhantomSpec((Lesion("left", "upper", "small", "dark"),)).to_dict()  # base metadata
+    with pytest.raises(ValueError, match="effusion side must be one of"):
+        Effusion("middle", "small")
+    with pytest.raises(ValueError, match="effusion size must be one of"):
+        Effusion("left", "medium")
+    wrong_size = PhantomSpec(spec.lesions, Effusion("right", "small"))
+    scores = compare([wrong_size, spec, PhantomSpec(spec.lesions)], [spec, spec, spec])
+    assert scores.effusion == 1 / 3 and scores.attributes == 1.0 and scores.exact == 1 / 3
+    assert compare([PhantomSpec()], [PhantomSpec()]).effusion == 1.0
+
+
+def test_effusion_variant_bad_arguments():
+    for call in (lambda: make_pair(0, variant="cardiomegaly"), lambda: make_dataset(2, variant="x"),
+                 lambda: read_image(make_pair(0)[0], variant="X"), lambda: build_dataset("phantom", n=2, variant="x")):
+        with pytest.raises(ValueError, match="variant must be None or one of"):
+            call()
+
+
+def test_phantom_dataset_variant():
+    ds = build_dataset("phantom", n=3, seed=1, variant="effusion")
+    expected = make_dataset(3, seed=1, variant="effusion")
+    for i, (image, report, spec) in enumerate(expected):
+        item = ds[i]
+        assert item["id"] == f"phantom-effusion-1-{i}" and item["report"] == report
+        assert np.array_equal(np.asarray(item["image"]), np.asarray(image))
+        assert item["meta"]["variant"] == "effusion" and PhantomSpec.from_dict(item["meta"]["spec"]) == spec
+    base = build_dataset("phantom", n=1, seed=1)[0]
+    assert base["id"] == "phantom-1-0" and "variant" not in base["meta"]

@@ -165,7 +165,7 @@ def _inpaint_inputs(args: argparse.Namespace, images: list[str]) -> list[list]:
 def _check_options(args: argparse.Namespace, total: int) -> None:
     """Every option that can be checked without the model, each error naming its option."""
     from medim.diffusion.config import SamplerConfig
-    from medim.pipelines.generation import check_text
+    from medim.pipelines.common import check_text
 
     if args.num_per_prompt < 1:
         raise SystemExit(f"--num-per-prompt must be >= 1, got {args.num_per_prompt}")

@@ -102,7 +102,8 @@ class CardInfo:
             if not isinstance(key, str) or not plain or (isinstance(value, float) and not math.isfinite(value)):
                 raise ValueError(f"model_card training[{key!r}] must be a str, a finite number, a bool or None, "
                                  f"got {value!r}")
-        check_int(self.training.get("steps"), "model_card training['steps']", minimum=0, allow_none=True)
+        if self.training.get("steps") is not None:
+            check_int(self.training["steps"], "model_card training['steps']", minimum=0)
         object.__setattr__(self, "training", dict(self.training))
 
 

@@ -57,7 +57,7 @@ class ScoreOutput:
             its end mark; its padding is scored too, as the model's guess of the report's length).
         token_scores: [P, state_len] each scored position's share of `scores` (0 elsewhere).
         stderr: [P] the spread of the `num_samples` terms / sqrt(num_samples), a standard error
-            (on the demo it matches the spread across seeds); nan for one sample.
+            of `scores` across seeds (docs/pipeline.md); nan for one sample.
         nfe: model forwards spent.
     """
 

@@ -10,7 +10,7 @@ a) Scaling (CPU, the bundled medim-demo model, its own sampler settings unless -
    OMP_NUM_THREADS=1, for the same total work at each P. pairs/s is the marginal rate between two
    request sizes, (N_large - N_small) / (wall_large - wall_small), so start-up (Python, torch,
    the model load, the rendezvous) cancels. The outputs of every P are compared byte for byte.
-b) Decoding one image at a time (what makes pixels independent of batching, medim/pipelines/generation.py
+b) Decoding one image at a time (what makes pixels independent of batching, medim/pipelines/common.py
    `per_image`) against one batched decode: seconds per image.
 c) --gpu: `pipe.generate_pairs` of a random-weight pipeline in the release's shape (Liquid cut to
    10 layers, 256 + 1024 tokens, Chameleon VQGAN at 512 px) at the release's sampler settings
@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine_info, medim_v1_model, report, timed  # noqa: E402
 
-from medim.pipelines.generation import per_image  # noqa: E402
+from medim.pipelines.common import per_image  # noqa: E402
 
 logger = logging.getLogger("bench_generate")
 
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     decode = decode_cost(pipe, args.decode_batch, max(args.repeats, 3))
     report("Generation: VQGAN decode one image at a time vs batched (cpu)", dict(model=args.model, threads=threads),
-           [decode], machine_info(), ["per_image: one image per call on one thread (medim/pipelines/generation.py); "
+           [decode], machine_info(), ["per_image: one image per call on one thread (medim/pipelines/common.py); "
                                       f"batched: all {args.decode_batch} in one call on {threads} threads"],
            results=record)
     return 0

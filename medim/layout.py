@@ -23,12 +23,15 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from medim.diffusion.segments import Segment
-from medim.utils.checks import describe
+from medim.utils.checks import check_int, describe
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["Segment", "BackboneInputs", "SequenceLayout", "MeDiMV1Layout", "NativeLayout"]
 
@@ -52,8 +55,7 @@ class BackboneInputs:
 
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(value, name, minimum=1)
 
 
 class SequenceLayout(ABC):
@@ -150,10 +152,10 @@ class SequenceLayout(ABC):
 
     # ---- reports ------------------------------------------------------------------------------
     @abstractmethod
-    def _report_ids(self, tokenizer: Any, text: str) -> list[int]:
+    def _report_ids(self, tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
         """One report's ids as they go into the state (before padding/truncation)."""
 
-    def encode_reports(self, tokenizer: Any, texts: Sequence[str]) -> torch.LongTensor:
+    def encode_reports(self, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> torch.LongTensor:
         """Tokenise reports into the text part of the state, right-padded with `pad_id` to
         `text_len` (too-long reports are truncated with a warning). `texts`: a non-empty list of
         str (checked by the caller: the pipeline's input checks)."""
@@ -172,7 +174,7 @@ class SequenceLayout(ABC):
     def _truncate(self, ids: list[int]) -> list[int]:
         return ids[: self.text_len]
 
-    def decode_reports(self, tokenizer: Any, ids: torch.Tensor) -> list[str]:
+    def decode_reports(self, tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor) -> list[str]:
         """Text part of states (or full states) -> strings. Drops specials, mask and padding and
         stops at the end-of-report id."""
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
@@ -189,7 +191,8 @@ class SequenceLayout(ABC):
         return reports
 
     # ---- backbone mapping ---------------------------------------------------------------------
-    def condition(self, tokenizer: Any, image_sizes: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    def condition(self, tokenizer: PreTrainedTokenizerBase,
+                  image_sizes: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
         """Per-row extra model inputs (none for this layout)."""
         return {}
 
@@ -212,7 +215,7 @@ class MeDiMV1Layout(SequenceLayout):
     name = "medim-v1"
 
     def __init__(
-        self, base_vocab_size: int = 32000, text_len: int = 256, image_len: int = 1024, image_vocab_size: int = 8192
+        self, *, base_vocab_size: int = 32000, text_len: int = 256, image_len: int = 1024, image_vocab_size: int = 8192
     ):
         _check_positive(
             base_vocab_size=base_vocab_size, text_len=text_len, image_len=image_len, image_vocab_size=image_vocab_size
@@ -238,7 +241,7 @@ class MeDiMV1Layout(SequenceLayout):
     def _special_ids(self) -> tuple[int, ...]:
         return (self.boi_id, self.eoi_id, self.eos_id)
 
-    def _report_ids(self, tokenizer: Any, text: str) -> list[int]:
+    def _report_ids(self, tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
         # The release tokenised reports with the tokenizer's own specials (Llama-2: BOS, no EOS).
         return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
@@ -247,7 +250,8 @@ class MeDiMV1Layout(SequenceLayout):
         # The odd `tensor([..])` text is what the released model saw during training.
         return f"Image Size: Width is tensor([{width}]) Height is tensor([{height}])."
 
-    def condition(self, tokenizer: Any, image_sizes: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    def condition(self, tokenizer: PreTrainedTokenizerBase,
+                  image_sizes: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
         """Tokenise the size string of each row: `{"cond_ids": [B, C], "cond_mask": [B, C] bool}`.
         `image_sizes`: one (width, height) pair of positive ints per row (checked by the caller)."""
         assert image_sizes and all(len(size) == 2 for size in image_sizes), image_sizes
@@ -268,7 +272,8 @@ class MeDiMV1Layout(SequenceLayout):
         B, T, I = x.shape[0], self.text_len, self.image_len  # noqa: E741
         if cond_ids.shape != cond_mask.shape or cond_ids.dim() != 2 or cond_ids.shape[0] != B:
             raise ValueError(
-                f"cond_ids and cond_mask must both be [B={B}, C], got {tuple(cond_ids.shape)} and {tuple(cond_mask.shape)}"
+                f"cond_ids and cond_mask must both be [B={B}, C], got {tuple(cond_ids.shape)} and "
+                f"{tuple(cond_mask.shape)}"
             )
         device, C = x.device, cond_ids.shape[1]
         text, image = x[:, :T], x[:, T:]
@@ -308,6 +313,7 @@ class NativeLayout(SequenceLayout):
 
     def __init__(
         self,
+        *,
         text_vocab_size: int = 256000,
         image_offset: int = 256000,
         image_vocab_size: int = 8192,
@@ -327,8 +333,7 @@ class NativeLayout(SequenceLayout):
         if mask_id < text_vocab_size or image_offset <= mask_id < image_stop:
             raise ValueError(f"mask_id ({mask_id}) must lie outside the text and image id ranges")
         for arg, value in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
-            if not 0 <= value < text_vocab_size:
-                raise ValueError(f"{arg} must be a text id in [0, {text_vocab_size}), got {value}")
+            check_int(value, f"{arg} (a text id)", minimum=0, maximum=text_vocab_size - 1)
         self.text_vocab_size, self.image_offset, self.image_vocab_size = text_vocab_size, image_offset, image_vocab_size
         self.mask_id, self.bos_id, self.eos_id, self.pad_id = mask_id, bos_id, eos_id, pad_id
         self.text_len, self.image_len = text_len, image_len
@@ -354,7 +359,7 @@ class NativeLayout(SequenceLayout):
     def _special_ids(self) -> tuple[int, ...]:
         return (self.bos_id,)
 
-    def _report_ids(self, tokenizer: Any, text: str) -> list[int]:
+    def _report_ids(self, tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
         # BOS is added by backbone_inputs, so the report is the bare text plus its end-of-report id.
         return [*tokenizer(text, add_special_tokens=False)["input_ids"], self.eos_id]
 

@@ -145,7 +145,7 @@ def _inpaint_inputs(args: argparse.Namespace, images: list[str]) -> list[list]:
 
 def _check_options(args: argparse.Namespace, total: int) -> None:
     """Every option that can be checked without the model, each error naming its option."""
-    from medim.pipelines.generation import check_text
+    from medim.pipelines.common import check_text
     from medim.utils.checks import check_int
 
     with usage_errors():

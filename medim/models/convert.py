@@ -32,7 +32,7 @@ from medim.models.backbone import (
     liquid_backbone_config,
     native_layout_for,
 )
-from medim.utils.checks import check_dtype_device, check_state_shapes
+from medim.utils.checks import check_dtype_device, check_int, check_state_shapes
 from medim.utils.hub import HubOptions, resolve_file, resolve_snapshot
 
 __all__ = ["load_liquid", "load_original"]
@@ -82,6 +82,7 @@ def _new_parameters(model: torch.nn.Module, dtype: torch.dtype, device: torch.de
 def load_liquid(
     model_class: type,
     repo_or_dir: str | os.PathLike,
+    *,
     num_layers: int = 10,
     layout: str | dict | SequenceLayout = "native",
     dtype: torch.dtype | None = None,
@@ -104,22 +105,14 @@ def load_liquid(
     Example:
         >>> model = MeDiMModel.from_liquid("Junfeng5/Liquid_V1_7B", num_layers=10, dtype=torch.bfloat16)
     """
-    if not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    check_int(num_layers, "num_layers", minimum=1)
     if isinstance(layout, str) and layout != "native":
         raise ValueError(f"layout must be 'native' (or a native layout dict) for Liquid, got {layout!r}; "
                          "the medim-v1 layout belongs to the released weights (MeDiMModel.from_original)")
     dtype, device = check_dtype_device(dtype, device)
     dtype, device, hub = dtype or torch.float32, device or torch.device("cpu"), hub or HubOptions()
-    cfg = fix_liquid_activation(json.loads(resolve_file(repo_or_dir, "config.json", hub=hub).read_text()))
-    if "model_type" not in cfg:
-        raise ValueError(f"{repo_or_dir}: config.json has no model_type")
-    source_vocab = cfg["vocab_size"]
-    backbone = backbone_config_from_dict(cfg)
-    if num_layers > backbone.num_hidden_layers:
-        raise ValueError(f"num_layers={num_layers} but the checkpoint has only {backbone.num_hidden_layers} layers")
+    backbone, source_vocab = _liquid_config(repo_or_dir, hub, num_layers)
     tied = getattr(backbone, "tie_word_embeddings", True)
-
     if isinstance(layout, str):
         layout = native_layout_for(backbone, image_offset, image_vocab_size, text_len, image_len)
     layout = SequenceLayout.from_dict(layout)
@@ -127,19 +120,7 @@ def load_liquid(
         raise ValueError(f"load_liquid builds the native layout, got {layout.name!r}")
     backbone.num_hidden_layers = num_layers
     backbone.vocab_size = max(layout.min_vocab_size, source_vocab)
-
-    wanted = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not tied:
-        wanted.add("lm_head.weight")
-    files = _checkpoint_files(repo_or_dir, hub)
-    keys = set(files)
-    wanted |= {k for k in keys if (m := _LAYER_KEY.match(k)) and int(m.group(1)) < num_layers}
-    missing = sorted(wanted - keys)
-    if missing:
-        raise ValueError(f"{repo_or_dir}: checkpoint lacks {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-    by_file: dict[str, list[str]] = defaultdict(list)
-    for k in sorted(wanted):
-        by_file[files[k]].append(k)
+    by_file = _kept_tensors(repo_or_dir, hub, num_layers, tied)
 
     with torch.device("meta"):
         model = model_class(model_class.config_class(backbone, layout=layout.to_dict(), tie_word_embeddings=tied))
@@ -156,6 +137,36 @@ def load_liquid(
         if not tied:
             state["lm_head.weight"] = _append_rows(state["lm_head.weight"], layout, extra)
     return _assign(model, state, device)
+
+
+def _liquid_config(repo_or_dir: str | os.PathLike, hub: HubOptions, num_layers: int) -> tuple[PretrainedConfig, int]:
+    """The checkpoint's backbone config (Liquid's activation fixed), checked to hold `num_layers`,
+    and its vocabulary size."""
+    cfg = fix_liquid_activation(json.loads(resolve_file(repo_or_dir, "config.json", hub=hub).read_text()))
+    if "model_type" not in cfg:
+        raise ValueError(f"{repo_or_dir}: config.json has no model_type")
+    backbone = backbone_config_from_dict(cfg)
+    if num_layers > backbone.num_hidden_layers:
+        raise ValueError(f"num_layers={num_layers} but the checkpoint has only {backbone.num_hidden_layers} layers")
+    return backbone, cfg["vocab_size"]
+
+
+def _kept_tensors(repo_or_dir: str | os.PathLike, hub: HubOptions, num_layers: int, tied: bool) -> dict[str, list[str]]:
+    """file -> the names of the tensors kept (embeddings, final norm, the first `num_layers`
+    layers, the head unless tied) it holds; raises when the checkpoint lacks any."""
+    wanted = {"model.embed_tokens.weight", "model.norm.weight"}
+    if not tied:
+        wanted.add("lm_head.weight")
+    files = _checkpoint_files(repo_or_dir, hub)
+    keys = set(files)
+    wanted |= {k for k in keys if (m := _LAYER_KEY.match(k)) and int(m.group(1)) < num_layers}
+    missing = sorted(wanted - keys)
+    if missing:
+        raise ValueError(f"{repo_or_dir}: checkpoint lacks {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for k in sorted(wanted):
+        by_file[files[k]].append(k)
+    return by_file
 
 
 def _append_rows(table: torch.Tensor, layout: NativeLayout, extra: int) -> torch.Tensor:
@@ -207,6 +218,7 @@ def _release_file(repo_or_dir: str | os.PathLike, hub: HubOptions) -> Path:
 def load_original(
     model_class: type,
     repo_or_dir: str | os.PathLike = "JiaMao/medim_ckpts",
+    *,
     backbone_config: PretrainedConfig | None = None,
     layout: dict | SequenceLayout | None = None,
     dtype: torch.dtype | None = None,
@@ -234,7 +246,8 @@ def load_original(
     backbone_config.tie_word_embeddings = True
     path = _release_file(repo_or_dir, hub or HubOptions())
     with torch.device("meta"):
-        model = model_class(model_class.config_class(backbone_config, layout=layout.to_dict(), tie_word_embeddings=True))
+        config = model_class.config_class(backbone_config, layout=layout.to_dict(), tie_word_embeddings=True)
+        model = model_class(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
     with safe_open(str(path), framework="pt", device="cpu") as f:
         found = {k.removeprefix("model."): k for k in f.keys() if k != "lm_head.weight"}

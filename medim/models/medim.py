@@ -418,8 +418,9 @@ class MeDiMModel(PreTrainedModel):
             >>> model = MeDiMModel.from_liquid("Junfeng5/Liquid_V1_7B", num_layers=10, dtype=torch.bfloat16)
         """
         hub = HubOptions(revision, cache_dir, local_files_only, token)
-        return convert.load_liquid(cls, repo_or_dir, num_layers, layout, dtype, device, image_offset,
-                                   image_vocab_size, text_len, image_len, hub)
+        return convert.load_liquid(cls, repo_or_dir, num_layers=num_layers, layout=layout, dtype=dtype, device=device,
+                                   image_offset=image_offset, image_vocab_size=image_vocab_size, text_len=text_len,
+                                   image_len=image_len, hub=hub)
 
     @classmethod
     def from_original(
@@ -443,7 +444,8 @@ class MeDiMModel(PreTrainedModel):
             >>> model = MeDiMModel.from_original("JiaMao/medim_ckpts", dtype=torch.bfloat16, device="cuda")
         """
         hub = HubOptions(revision, cache_dir, local_files_only, token)
-        return convert.load_original(cls, repo_or_dir, backbone_config, layout, dtype, device, hub)
+        return convert.load_original(cls, repo_or_dir, backbone_config=backbone_config, layout=layout, dtype=dtype,
+                                     device=device, hub=hub)
 
 
 AutoConfig.register("medim", MeDiMConfig)

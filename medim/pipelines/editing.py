@@ -1,54 +1,52 @@
-"""Editing with the one model (`EditingMixin`): image inpainting (regenerate a masked region under a
-report) and report infilling (fill the gaps of a template), plus the pixel-mask handling they need.
+"""Editing with the one model (`MeDiMPipeline.inpaint`, `infill`): image inpainting (regenerate a
+masked region under a report) and report infilling (fill the gaps of a template), plus the
+pixel-mask handling they need.
 
 A pixel mask maps to the code grid by "any masked pixel in the code's patch": the mask is padded
 to a square like its image (padding is not masked), and a code is regenerated when any mask pixel
-inside its patch (side / grid pixels square; the demo: 64 px -> 8 x 8 codes of 8 px, the release:
-512 px -> 32 x 32 codes of 16 px) is set. `mask_dilation=d` then grows the region by d codes in
-every direction (a square neighbourhood), giving the model room to blend the edit into its
+inside its patch (side / grid pixels square) is set. `mask_dilation=d` then grows the region by d
+codes in every direction (a square neighbourhood), giving the model room to blend the edit into its
 surroundings. Every other code is kept exactly.
 
 Infilling starts with a few tokens of the report unknown, while the sampler's time grid starts at
 t = 1, where the model expects the report wholly masked; so it runs the model's time from the
-unknown fraction instead (`StartedSchedule`). A gap is what random masking at that rate looks like
-(a word among visible words): on the demo, one-word gaps read 0.90 of the attributes right when
-filled at t = 1, all of them at t <= 0.1. Inpainting keeps t = 1: its region is one block whose
-content must come from the report, not from neighbours, and starting at the region's fraction
-lowered the demo's lesion-adding success from 0.92 to 0.85 (200 phantoms).
+unknown fraction instead (`StartedSchedule`): a gap is what random masking at that rate looks like
+(a word among visible words). Inpainting keeps t = 1: its region is one block whose content must
+come from the report, not from neighbours. docs/pipeline.md has the measurements behind both.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers import PreTrainedTokenizerBase
 
-from medim.data.images import ImageInput, read_image_file
+from medim.data.images import read_image_file
 from medim.diffusion import tasks
 from medim.diffusion.config import SamplerConfig
 from medim.diffusion.schedule import NoiseSchedule, get_schedule
-from medim.pipelines.generation import (
+from medim.layout import SequenceLayout
+from medim.pipelines.common import (
     MeDiMOutput,
-    check_call,
-    check_image_size,
-    check_prompts,
+    RunSettings,
+    Runtime,
     decode_images,
     encode_images,
-    image_list,
     row_generators,
     run_chunks,
-    sampler_settings,
+    shown_inputs,
 )
-from medim.pipelines.scoring import NUM_SAMPLES, draws, estimate_elbo, pair_rows
-from medim.pipelines.templates import candidates, fill_text, parse_template
+from medim.pipelines.scoring import draws, estimate_elbo, pair_rows
+from medim.pipelines.templates import Candidate, Template, candidates, fill_text, parse_template
 
-__all__ = ["EditingMixin", "InfillOutput", "MaskInput", "StartedSchedule", "load_mask", "code_mask"]
+__all__ = ["InfillOutput", "MaskInput", "StartedSchedule", "started", "load_mask", "code_mask", "token_masks",
+           "inpaint", "infill_rows", "infill"]
 
 MaskInput = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
 
@@ -75,7 +73,7 @@ class StartedSchedule(NoiseSchedule):
         return self.start * self.base.dsigma(self.start * t)
 
 
-def started(config: SamplerConfig, task: tasks.TaskInputs, layout: Any) -> SamplerConfig:
+def started(config: SamplerConfig, task: tasks.TaskInputs, layout: SequenceLayout) -> SamplerConfig:
     """`config` with its noise schedule started at the task's unknown fraction: the largest share
     of a segment left unknown in any row (a segment generated whole starts at t = 1 as usual)."""
     start = max(float((~task.known[:, seg.start : seg.stop]).float().mean(1).max()) for seg in layout.segments)
@@ -133,8 +131,9 @@ def _dilate(codes: torch.Tensor, dilation: int) -> torch.Tensor:
     return grown.view(codes.shape) > 0
 
 
-def _token_masks(masks: Any, rgb: list[Image.Image], single: bool, image_len: int, dilation: int) -> torch.Tensor:
-    """The [B, image_len] bool masks of `inpaint`'s `masks` argument, checked against the images."""
+def token_masks(masks: Any, rgb: list[Image.Image], single: bool, image_len: int, dilation: int) -> torch.Tensor:
+    """The [B, image_len] bool masks of `inpaint`'s `masks` argument (`single`: the images were
+    given as one image, not a list), checked against the images."""
     grid = int(image_len**0.5)
     if isinstance(masks, torch.Tensor) and masks.dtype == torch.bool and masks.shape == (len(rgb), image_len):
         token = _dilate(masks.cpu().view(-1, grid, grid), dilation).flatten(1)
@@ -160,182 +159,107 @@ def _token_masks(masks: Any, rgb: list[Image.Image], single: bool, image_len: in
     return token
 
 
-def _check_dilation(mask_dilation: Any) -> None:
-    if not (isinstance(mask_dilation, int) and not isinstance(mask_dilation, bool) and mask_dilation >= 0):
-        raise ValueError(f"mask_dilation must be an int >= 0 (codes), got {mask_dilation!r}")
+def inpaint(rt: Runtime, rgb: list[Image.Image], regions: torch.Tensor, prompts: list[str] | None,
+            settings: RunSettings) -> MeDiMOutput:
+    """Regenerate the codes `regions` [B, image_len] of each image under its prompt (None: the
+    report is generated too), keeping every other code."""
+    _, sizes, codes = encode_images(rt, rgb)
+    layout, device = rt.layout, rt.device
+    text, image = layout.text_segment, layout.image_segment
+    x = torch.full((len(rgb), layout.state_len), layout.mask_id, dtype=torch.long, device=device)
+    x[:, image.start : image.stop] = codes + image.vocab_start
+    regenerate = torch.zeros_like(x, dtype=torch.bool)
+    regenerate[:, image.start : image.stop] = regions.to(device)
+    if prompts is None:
+        regenerate[:, text.start : text.stop] = True
+    else:
+        x[:, text.start : text.stop] = layout.encode_reports(rt.tokenizer, prompts).to(device)
+    task = tasks.inpainting(layout, x, regenerate)
+    condition = layout.condition(rt.tokenizer, sizes)
+    tokens, nfe = run_chunks(rt, task, condition, settings)
+    reports = prompts if prompts is not None else layout.decode_reports(rt.tokenizer, tokens)
+    return MeDiMOutput(decode_images(rt, tokens, settings.output_type), list(reports), tokens, nfe)
 
 
-class EditingMixin:
-    """Inpainting and infilling for `MeDiMPipeline` (which provides model, vqgan, tokenizer, layout,
-    sampler_config, image_resolution and device)."""
+def infill_rows(layout: SequenceLayout, tokenizer: PreTrainedTokenizerBase, templates: list[str],
+                exact_lengths: bool) -> tuple[list[Template], list[Candidate]]:
+    """The parsed templates and their candidate rows (one per choice of gap lengths, in template
+    order); raises, before any compute, on a template that is malformed or does not fit."""
+    parsed = [parse_template(t, f"templates[{i}]") for i, t in enumerate(templates)]
+    rows = [c for i, t in enumerate(parsed)
+            for c in candidates(layout, tokenizer, t, i, f"templates[{i}]", exact_lengths)]
+    return parsed, rows
 
-    def inpaint(
-        self,
-        images: ImageInput | Sequence[ImageInput],
-        masks: MaskInput | Sequence[MaskInput] | torch.BoolTensor,
-        prompts: str | Sequence[str] | None = None,
-        *,
-        mask_dilation: int = 0,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        generator: torch.Generator | Sequence[torch.Generator] | None = None,
-        batch_size: int | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        callback_on_step_end: Callable[..., None] | None = None,
-        sampler: SamplerConfig | None = None,
-        **sampler_options: Any,
-    ) -> MeDiMOutput | tuple:
-        """Regenerate the masked region of each image under its report, keeping the rest.
 
-        Args:
-            images: as for `image_to_report` (padded to square, resized to the VQGAN's resolution).
-            masks: one pixel mask per image, of the image's size (PIL image, path, array or
-                tensor; white / True = regenerate), mapped to the code grid by "any masked pixel in
-                the code's patch" (module docstring); or a bool tensor [B, image_len] of codes.
-            prompts: the report each result should show (one str, or one per image), kept fixed;
-                None generates the report together with the region (`out.reports`).
-            mask_dilation: grow every region by this many codes in each direction.
-            Other arguments: as for `text_to_image`.
+def infill(rt: Runtime, templates: list[Template], rows: list[Candidate], rgb: list[Image.Image] | None,
+           settings: RunSettings, *, num_samples: int, image_size: tuple[int, int]) -> InfillOutput:
+    """Fill the gaps of `templates` (their candidate `rows` from `infill_rows`), given one image
+    each or (`rgb=None`) generating the images too (size condition `image_size`); where a template
+    has several candidates, keep the one with the highest likelihood bound (`num_samples` time
+    points)."""
+    sizes, codes, pixels = [image_size] * len(templates), None, None
+    if rgb is not None:
+        pixels, sizes, codes = encode_images(rt, rgb)
+    owner = torch.tensor([c.template for c in rows], device=rt.device)
+    condition = {k: v.to(rt.device)[owner] for k, v in rt.layout.condition(rt.tokenizer, sizes).items()}
+    # Per template: one seed per candidate row, then one for the length choice.
+    seeds = [torch.randint(0, 2**62, (int((owner == i).sum()) + 1,), generator=g, device=g.device).tolist()
+             for i, g in enumerate(row_generators(settings.generator, len(templates), rt.device))]
+    task = _candidate_task(rt, rows, owner, codes)
+    sampling = replace(settings, config=started(settings.config, task, rt.layout),
+                       generator=[torch.Generator(rt.device).manual_seed(s) for per in seeds for s in per[:-1]])
+    tokens, nfe = run_chunks(rt, task, condition, sampling)
+    best, bound_nfe = _choose_lengths(rt, tokens, owner, codes, condition, seeds=[per[-1] for per in seeds],
+                                      num_samples=num_samples, batch_size=settings.batch_size)
+    chosen = tokens[best]
+    fills = [[fill_text(rt.layout, rt.tokenizer, chosen[i], slots, gap.trailing)
+              for slots, gap in zip(rows[b].gaps, templates[i].gaps)] for i, b in enumerate(best.tolist())]
+    if codes is None:
+        shown = decode_images(rt, chosen, settings.output_type)
+    else:
+        shown = shown_inputs(rgb, pixels, codes, settings.output_type)
+    return InfillOutput(shown, rt.layout.decode_reports(rt.tokenizer, chosen), chosen, nfe + bound_nfe, fills)
 
-        Returns a `MeDiMOutput` whose images are decoded from the full code grid: the codes outside
-        the mask are the input's VQ codes exactly (the pixels there are the VQGAN's reconstruction).
 
-        Example:
-            >>> mask = np.zeros((64, 64), dtype=bool); mask[:32, :32] = True   # the image's upper left
-            >>> out = pipe.inpaint(["phantom.png"], [mask], ["A large dense nodule in the right upper zone."])
-        """
-        single = not isinstance(images, (list, tuple))
-        rgb = image_list(images)
-        _check_dilation(mask_dilation)
-        token = _token_masks(masks, rgb, single, self.layout.image_len, mask_dilation)
-        if prompts is not None:
-            prompts = check_prompts([prompts] * len(rgb) if isinstance(prompts, str) else prompts, "prompts")
-            if len(prompts) != len(rgb):
-                raise ValueError(f"prompts: give one str or one per image ({len(rgb)}), got {len(prompts)}")
-        check_call(len(rgb), batch_size, output_type, generator, callback_on_step_end)
-        config = sampler_settings(self.sampler_config, sampler, sampler_options,
-                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-        _, sizes, codes = encode_images(self, rgb)
-        text, image = self.layout.text_segment, self.layout.image_segment
-        x = torch.full((len(rgb), self.layout.state_len), self.layout.mask_id, dtype=torch.long, device=self.device)
-        x[:, image.start : image.stop] = codes + image.vocab_start
-        regenerate = torch.zeros_like(x, dtype=torch.bool)
-        regenerate[:, image.start : image.stop] = token.to(self.device)
-        if prompts is None:
-            regenerate[:, text.start : text.stop] = True
-        else:
-            x[:, text.start : text.stop] = self.layout.encode_reports(self.tokenizer, prompts).to(self.device)
-        task = tasks.inpainting(self.layout, x, regenerate)
-        condition = self.layout.condition(self.tokenizer, sizes)
-        tokens, nfe = run_chunks(self, task, condition, config, batch_size, generator, callback_on_step_end)
-        reports = prompts if prompts is not None else self.layout.decode_reports(self.tokenizer, tokens)
-        out = MeDiMOutput(decode_images(self, tokens, output_type), list(reports), tokens, nfe)
-        return out if return_dict else (out.images, out.reports)
+def _candidate_task(rt: Runtime, rows: list[Candidate], owner: torch.Tensor,
+                    codes: torch.Tensor | None) -> tasks.TaskInputs:
+    """The candidate rows' states: template tokens known, gap slots unknown, and the image of the
+    row's template known (or, without `codes`, the whole image unknown)."""
+    layout = rt.layout
+    text, image = layout.text_segment, layout.image_segment
+    x = torch.full((len(rows), layout.state_len), layout.mask_id, dtype=torch.long, device=rt.device)
+    x[:, text.start : text.stop] = torch.stack([c.ids for c in rows]).to(rt.device)
+    regenerate = torch.zeros_like(x, dtype=torch.bool)
+    regenerate[:, text.start : text.stop] = torch.stack([c.unknown for c in rows]).to(rt.device)
+    if codes is None:
+        regenerate[:, image.start : image.stop] = True
+    else:
+        x[:, image.start : image.stop] = codes[owner] + image.vocab_start
+    return tasks.inpainting(layout, x, regenerate)
 
-    def infill(
-        self,
-        templates: Sequence[str],
-        images: ImageInput | Sequence[ImageInput] | None = None,
-        *,
-        exact_lengths: bool = False,
-        num_samples: int = NUM_SAMPLES,
-        image_size: tuple[int, int] = (512, 512),
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        generator: torch.Generator | Sequence[torch.Generator] | None = None,
-        batch_size: int | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        callback_on_step_end: Callable[..., None] | None = None,
-        sampler: SamplerConfig | None = None,
-        **sampler_options: Any,
-    ) -> InfillOutput | tuple:
-        """Fill the gaps of report templates, given an image each or (`images=None`) unconditioned.
 
-        Args:
-            templates: reports with gaps, `[MASK]` (one token) or `[MASK:n]` (at most n tokens),
-                e.g. "There is a [MASK:2] nodule in the right upper zone.". How lengths are chosen
-                in each layout: `medim.pipelines.templates`. The text around the gaps is kept exactly.
-            images: one per template (as for `image_to_report`), or None: the image is then
-                generated together with the fills (`out.images`), like `generate_pairs`.
-            exact_lengths: every gap exactly n tokens (no length choice).
-            num_samples: time points of the likelihood bound that chooses gap lengths (see
-                `score`; only used when a gap inside the text has more than one possible length).
-            image_size: the medim-v1 size condition when `images` is None.
-            Other arguments: as for `text_to_image`; `generator` is one, or one per template.
-
-        Returns an `InfillOutput`: `reports` (the completed templates), `fills` (per template, the
-        text of each gap), `images` (the inputs as in `image_to_report`, or the generated ones),
-        the final states and `nfe` (sampling and length-choice forwards).
-
-        Example:
-            >>> out = pipe.infill(["There is a [MASK:2] nodule in the right upper zone."], ["phantom.png"])
-            >>> out.reports[0], out.fills[0]
-        """
-        templates = check_prompts(templates, "templates")
-        if not isinstance(exact_lengths, bool):
-            raise TypeError(f"exact_lengths must be a bool, got {type(exact_lengths).__name__}")
-        parsed = [parse_template(t, f"templates[{i}]") for i, t in enumerate(templates)]
-        rows = [c for i, t in enumerate(parsed)
-                for c in candidates(self.layout, self.tokenizer, t, i, f"templates[{i}]", exact_lengths)]
-        rgb = None
-        if images is not None:
-            rgb = image_list(images)
-            if len(rgb) != len(templates):
-                raise ValueError(f"images: give one per template ({len(templates)}), got {len(rgb)}")
-        if not (isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples >= 1):
-            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-        check_call(len(templates), batch_size, output_type, generator, callback_on_step_end)
-        config = sampler_settings(self.sampler_config, sampler, sampler_options,
-                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-        sizes, codes, pixels = [check_image_size(image_size)] * len(templates), None, None
-        if rgb is not None:
-            pixels, sizes, codes = encode_images(self, rgb)
-
-        owner = torch.tensor([c.template for c in rows], device=self.device)
-        text, image = self.layout.text_segment, self.layout.image_segment
-        x = torch.full((len(rows), self.layout.state_len), self.layout.mask_id, dtype=torch.long, device=self.device)
-        x[:, text.start : text.stop] = torch.stack([c.ids for c in rows]).to(self.device)
-        regenerate = torch.zeros_like(x, dtype=torch.bool)
-        regenerate[:, text.start : text.stop] = torch.stack([c.unknown for c in rows]).to(self.device)
-        if codes is None:
-            regenerate[:, image.start : image.stop] = True
-        else:
-            x[:, image.start : image.stop] = codes[owner] + image.vocab_start
-        task = tasks.inpainting(self.layout, x, regenerate)
-        condition = {k: v.to(self.device)[owner] for k, v in self.layout.condition(self.tokenizer, sizes).items()}
-        # Per template: one seed per candidate row, then one for the length choice.
-        seeds = [torch.randint(0, 2**62, (int((owner == i).sum()) + 1,), generator=g, device=g.device).tolist()
-                 for i, g in enumerate(row_generators(generator, len(templates), self.device))]
-        row_gens = [torch.Generator(self.device).manual_seed(s) for per in seeds for s in per[:-1]]
-        tokens, nfe = run_chunks(self, task, condition, started(config, task, self.layout), batch_size, row_gens,
-                                 callback_on_step_end)
-
-        best = torch.tensor([int((owner == i).nonzero()[0]) for i in range(len(templates))], device=self.device)
-        several = [i for i in range(len(templates)) if int((owner == i).sum()) > 1]
-        if several:  # gaps of several possible lengths: keep the completion with the highest bound
-            scored = torch.cat([(owner == i).nonzero()[:, 0] for i in several])
-            group = torch.cat([torch.full((int((owner == i).sum()),), g, device=self.device)
-                               for g, i in enumerate(several)])
-            direction = "report|image" if codes is not None else "report"
-            x0, noised, counted = pair_rows(self.layout, direction, tokens[scored, text.start : text.stop],
-                                            codes[owner[scored]] if codes is not None else None)
-            cond = {k: v[scored] for k, v in condition.items()}
-            t, u = zip(*(draws(num_samples, self.layout.state_len,
-                               torch.Generator(self.device).manual_seed(seeds[i][-1]), self.device) for i in several))
-            bounds = estimate_elbo(self, lambda r: (x0[r], noised[r], counted[r], {k: v[r] for k, v in cond.items()}),
-                                   len(scored), torch.stack(t), torch.stack(u), group, batch_size,
-                                   keep_tokens=False)
-            nfe += bounds.nfe
-            for g, i in enumerate(several):
-                best[i] = scored[torch.where(group == g, bounds.scores, -torch.inf).argmax()]
-        chosen = tokens[best]
-        fills = [[fill_text(self.layout, self.tokenizer, chosen[i], slots, gap.trailing)
-                  for slots, gap in zip(rows[int(b)].gaps, parsed[i].gaps)] for i, b in enumerate(best.tolist())]
-        if codes is None:
-            shown = decode_images(self, chosen, output_type)
-        else:
-            shown = {"pil": rgb, "pt": (pixels + 1) / 2, "tokens": codes}[output_type]
-        out = InfillOutput(shown, self.layout.decode_reports(self.tokenizer, chosen), chosen, nfe, fills)
-        return out if return_dict else (out.images, out.reports)
+def _choose_lengths(rt: Runtime, tokens: torch.Tensor, owner: torch.Tensor, codes: torch.Tensor | None,
+                    condition: dict[str, torch.Tensor], *, seeds: list[int], num_samples: int,
+                    batch_size: int | None) -> tuple[torch.Tensor, int]:
+    """Per template, the index of its completed row with the highest likelihood bound of the
+    report (given the image when there is one; each template's draws from its seed in `seeds`),
+    and the forwards spent. All lengths fill the same text slots, so their bounds compare."""
+    count = len(seeds)
+    best = torch.tensor([int((owner == i).nonzero()[0]) for i in range(count)], device=rt.device)
+    several = [i for i in range(count) if int((owner == i).sum()) > 1]
+    if not several:
+        return best, 0
+    text = rt.layout.text_segment
+    scored = torch.cat([(owner == i).nonzero()[:, 0] for i in several])
+    group = torch.cat([torch.full((int((owner == i).sum()),), g, device=rt.device) for g, i in enumerate(several)])
+    direction = "report|image" if codes is not None else "report"
+    x0, noised, counted = pair_rows(rt.layout, direction, tokens[scored, text.start : text.stop],
+                                    codes[owner[scored]] if codes is not None else None)
+    cond = {k: v[scored] for k, v in condition.items()}
+    t, u = zip(*(draws(num_samples, rt.layout.state_len, torch.Generator(rt.device).manual_seed(seeds[i]), rt.device)
+                 for i in several))
+    bounds = estimate_elbo(rt, lambda r: (x0[r], noised[r], counted[r], {k: v[r] for k, v in cond.items()}),
+                           t=torch.stack(t), u=torch.stack(u), group=group, batch_size=batch_size, keep_tokens=False)
+    for g, i in enumerate(several):
+        best[i] = scored[torch.where(group == g, bounds.scores, -torch.inf).argmax()]
+    return best, bounds.nfe

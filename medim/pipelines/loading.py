@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from medim.layout import MeDiMV1Layout, SequenceLayout
+from medim.models import convert
 from medim.models.backbone import backbone_config_from_dict, fix_liquid_activation
 from medim.models.medim import MeDiMConfig, MeDiMModel
 from medim.models.vqgan import VQGAN
@@ -96,7 +97,8 @@ def load_tokenizer(source: Any, hub: HubOptions) -> PreTrainedTokenizerBase:
     if isinstance(source, PreTrainedTokenizerBase):
         return source
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"tokenizer must be a transformers tokenizer, a folder or a Hub repo id, got {type(source).__name__}")
+        raise TypeError(f"tokenizer must be a transformers tokenizer, a folder or a Hub repo id, "
+                        f"got {type(source).__name__}")
     folder = resolve_snapshot(source, TOKENIZER_PATTERNS, hub=hub)
     _refuse_remote_code(folder / "tokenizer_config.json")
     # AutoTokenizer reads a model's config.json beside it too (a Hub snapshot may hold one); only its
@@ -111,8 +113,9 @@ def load_tokenizer(source: Any, hub: HubOptions) -> PreTrainedTokenizerBase:
         raise ValueError(f"could not load a tokenizer from {folder} (files: {files}): {type(e).__name__}: {e}") from e
 
 
-def load_vqgan(source: Any, hub: HubOptions, dtype: torch.dtype | None, device: str | torch.device | None,
-               subfolder: str | None = None, repo_type: str | None = None) -> VQGAN:
+def load_vqgan(source: Any, hub: HubOptions, *, dtype: torch.dtype | None = None,
+               device: str | torch.device | None = None, subfolder: str | None = None,
+               repo_type: str | None = None) -> VQGAN:
     """A VQGAN object, a saved medim VQGAN folder (config.json), or a taming checkpoint (file,
     folder or Hub repo, `subfolder` inside it)."""
     if isinstance(source, VQGAN):
@@ -285,6 +288,7 @@ def load_saved(repo_or_dir: str | os.PathLike, hub: HubOptions, dtype: torch.dty
 
 def original_parts(
     checkpoint: str | os.PathLike | MeDiMModel,
+    *,
     backbone: str | os.PathLike | PretrainedConfig | None,
     tokenizer: str | os.PathLike | PreTrainedTokenizerBase,
     vqgan: str | os.PathLike | VQGAN,
@@ -314,8 +318,8 @@ def original_parts(
                 config = backbone.__class__.from_dict(backbone.to_dict())
             config.num_hidden_layers = num_layers
             config.vocab_size = layout.min_vocab_size
-        model = MeDiMModel.from_original(checkpoint, backbone_config=config, layout=layout.to_dict(), dtype=dtype,
-                                         device=device, **hub.kwargs())
+        model = convert.load_original(MeDiMModel, checkpoint, backbone_config=config, layout=layout.to_dict(),
+                                      dtype=dtype, device=device, hub=hub)
     tok = load_tokenizer(tokenizer, others)
     tok.add_tokens([t for t in MEDIM_V1_SPECIALS if t not in tok.get_vocab()], special_tokens=True)
     ids = tok.convert_tokens_to_ids(list(MEDIM_V1_SPECIALS))
@@ -323,11 +327,13 @@ def original_parts(
     if ids != expected:
         raise ValueError(f"tokenizer puts {list(MEDIM_V1_SPECIALS)} at ids {ids}; the medim-v1 layout needs {expected} "
                          f"(a Llama-2 tokenizer of {model.layout.base_vocab_size} tokens)")
-    return model, load_vqgan(vqgan, others, dtype, device, vqgan_subfolder, vqgan_repo_type), tok
+    vq = load_vqgan(vqgan, others, dtype=dtype, device=device, subfolder=vqgan_subfolder, repo_type=vqgan_repo_type)
+    return model, vq, tok
 
 
 def base_model_parts(
     backbone: str | os.PathLike,
+    *,
     vqgan: str | os.PathLike | VQGAN,
     tokenizer: str | os.PathLike | PreTrainedTokenizerBase | None,
     num_layers: int,
@@ -344,10 +350,10 @@ def base_model_parts(
     """A fresh MeDiM cut from an MLLM backbone, its own tokenizer unless one is given, and a VQGAN
     whose codebook sizes the image vocabulary; `hub.revision` applies to `backbone` only."""
     others = hub.without_revision()
-    vq = load_vqgan(vqgan, others, dtype, device, vqgan_subfolder, vqgan_repo_type)
-    model = MeDiMModel.from_liquid(backbone, num_layers=num_layers, layout=layout, dtype=dtype, device=device,
-                                   image_offset=image_offset, image_vocab_size=vq.num_codes, text_len=text_len,
-                                   image_len=image_len, **hub.kwargs())
+    vq = load_vqgan(vqgan, others, dtype=dtype, device=device, subfolder=vqgan_subfolder, repo_type=vqgan_repo_type)
+    model = convert.load_liquid(MeDiMModel, backbone, num_layers=num_layers, layout=layout, dtype=dtype, device=device,
+                                image_offset=image_offset, image_vocab_size=vq.num_codes, text_len=text_len,
+                                image_len=image_len, hub=hub)
     tok = load_tokenizer(backbone, hub) if tokenizer is None else load_tokenizer(tokenizer, others)
     return model, vq, tok
 

@@ -17,10 +17,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from medim.utils.checks import check_int
+
+if TYPE_CHECKING:  # the pipeline imports this module to write its card
+    from medim.pipelines.pipeline import MeDiMPipeline
 
 __all__ = ["CARD_NAME", "TAGS", "PIPELINE_TAG", "CardInfo", "card_info", "hub_repo_id", "build_card", "write_card"]
 
@@ -84,7 +89,8 @@ class CardInfo:
         if self.base_model is not None and hub_repo_id(self.base_model) is None:
             raise ValueError(f"model_card base_model must be a Hub repo id such as 'org/name', got {self.base_model!r}")
         if not isinstance(self.license, str) or not self.license.strip() or self.license != self.license.lower():
-            raise ValueError(f"model_card license must be a lowercase Hub licence id such as 'mit', got {self.license!r}")
+            raise ValueError(f"model_card license must be a lowercase Hub licence id such as 'mit', "
+                             f"got {self.license!r}")
         datasets = (self.datasets,) if isinstance(self.datasets, str) else self.datasets
         if not isinstance(datasets, (list, tuple)) or not all(isinstance(d, str) and d for d in datasets):
             raise ValueError(f"model_card datasets must be a list of Hub dataset ids, got {self.datasets!r}")
@@ -96,9 +102,8 @@ class CardInfo:
             if not isinstance(key, str) or not plain or (isinstance(value, float) and not math.isfinite(value)):
                 raise ValueError(f"model_card training[{key!r}] must be a str, a finite number, a bool or None, "
                                  f"got {value!r}")
-        steps = self.training.get("steps")
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
-            raise ValueError(f"model_card training['steps'] must be an int >= 0, got {steps!r}")
+        if self.training.get("steps") is not None:
+            check_int(self.training["steps"], "model_card training['steps']", minimum=0)
         object.__setattr__(self, "training", dict(self.training))
 
 
@@ -127,7 +132,7 @@ def _table(rows: list[tuple[str, Any]]) -> str:
     return "\n".join(["| | |", "|---|---|", *(f"| {cell(k)} | {cell(v)} |" for k, v in rows)])
 
 
-def _model_rows(pipe: Any) -> list[tuple[str, Any]]:
+def _model_rows(pipe: MeDiMPipeline) -> list[tuple[str, Any]]:
     layout, backbone = pipe.layout, pipe.model.config.backbone_config
     params = sum(p.numel() for p in pipe.model.parameters())
     side = int(layout.image_segment.length ** 0.5)
@@ -142,9 +147,9 @@ def _model_rows(pipe: Any) -> list[tuple[str, Any]]:
     ]
 
 
-def build_card(pipe: Any, info: CardInfo) -> ModelCard:
-    """The card of `pipe` (a `MeDiMPipeline`), `info.repo_id` in its usage snippet."""
-    base_model = info.base_model or getattr(pipe, "base_model", None)
+def build_card(pipe: MeDiMPipeline, info: CardInfo) -> ModelCard:
+    """The card of `pipe`, `info.repo_id` in its usage snippet."""
+    base_model = info.base_model or pipe.base_model
     data = ModelCardData(
         library_name="medim", license=info.license, tags=list(TAGS), pipeline_tag=PIPELINE_TAG,
         base_model=base_model, datasets=list(info.datasets) or None,
@@ -183,7 +188,7 @@ def build_card(pipe: Any, info: CardInfo) -> ModelCard:
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(parts) + "\n")
 
 
-def write_card(pipe: Any, folder: str | os.PathLike, info: CardInfo, repo_id: str) -> Path:
+def write_card(pipe: MeDiMPipeline, folder: str | os.PathLike, info: CardInfo, repo_id: str) -> Path:
     """Write `folder/README.md` with `repo_id` in its snippet unless `info` names one. `folder` is
     the temporary folder of an atomic write (`hub.atomic_directory`), so the card lands with the
     pipeline or not at all."""

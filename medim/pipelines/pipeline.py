@@ -1,10 +1,12 @@
-"""MeDiMPipeline: the public API. Its parts, devices, and the load / save / push entry points.
+"""MeDiMPipeline: the public API. Its parts, devices, the load / save / push entry points, and the
+task methods.
 
 A pipeline holds the three parts a MeDiM model needs: the denoiser (`MeDiMModel`), the image
-tokenizer (`VQGAN`) and the text tokenizer. Where the parts come from is medim/pipelines/loading.py; the
-tasks are medim/pipelines/generation.py (`GenerationMixin`). Every task is one call of the shared sampler
-with a different set of known positions (medim/diffusion/tasks.py): the pipeline only checks user
-inputs, turns them into token states and turns token states back into images and reports.
+tokenizer (`VQGAN`) and the text tokenizer. Where the parts come from is medim/pipelines/loading.py.
+Every task is one call of the shared sampler with a different set of known positions
+(medim/diffusion/tasks.py): a task method checks the user's inputs, then hands them with the parts
+(`common.Runtime`) to a plain function of generation.py, editing.py or scoring.py, which turns
+them into token states and token states back into images and reports.
 
 Example:
     >>> import torch
@@ -22,8 +24,9 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -31,17 +34,28 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+from medim.data.images import ImageInput
 from medim.diffusion.config import RELEASE_SAMPLER, SamplerConfig
 from medim.layout import SequenceLayout
 from medim.models.denoiser import ModelDenoiser
 from medim.models.medim import MeDiMModel
 from medim.models.vqgan import VQGAN
-from medim.pipelines import loading
-from medim.pipelines.editing import EditingMixin
-from medim.pipelines.generation import GenerationMixin, MeDiMOutput
+from medim.pipelines import editing, generation, loading, scoring
+from medim.pipelines.common import (
+    GeneratorInput,
+    MeDiMOutput,
+    RunSettings,
+    Runtime,
+    check_image_size,
+    check_prompts,
+    check_text,
+    image_list,
+    run_settings,
+)
+from medim.pipelines.editing import InfillOutput, MaskInput
 from medim.pipelines.model_card import CARD_NAME, CardInfo, card_info, hub_repo_id, write_card
-from medim.pipelines.scoring import ScoringMixin
-from medim.utils.checks import check_dtype_device
+from medim.pipelines.scoring import DIRECTIONS, NUM_SAMPLES, PAIR_DIRECTIONS, ScoreOutput
+from medim.utils.checks import check_bool, check_dtype_device, check_int
 from medim.utils.hub import HubOptions, atomic_directory
 from medim.utils.task_names import TASKS
 
@@ -50,7 +64,7 @@ __all__ = ["MeDiMPipeline", "MeDiMOutput"]
 logger = logging.getLogger(__name__)
 
 
-class MeDiMPipeline(GenerationMixin, EditingMixin, ScoringMixin):
+class MeDiMPipeline:
     """Unified medical image and report generation with MeDiM.
 
     Args:
@@ -83,7 +97,8 @@ class MeDiMPipeline(GenerationMixin, EditingMixin, ScoringMixin):
         self.layout: SequenceLayout = model.layout
         image = self.layout.image_segment
         if vqgan.num_codes != image.vocab_size:
-            raise ValueError(f"vqgan has {vqgan.num_codes} codes but the layout's image vocabulary has {image.vocab_size}")
+            raise ValueError(f"vqgan has {vqgan.num_codes} codes but the layout's image vocabulary has "
+                             f"{image.vocab_size}")
         side = int(image.length**0.5)
         if side * side != image.length:
             raise ValueError(f"image_len={image.length} is not a square grid of codes")
@@ -94,6 +109,8 @@ class MeDiMPipeline(GenerationMixin, EditingMixin, ScoringMixin):
         else:  # a dict, e.g. model_index.json's "sampler": the release's settings under it
             self.sampler_config = RELEASE_SAMPLER.replace(**sampler_config)
         self._progress_bar_config: dict[str, Any] = {}
+        # The denoiser `compile()` made (None: each call samples with an eager one).
+        self.compiled_denoiser: ModelDenoiser | None = None
         # The Hub repo the weights come from, for the model card's base_model (set by from_original
         # and from_base_models when they read one).
         self.base_model: str | None = None
@@ -138,10 +155,10 @@ class MeDiMPipeline(GenerationMixin, EditingMixin, ScoringMixin):
         Example:
             >>> pipe = MeDiMPipeline.from_pretrained("medim-demo").compile()
         """
-        self._compiled_denoiser = ModelDenoiser(self.model).compile(mode=mode, backend=backend, fullgraph=fullgraph)
+        self.compiled_denoiser = ModelDenoiser(self.model).compile(mode=mode, backend=backend, fullgraph=fullgraph)
         return self
 
-    # ---- loading and saving (medim/pipelines/loading.py) -----------------------------------------------
+    # ---- loading and saving (medim/pipelines/loading.py) ------------------------------------
     @classmethod
     def from_pretrained(
         cls,
@@ -211,8 +228,9 @@ class MeDiMPipeline(GenerationMixin, EditingMixin, ScoringMixin):
         """
         dtype, device = check_dtype_device(dtype, device)
         hub = HubOptions(revision, cache_dir, local_files_only, token)
-        pipe = cls(*loading.original_parts(checkpoint, backbone, tokenizer, vqgan, vqgan_subfolder, vqgan_repo_type,
-                                           num_layers, layout, hub, dtype, device))
+        pipe = cls(*loading.original_parts(checkpoint, backbone=backbone, tokenizer=tokenizer, vqgan=vqgan,
+                                           vqgan_subfolder=vqgan_subfolder, vqgan_repo_type=vqgan_repo_type,
+                                           num_layers=num_layers, layout=layout, hub=hub, dtype=dtype, device=device))
         pipe.base_model = hub_repo_id(checkpoint)
         return pipe
 
@@ -246,8 +264,10 @@ class MeDiMPipeline(GenerationMixin, EditingMixin, ScoringMixin):
         """
         dtype, device = check_dtype_device(dtype, device)
         hub = HubOptions(revision, cache_dir, local_files_only, token)
-        pipe = cls(*loading.base_model_parts(backbone, vqgan, tokenizer, num_layers, layout, vqgan_subfolder,
-                                             vqgan_repo_type, text_len, image_len, image_offset, hub, dtype, device))
+        pipe = cls(*loading.base_model_parts(backbone, vqgan=vqgan, tokenizer=tokenizer, num_layers=num_layers,
+                                             layout=layout, vqgan_subfolder=vqgan_subfolder,
+                                             vqgan_repo_type=vqgan_repo_type, text_len=text_len, image_len=image_len,
+                                             image_offset=image_offset, hub=hub, dtype=dtype, device=device))
         pipe.base_model = hub_repo_id(backbone)
         return pipe
 
@@ -325,9 +345,9 @@ class MeDiMPipeline(GenerationMixin, EditingMixin, ScoringMixin):
 
         info = card_info(model_card)
         api = HfApi(token=token)
+        card = False if info is None else replace(info, repo_id=info.repo_id or repo_id)
         with tempfile.TemporaryDirectory(prefix="medim-push-") as tmp:
-            folder = self.save_pretrained(Path(tmp) / "pipeline", max_shard_size=max_shard_size,
-                                          model_card=False if info is None else replace(info, repo_id=info.repo_id or repo_id))
+            folder = self.save_pretrained(Path(tmp) / "pipeline", max_shard_size=max_shard_size, model_card=card)
             api.create_repo(repo_id, private=private, exist_ok=True)
             if not overwrite_card and api.file_exists(repo_id, CARD_NAME, revision=revision):
                 (folder / CARD_NAME).unlink(missing_ok=True)  # upload_folder leaves the remote one as it is
@@ -335,10 +355,345 @@ class MeDiMPipeline(GenerationMixin, EditingMixin, ScoringMixin):
                                        revision=revision)
         return str(getattr(commit, "commit_url", commit))
 
-    # ---- generation --------------------------------------------------------------------------
+
+    # ---- what every task call runs on --------------------------------------------------------
+    def _runtime(self) -> Runtime:
+        """The parts of this call: the compiled denoiser when `compile()` made one for this model."""
+        compiled = self.compiled_denoiser
+        denoiser = compiled if compiled is not None and compiled.model is self.model else ModelDenoiser(self.model)
+        return Runtime(self.model, self.vqgan, self.tokenizer, self.layout, self.image_resolution, denoiser,
+                       self.sampler_config, dict(self._progress_bar_config))
+
+    def _run_settings(self, rows: int, *, num_inference_steps: int | None, guidance_scale: float | None,
+                      generator: GeneratorInput, batch_size: int | None, output_type: str,
+                      callback_on_step_end: Callable[..., None] | None, sampler: SamplerConfig | None,
+                      sampler_options: Mapping[str, Any]) -> RunSettings:
+        """The checked common options of a call making `rows` outputs; the step callback is called
+        with the pipeline first."""
+        settings = run_settings(self.sampler_config, rows, num_inference_steps=num_inference_steps,
+                                guidance_scale=guidance_scale, generator=generator, batch_size=batch_size,
+                                output_type=output_type, callback=callback_on_step_end, sampler=sampler,
+                                options=sampler_options)
+        if callback_on_step_end is None:
+            return settings
+        return replace(settings, callback=partial(callback_on_step_end, self))
+
+    # ---- generation (medim/pipelines/generation.py) ------------------------------------------
+    def text_to_image(
+        self,
+        prompts: Sequence[str],
+        *,
+        image_size: tuple[int, int] = (512, 512),
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        batch_size: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., None] | None = None,
+        sampler: SamplerConfig | None = None,
+        **sampler_options: Any,
+    ) -> MeDiMOutput | tuple:
+        """Generate one image per report.
+
+        Args:
+            prompts: reports (list of str); longer than the text slots -> truncated with a warning.
+            image_size: (width, height) the model is told the image has (the medim-v1 size
+                condition); the output has the VQGAN's resolution.
+            num_inference_steps, guidance_scale: the sampler settings set most often (None: the
+                pipeline's `sampler_config`).
+            generator: one generator, or one per output. Outputs do not depend on `batch_size`.
+            batch_size: outputs per forward batch (None: all at once).
+            output_type: "pil", "pt" (float [B, 3, H, W] in [0, 1]) or "tokens" (VQ codes).
+            return_dict: False returns `(images, reports)`.
+            callback_on_step_end: `fn(pipe, step, t, tokens)` after every step of every chunk.
+            sampler: a `medim.diffusion.SamplerConfig` to start from instead of the pipeline's.
+            **sampler_options: any other `SamplerConfig` field (`strategy`, `temperature`, `top_k`,
+                `top_p`, `schedule`, `cache_interval`, ...), e.g. `**medim.diffusion.FAST_OPTIONS`.
+
+        Example:
+            >>> pipe.text_to_image(["A small lucent lesion in the left lower zone."], num_inference_steps=16).images[0]
+        """
+        prompts = check_prompts(prompts)
+        size = check_image_size(image_size)
+        settings = self._run_settings(len(prompts), num_inference_steps=num_inference_steps,
+                                      guidance_scale=guidance_scale, generator=generator, batch_size=batch_size,
+                                      output_type=output_type, callback_on_step_end=callback_on_step_end,
+                                      sampler=sampler, sampler_options=sampler_options)
+        out = generation.text_to_image(self._runtime(), prompts, size, settings)
+        return out if return_dict else (out.images, out.reports)
+
+    def image_to_report(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        batch_size: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., None] | None = None,
+        sampler: SamplerConfig | None = None,
+        **sampler_options: Any,
+    ) -> MeDiMOutput | tuple:
+        """Write one report per image.
+
+        Args:
+            images: PIL images (any mode: grayscale and 16-bit X-rays are converted), paths,
+                numpy arrays or tensors (see `medim.data.images.load_image`). They are padded to
+                square and resized to the VQGAN's resolution; the original size is the medim-v1
+                size condition.
+            prompt: optional beginning every report starts with (one str, or one per image),
+                kept fixed while the rest is generated.
+            Other arguments: as for `text_to_image`. `out.images` are the inputs as RGB PIL images
+            ("pil"), the model's input pixels in [0, 1] ("pt") or their VQ codes ("tokens").
+
+        Example:
+            >>> pipe.image_to_report(["phantom.png"], prompt="Frontal chest radiograph.").reports
+        """
+        rgb = image_list(images)
+        prompts = None
+        if prompt is not None:
+            if isinstance(prompt, str):
+                prompts = [check_text(prompt, "prompt")] * len(rgb)
+            else:
+                prompts = check_prompts(prompt, "prompt")
+            if len(prompts) != len(rgb):
+                raise ValueError(f"prompt: give one str or one per image ({len(rgb)}), got {len(prompts)}")
+        settings = self._run_settings(len(rgb), num_inference_steps=num_inference_steps,
+                                      guidance_scale=guidance_scale, generator=generator, batch_size=batch_size,
+                                      output_type=output_type, callback_on_step_end=callback_on_step_end,
+                                      sampler=sampler, sampler_options=sampler_options)
+        out = generation.image_to_report(self._runtime(), rgb, prompts, settings)
+        return out if return_dict else (out.images, out.reports)
+
+    def generate_pairs(
+        self,
+        prompts: Sequence[str],
+        *,
+        num_pairs_per_prompt: int = 1,
+        image_size: tuple[int, int] = (512, 512),
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        batch_size: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., None] | None = None,
+        sampler: SamplerConfig | None = None,
+        **sampler_options: Any,
+    ) -> MeDiMOutput | tuple:
+        """Generate image-report pairs together; each report starts with its prompt ("" for none).
+
+        Outputs are prompt-major: prompt 0's `num_pairs_per_prompt` pairs, then prompt 1's, ...
+        A list of generators needs one per output (`len(prompts) * num_pairs_per_prompt`).
+        Other arguments: as for `text_to_image`.
+
+        Example:
+            >>> out = pipe.generate_pairs(["Frontal chest radiograph."], num_pairs_per_prompt=4)
+            >>> out.images[0], out.reports[0]
+        """
+        check_int(num_pairs_per_prompt, "num_pairs_per_prompt", minimum=1)
+        prompts = [p for p in check_prompts(prompts, allow_empty_text=True) for _ in range(num_pairs_per_prompt)]
+        size = check_image_size(image_size)
+        settings = self._run_settings(len(prompts), num_inference_steps=num_inference_steps,
+                                      guidance_scale=guidance_scale, generator=generator, batch_size=batch_size,
+                                      output_type=output_type, callback_on_step_end=callback_on_step_end,
+                                      sampler=sampler, sampler_options=sampler_options)
+        out = generation.generate_pairs(self._runtime(), prompts, size, settings)
+        return out if return_dict else (out.images, out.reports)
+
+    # ---- editing (medim/pipelines/editing.py) ------------------------------------------------
+    def inpaint(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        masks: MaskInput | Sequence[MaskInput] | torch.BoolTensor,
+        prompts: str | Sequence[str] | None = None,
+        *,
+        mask_dilation: int = 0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        batch_size: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., None] | None = None,
+        sampler: SamplerConfig | None = None,
+        **sampler_options: Any,
+    ) -> MeDiMOutput | tuple:
+        """Regenerate the masked region of each image under its report, keeping the rest.
+
+        Args:
+            images: as for `image_to_report` (padded to square, resized to the VQGAN's resolution).
+            masks: one pixel mask per image, of the image's size (PIL image, path, array or
+                tensor; white / True = regenerate), mapped to the code grid by "any masked pixel in
+                the code's patch" (`medim.pipelines.editing`); or a bool tensor [B, image_len] of codes.
+            prompts: the report each result should show (one str, or one per image), kept fixed;
+                None generates the report together with the region (`out.reports`).
+            mask_dilation: grow every region by this many codes in each direction.
+            Other arguments: as for `text_to_image`.
+
+        Returns a `MeDiMOutput` whose images are decoded from the full code grid: the codes outside
+        the mask are the input's VQ codes exactly (the pixels there are the VQGAN's reconstruction).
+
+        Example:
+            >>> mask = np.zeros((64, 64), dtype=bool); mask[:32, :32] = True   # the image's upper left
+            >>> out = pipe.inpaint(["phantom.png"], [mask], ["A large dense nodule in the right upper zone."])
+        """
+        single = not isinstance(images, (list, tuple))
+        rgb = image_list(images)
+        check_int(mask_dilation, "mask_dilation", minimum=0)
+        regions = editing.token_masks(masks, rgb, single, self.layout.image_len, mask_dilation)
+        if prompts is not None:
+            prompts = check_prompts([prompts] * len(rgb) if isinstance(prompts, str) else prompts, "prompts")
+            if len(prompts) != len(rgb):
+                raise ValueError(f"prompts: give one str or one per image ({len(rgb)}), got {len(prompts)}")
+        settings = self._run_settings(len(rgb), num_inference_steps=num_inference_steps,
+                                      guidance_scale=guidance_scale, generator=generator, batch_size=batch_size,
+                                      output_type=output_type, callback_on_step_end=callback_on_step_end,
+                                      sampler=sampler, sampler_options=sampler_options)
+        out = editing.inpaint(self._runtime(), rgb, regions, prompts, settings)
+        return out if return_dict else (out.images, out.reports)
+
+    def infill(
+        self,
+        templates: Sequence[str],
+        images: ImageInput | Sequence[ImageInput] | None = None,
+        *,
+        exact_lengths: bool = False,
+        num_samples: int = NUM_SAMPLES,
+        image_size: tuple[int, int] = (512, 512),
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        batch_size: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., None] | None = None,
+        sampler: SamplerConfig | None = None,
+        **sampler_options: Any,
+    ) -> InfillOutput | tuple:
+        """Fill the gaps of report templates, given an image each or (`images=None`) unconditioned.
+
+        Args:
+            templates: reports with gaps, `[MASK]` (one token) or `[MASK:n]` (at most n tokens),
+                e.g. "There is a [MASK:2] nodule in the right upper zone.". How lengths are chosen
+                in each layout: `medim.pipelines.templates`. The text around the gaps is kept exactly.
+            images: one per template (as for `image_to_report`), or None: the image is then
+                generated together with the fills (`out.images`), like `generate_pairs`.
+            exact_lengths: every gap exactly n tokens (no length choice).
+            num_samples: time points of the likelihood bound that chooses gap lengths (see
+                `score`; only used when a gap inside the text has more than one possible length).
+            image_size: the medim-v1 size condition when `images` is None.
+            Other arguments: as for `text_to_image`; `generator` is one, or one per template.
+
+        Returns an `InfillOutput`: `reports` (the completed templates), `fills` (per template, the
+        text of each gap), `images` (the inputs as in `image_to_report`, or the generated ones),
+        the final states and `nfe` (sampling and length-choice forwards).
+
+        Example:
+            >>> out = pipe.infill(["There is a [MASK:2] nodule in the right upper zone."], ["phantom.png"])
+            >>> out.reports[0], out.fills[0]
+        """
+        templates = check_prompts(templates, "templates")
+        check_bool(exact_lengths, "exact_lengths")
+        parsed, rows = editing.infill_rows(self.layout, self.tokenizer, templates, exact_lengths)
+        rgb = None
+        if images is not None:
+            rgb = image_list(images)
+            if len(rgb) != len(templates):
+                raise ValueError(f"images: give one per template ({len(templates)}), got {len(rgb)}")
+        check_int(num_samples, "num_samples", minimum=1)
+        settings = self._run_settings(len(templates), num_inference_steps=num_inference_steps,
+                                      guidance_scale=guidance_scale, generator=generator, batch_size=batch_size,
+                                      output_type=output_type, callback_on_step_end=callback_on_step_end,
+                                      sampler=sampler, sampler_options=sampler_options)
+        out = editing.infill(self._runtime(), parsed, rows, rgb, settings, num_samples=num_samples,
+                             image_size=check_image_size(image_size))
+        return out if return_dict else (out.images, out.reports)
+
+    # ---- scoring (medim/pipelines/scoring.py) ------------------------------------------------
+    def score(
+        self,
+        images: ImageInput | Sequence[ImageInput] | None,
+        reports: Sequence[str] | None,
+        *,
+        direction: str = "report|image",
+        num_samples: int = NUM_SAMPLES,
+        batch_size: int | None = None,
+        generator: torch.Generator | None = None,
+        image_size: tuple[int, int] = (512, 512),
+    ) -> ScoreOutput:
+        """Score image-report pairs: `images[i]` with `reports[i]`.
+
+        Args:
+            images, reports: equally long lists (PIL images, paths, arrays or tensors; str).
+            direction: "report|image" (log p(report | image): the image known, the report's
+                tokens masked at each time point), "image|report", "joint" (both masked at the
+                same rate), or a marginal: "report" (pass `images=None`; the image hidden) or
+                "image" (pass `reports=None`).
+            num_samples: time points per pair (stratified over [1e-3, 1]); one score's spread
+                across seeds falls about as 1 / sqrt(num_samples) (docs/pipeline.md).
+            batch_size: pair x time-point rows per model forward (default 256).
+            generator: one generator; the same seed gives the same numbers, whatever the batching.
+            image_size: the medim-v1 size condition when `images` is None.
+
+        Returns a `ScoreOutput`: per pair the bound in nats (`scores`, higher = better fit), per
+        token, per position, and a standard error. The pairs of one call share their draws, so
+        their differences vary far less than the scores themselves.
+
+        Example:
+            >>> out = pipe.score(["phantom.png"], ["A large dense nodule in the right upper zone."],
+            ...                  generator=torch.Generator().manual_seed(0))
+            >>> out.scores, out.per_token
+        """
+        scoring.check_options(direction, num_samples, batch_size, generator, DIRECTIONS)
+        uses_images, uses_reports = direction != "report", direction != "image"
+        for name, value, used in (("images", images, uses_images), ("reports", reports, uses_reports)):
+            if not used and value is not None:
+                raise ValueError(f"direction {direction!r} leaves {name} out: pass {name}=None")
+            if used and value is None:
+                raise ValueError(f"direction {direction!r} needs {name}")
+        reports = check_prompts(reports, "reports") if uses_reports else None
+        rgb = image_list(images) if uses_images else None
+        if rgb is not None and reports is not None and len(rgb) != len(reports):
+            raise ValueError(f"images and reports must pair up one to one, got {len(rgb)} images and "
+                             f"{len(reports)} reports")
+        return scoring.score(self._runtime(), rgb, reports, direction=direction, num_samples=num_samples,
+                             batch_size=batch_size, generator=generator, image_size=check_image_size(image_size))
+
+    def rank(
+        self,
+        images: Sequence[ImageInput],
+        reports: Sequence[str],
+        *,
+        direction: str = "report|image",
+        num_samples: int = NUM_SAMPLES,
+        batch_size: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Score every image with every report, for retrieval: returns the float32 matrix
+        [len(images), len(reports)] of bounds in nats (higher = better fit; `direction` as for
+        `score`: "report|image", "image|report" or "joint"). Entry [i, j] equals
+        `score([images[i]], [reports[j]], ...)` with the same generator seed. Rank the reports of
+        image i with `matrix[i].argsort(descending=True)`, the images of report j with
+        `matrix[:, j]`. Costs len(images) x len(reports) x num_samples rows of forwards.
+
+        Example:
+            >>> matrix = pipe.rank(images, reports, generator=torch.Generator().manual_seed(0))
+            >>> best_report = matrix.argmax(1)
+        """
+        scoring.check_options(direction, num_samples, batch_size, generator, PAIR_DIRECTIONS)
+        reports = check_prompts(reports, "reports")
+        rgb = image_list(images)
+        return scoring.rank(self._runtime(), rgb, reports, direction=direction, num_samples=num_samples,
+                            batch_size=batch_size, generator=generator)
+
     def __call__(self, task: str, *args: Any, **kwargs: Any) -> MeDiMOutput | tuple:
         """Dispatch by task name: `pipe("image" | "text_to_image", ...)`, `pipe("report" |
-        "image_to_report", ...)`, `pipe("pairs" | "generate_pairs", ...)`."""
+        "image_to_report", ...)`, `pipe("pairs" | "generate_pairs", ...)`, `pipe("inpaint", ...)`, ..."""
         method = TASKS.get(task, task if task in TASKS.values() else None)
         if method is None:
             raise ValueError(f"task must be one of {sorted([*TASKS, *TASKS.values()])}, got {task!r}")

@@ -1,4 +1,4 @@
-"""How well a report fits an image (`ScoringMixin`: score, rank): Monte-Carlo estimates of the
+"""How well a report fits an image (`MeDiMPipeline.score`, `rank`): Monte-Carlo estimates of the
 masked-diffusion ELBO, a lower bound on log p(report | image), log p(image | report), the joint or a
 marginal, in nats (higher = better fit).
 
@@ -19,13 +19,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
-from medim.data.images import ImageInput
 from medim.diffusion.loss import elbo_terms, sample_times
-from medim.pipelines.generation import check_image_size, check_prompts, encode_images, image_list
+from medim.layout import SequenceLayout
+from medim.pipelines.common import Runtime, encode_images
+from medim.utils.checks import check_choice, check_int
 
-__all__ = ["ScoreOutput", "ScoringMixin", "DIRECTIONS", "NUM_SAMPLES", "estimate_elbo"]
+__all__ = ["ScoreOutput", "DIRECTIONS", "PAIR_DIRECTIONS", "NUM_SAMPLES", "check_options", "draws", "estimate_elbo",
+           "pair_rows", "score", "rank"]
 
 # direction -> (segments whose tokens are scored, segment hidden from the model or None).
 _ROLES: dict[str, tuple[tuple[str, ...], str | None]] = {
@@ -37,7 +40,7 @@ _ROLES: dict[str, tuple[tuple[str, ...], str | None]] = {
 }
 DIRECTIONS = tuple(_ROLES)
 PAIR_DIRECTIONS = ("report|image", "image|report", "joint")
-NUM_SAMPLES = 16  # time points per pair by default (the variance this gives: ScoringMixin.score)
+NUM_SAMPLES = 16  # time points per pair by default (the spread this gives: docs/pipeline.md)
 TIME_EPS = 1e-3  # times lie in [TIME_EPS, 1], as in training (diffusion_loss)
 ROWS_PER_FORWARD = 256  # default batch_size: pair x time-point rows per model forward
 
@@ -54,7 +57,7 @@ class ScoreOutput:
             its end mark; its padding is scored too, as the model's guess of the report's length).
         token_scores: [P, state_len] each scored position's share of `scores` (0 elsewhere).
         stderr: [P] the spread of the `num_samples` terms / sqrt(num_samples), a standard error
-            (on the demo it matches the spread across seeds); nan for one sample.
+            of `scores` across seeds (docs/pipeline.md); nan for one sample.
         nfe: model forwards spent.
     """
 
@@ -66,14 +69,11 @@ class ScoreOutput:
     nfe: int = 0
 
 
-def _check_options(direction: Any, num_samples: Any, batch_size: Any, generator: Any, allowed: Sequence[str]) -> None:
-    if direction not in allowed:
-        raise ValueError(f"direction must be one of {list(allowed)}, got {direction!r}")
-    if not (isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples >= 1):
-        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-    if batch_size is not None and not (isinstance(batch_size, int) and not isinstance(batch_size, bool)
-                                       and batch_size >= 1):
-        raise ValueError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
+def check_options(direction: Any, num_samples: Any, batch_size: Any, generator: Any, allowed: Sequence[str]) -> None:
+    """The options `score` and `rank` share (`allowed`: the directions the method takes)."""
+    check_choice(direction, "direction", allowed)
+    check_int(num_samples, "num_samples", minimum=1)
+    check_int(batch_size, "batch_size", minimum=1, allow_none=True)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be None or one torch.Generator (all pairs share its draws), "
                         f"got {type(generator).__name__}")
@@ -90,14 +90,15 @@ def draws(num_samples: int, state_len: int, generator: torch.Generator | None, d
 Rows = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def estimate_elbo(pipe: Any, rows: Rows, num_pairs: int, t: torch.Tensor, u: torch.Tensor, group: torch.Tensor,
+def estimate_elbo(rt: Runtime, rows: Rows, *, t: torch.Tensor, u: torch.Tensor, group: torch.Tensor,
                   batch_size: int | None, keep_tokens: bool = True) -> ScoreOutput:
-    """The Monte-Carlo estimate for `num_pairs` pairs. `rows(pair_index [R])` returns their
+    """The Monte-Carlo estimate for the pairs of `group` [P]. `rows(pair_index [R])` returns their
     `(x0, noised, counted, condition)`; pair p uses the time points `t[group[p]]` [K] and mask
-    uniforms `u[group[p]]` [K, N]. Runs `batch_size` pair x time-point rows per forward."""
-    K = t.shape[1]
-    layout, device = pipe.layout, pipe.device
-    schedule = pipe.sampler_config.noise_schedule
+    uniforms `u[group[p]]` [K, N]. Runs `batch_size` pair x time-point rows per forward (None:
+    `ROWS_PER_FORWARD`); `keep_tokens=False` skips the per-position shares."""
+    num_pairs, K = len(group), t.shape[1]
+    layout, device = rt.layout, rt.device
+    schedule = rt.sampler_config.noise_schedule
     totals = torch.zeros(num_pairs * K, dtype=torch.float64, device=device)
     token_sum = torch.zeros(num_pairs, layout.state_len, dtype=torch.float64, device=device) if keep_tokens else None
     num_tokens = torch.zeros(num_pairs, dtype=torch.long, device=device)
@@ -106,10 +107,10 @@ def estimate_elbo(pipe: Any, rows: Rows, num_pairs: int, t: torch.Tensor, u: tor
     def denoiser(x, sigma, positions, **kwargs):
         nonlocal nfe
         nfe += 1
-        return pipe.model(x, sigma, positions=positions, **kwargs).logprobs
+        return rt.model(x, sigma, positions=positions, **kwargs).logprobs
 
     size = batch_size or ROWS_PER_FORWARD
-    bar = tqdm(total=num_pairs * K, desc="MeDiM score", unit="draw", **pipe._progress_bar_config)
+    bar = tqdm(total=num_pairs * K, desc="MeDiM score", unit="draw", **rt.progress)
     with torch.inference_mode(), bar:
         for start in range(0, num_pairs * K, size):
             r = torch.arange(start, min(start + size, num_pairs * K), device=device)
@@ -132,13 +133,13 @@ def estimate_elbo(pipe: Any, rows: Rows, num_pairs: int, t: torch.Tensor, u: tor
                        token_scores.float(), stderr.float(), nfe)
 
 
-def _not_padding(layout: Any, x0: torch.Tensor) -> torch.Tensor:
+def _not_padding(layout: SequenceLayout, x0: torch.Tensor) -> torch.Tensor:
     keep = torch.ones_like(x0, dtype=torch.bool)
     keep[:, : layout.text_len] = x0[:, : layout.text_len] != layout.pad_id
     return keep
 
 
-def pair_rows(layout: Any, direction: str, report_ids: torch.Tensor | None, codes: torch.Tensor | None
+def pair_rows(layout: SequenceLayout, direction: str, report_ids: torch.Tensor | None, codes: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(x0, noised, counted)` [B, N] of pairs: report ids [B, text_len] and image codes
     [B, image_len] (None for a hidden modality) scored as `direction` says."""
@@ -161,112 +162,40 @@ def pair_rows(layout: Any, direction: str, report_ids: torch.Tensor | None, code
     return x0, noised, counted
 
 
-class ScoringMixin:
-    """Likelihood-based scoring and retrieval for `MeDiMPipeline` (which provides model, vqgan,
-    tokenizer, layout, sampler_config, image_resolution and device)."""
+def score(rt: Runtime, rgb: list[Image.Image] | None, reports: list[str] | None, *, direction: str, num_samples: int,
+          batch_size: int | None, generator: torch.Generator | None, image_size: tuple[int, int]) -> ScoreOutput:
+    """Pair i is `rgb[i]` with `reports[i]` (None: the modality `direction` leaves out; without
+    images, `image_size` is every row's size condition)."""
+    count = len(rgb) if rgb is not None else len(reports)
+    sizes, codes = [image_size] * count, None
+    if rgb is not None:
+        _, sizes, codes = encode_images(rt, rgb)
+    report_ids = rt.layout.encode_reports(rt.tokenizer, reports).to(rt.device) if reports else None
+    x0, noised, counted = pair_rows(rt.layout, direction, report_ids, codes)
+    condition = {k: v.to(rt.device) for k, v in rt.layout.condition(rt.tokenizer, sizes).items()}
+    t, u = draws(num_samples, rt.layout.state_len, generator, rt.device)
 
-    def score(
-        self,
-        images: ImageInput | Sequence[ImageInput] | None,
-        reports: Sequence[str] | None,
-        *,
-        direction: str = "report|image",
-        num_samples: int = NUM_SAMPLES,
-        batch_size: int | None = None,
-        generator: torch.Generator | None = None,
-        image_size: tuple[int, int] = (512, 512),
-    ) -> ScoreOutput:
-        """Score image-report pairs: `images[i]` with `reports[i]`.
+    def rows(pair: torch.Tensor):
+        return x0[pair], noised[pair], counted[pair], {k: v[pair] for k, v in condition.items()}
 
-        Args:
-            images, reports: equally long lists (PIL images, paths, arrays or tensors; str).
-            direction: "report|image" (log p(report | image): the image known, the report's
-                tokens masked at each time point), "image|report", "joint" (both masked at the
-                same rate), or a marginal: "report" (pass `images=None`; the image hidden) or
-                "image" (pass `reports=None`).
-            num_samples: time points per pair (stratified over [1e-3, 1]).
-            batch_size: pair x time-point rows per model forward (default 256).
-            generator: one generator; the same seed gives the same numbers, whatever the batching.
-            image_size: the medim-v1 size condition when `images` is None.
+    group = torch.zeros(count, dtype=torch.long, device=rt.device)
+    return estimate_elbo(rt, rows, t=t[None], u=u[None], group=group, batch_size=batch_size)
 
-        Returns a `ScoreOutput`: per pair the bound in nats (`scores`, higher = better fit), per
-        token, per position, and a standard error. The estimator's spread, measured on the demo
-        (30 held-out pairs, "report|image", 20 seeds; `benchmarks/bench_editing.py --only spread
-        --spread-n 30 --spread-seeds 20`): at the default `num_samples=16` one score's standard
-        deviation across seeds is 2.4 nats (0.13 nats per token) for scores around -8 nats; 4.1
-        at 4 and 1.2 at 64, so about 1 / sqrt(num_samples); `stderr` estimates it (2.2 at 16).
-        The pairs of one call share their draws, so their differences vary far less: enough to
-        rank 100 reports at 16 (docs/pipeline.md, "Editing and scoring").
 
-        Example:
-            >>> out = pipe.score(["phantom.png"], ["A large dense nodule in the right upper zone."],
-            ...                  generator=torch.Generator().manual_seed(0))
-            >>> out.scores, out.per_token
-        """
-        _check_options(direction, num_samples, batch_size, generator, DIRECTIONS)
-        uses_images, uses_reports = direction != "report", direction != "image"
-        for name, value, used in (("images", images, uses_images), ("reports", reports, uses_reports)):
-            if not used and value is not None:
-                raise ValueError(f"direction {direction!r} leaves {name} out: pass {name}=None")
-            if used and value is None:
-                raise ValueError(f"direction {direction!r} needs {name}")
-        reports = check_prompts(reports, "reports") if uses_reports else None
-        rgb = image_list(images) if uses_images else None
-        if rgb is not None and reports is not None and len(rgb) != len(reports):
-            raise ValueError(f"images and reports must pair up one to one, got {len(rgb)} images and "
-                             f"{len(reports)} reports")
-        count = len(rgb) if rgb is not None else len(reports)
-        sizes = [check_image_size(image_size)] * count
-        codes = None
-        if rgb is not None:
-            _, sizes, codes = encode_images(self, rgb)
-        report_ids = self.layout.encode_reports(self.tokenizer, reports).to(self.device) if reports else None
-        x0, noised, counted = pair_rows(self.layout, direction, report_ids, codes)
-        condition = {k: v.to(self.device) for k, v in self.layout.condition(self.tokenizer, sizes).items()}
-        t, u = draws(num_samples, self.layout.state_len, generator, self.device)
+def rank(rt: Runtime, rgb: list[Image.Image], reports: list[str], *, direction: str, num_samples: int,
+         batch_size: int | None, generator: torch.Generator | None) -> torch.Tensor:
+    """The bounds of every image with every report, [len(rgb), len(reports)]."""
+    _, sizes, codes = encode_images(rt, rgb)
+    report_ids = rt.layout.encode_reports(rt.tokenizer, reports).to(rt.device)
+    condition = {k: v.to(rt.device) for k, v in rt.layout.condition(rt.tokenizer, sizes).items()}
+    t, u = draws(num_samples, rt.layout.state_len, generator, rt.device)
+    n_reports = len(reports)
 
-        def rows(pair: torch.Tensor):
-            return x0[pair], noised[pair], counted[pair], {k: v[pair] for k, v in condition.items()}
+    def rows(pair: torch.Tensor):
+        i, j = pair // n_reports, pair % n_reports
+        x0, noised, counted = pair_rows(rt.layout, direction, report_ids[j], codes[i])
+        return x0, noised, counted, {k: v[i] for k, v in condition.items()}
 
-        group = torch.zeros(count, dtype=torch.long, device=self.device)
-        return estimate_elbo(self, rows, count, t[None], u[None], group, batch_size)
-
-    def rank(
-        self,
-        images: Sequence[ImageInput],
-        reports: Sequence[str],
-        *,
-        direction: str = "report|image",
-        num_samples: int = NUM_SAMPLES,
-        batch_size: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Score every image with every report, for retrieval: returns the float32 matrix
-        [len(images), len(reports)] of bounds in nats (higher = better fit; `direction` as for
-        `score`: "report|image", "image|report" or "joint"). Entry [i, j] equals
-        `score([images[i]], [reports[j]], ...)` with the same generator seed. Rank the reports of
-        image i with `matrix[i].argsort(descending=True)`, the images of report j with
-        `matrix[:, j]`. Costs len(images) x len(reports) x num_samples rows of forwards.
-
-        Example:
-            >>> matrix = pipe.rank(images, reports, generator=torch.Generator().manual_seed(0))
-            >>> best_report = matrix.argmax(1)
-        """
-        _check_options(direction, num_samples, batch_size, generator, PAIR_DIRECTIONS)
-        reports = check_prompts(reports, "reports")
-        rgb = image_list(images)
-        _, sizes, codes = encode_images(self, rgb)
-        report_ids = self.layout.encode_reports(self.tokenizer, reports).to(self.device)
-        condition = {k: v.to(self.device) for k, v in self.layout.condition(self.tokenizer, sizes).items()}
-        t, u = draws(num_samples, self.layout.state_len, generator, self.device)
-        n_reports = len(reports)
-
-        def rows(pair: torch.Tensor):
-            i, j = pair // n_reports, pair % n_reports
-            x0, noised, counted = pair_rows(self.layout, direction, report_ids[j], codes[i])
-            return x0, noised, counted, {k: v[i] for k, v in condition.items()}
-
-        count = len(rgb) * n_reports
-        group = torch.zeros(count, dtype=torch.long, device=self.device)
-        out = estimate_elbo(self, rows, count, t[None], u[None], group, batch_size, keep_tokens=False)
-        return out.scores.view(len(rgb), n_reports)
+    group = torch.zeros(len(rgb) * n_reports, dtype=torch.long, device=rt.device)
+    out = estimate_elbo(rt, rows, t=t[None], u=u[None], group=group, batch_size=batch_size, keep_tokens=False)
+    return out.scores.view(len(rgb), n_reports)

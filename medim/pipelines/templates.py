@@ -7,7 +7,7 @@ How gap lengths work. `[MASK]` is one token, `[MASK:n]` at most n tokens (count 
 - native layout (reports end with an end mark, then padding, both modelled): a gap at the end of the
   template gets n slots plus the end mark's, all unknown, so the model ends the report where it
   likes (padding as length). A gap inside the text is filled at every length 1..n and the
-  completion with the highest likelihood bound is kept (`EditingMixin.infill`): all lengths fill
+  completion with the highest likelihood bound is kept (`MeDiMPipeline.infill`): all lengths fill
   the same `text_len` slots, so their bounds compare.
 - medim-v1 (the release never modelled where a report ends; padding is not scored): every gap is
   exactly n tokens, since bounds of reports of different lengths do not compare there.
@@ -19,9 +19,11 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass
-from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
+
+from medim.layout import SequenceLayout
 
 __all__ = ["GAP", "MAX_CANDIDATES", "Gap", "Template", "Candidate", "parse_template", "candidates", "fill_text"]
 
@@ -83,8 +85,8 @@ def parse_template(template: str, name: str) -> Template:
     return Template(text, tuple(gaps))
 
 
-def candidates(layout: Any, tokenizer: Any, template: Template, index: int, name: str, exact: bool
-               ) -> list[Candidate]:
+def candidates(layout: SequenceLayout, tokenizer: PreTrainedTokenizerBase, template: Template, index: int, name: str,
+               exact: bool) -> list[Candidate]:
     """The rows of one template, one per searched choice of gap lengths (see the module docstring).
     Raises, before any compute, when the template does not fit the text slots or a gap splits a token."""
     if not getattr(tokenizer, "is_fast", False):
@@ -137,7 +139,8 @@ def candidates(layout: Any, tokenizer: Any, template: Template, index: int, name
     return out
 
 
-def fill_text(layout: Any, tokenizer: Any, ids: torch.Tensor, slots: tuple[int, int], trailing: bool) -> str:
+def fill_text(layout: SequenceLayout, tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor, slots: tuple[int, int],
+              trailing: bool) -> str:
     """The text a gap was filled with (a trailing gap may end early at the end mark)."""
     start, stop = slots
     tokens = ids[start : stop + int(trailing and layout.report_end_id is not None)].tolist()

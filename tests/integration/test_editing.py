@@ -163,9 +163,9 @@ def test_infill_keeps_the_template_and_picks_the_best_length(native, monkeypatch
     recorded = []
     original = medim.pipelines.editing.estimate_elbo
 
-    def spy(pipe, rows, count, t, u, group, batch_size, keep_tokens=True):
-        out = original(pipe, rows, count, t, u, group, batch_size, keep_tokens)
-        recorded.append((rows(torch.arange(count))[0], out.scores, group))
+    def spy(rt, rows, **kwargs):
+        out = original(rt, rows, **kwargs)
+        recorded.append((rows(torch.arange(len(kwargs["group"])))[0], out.scores, kwargs["group"]))
         return out
 
     monkeypatch.setattr(medim.pipelines.editing, "estimate_elbo", spy)
@@ -202,8 +202,11 @@ def test_infill_starts_the_model_time_at_the_unknown_fraction(native, monkeypatc
     assert started(native.sampler_config, TaskInputs(known.long(), known), native.layout) is native.sampler_config
     seen = []
     original = medim.pipelines.editing.run_chunks
-    monkeypatch.setattr(medim.pipelines.editing, "run_chunks", lambda pipe, task, cond, config, *a: seen.append(config)
-                        or original(pipe, task, cond, config, *a))
+    def spy(rt, task, condition, settings):
+        seen.append(settings.config)
+        return original(rt, task, condition, settings)
+
+    monkeypatch.setattr(medim.pipelines.editing, "run_chunks", spy)
     native.infill(["There is a [MASK] nodule ."], images(1), generator=seeded())
     native.inpaint(images(1), [QUADRANT], PROMPTS[:1], generator=seeded())
     assert seen[0].noise_schedule.start == pytest.approx(1 / 40)  # one gap slot of the 40

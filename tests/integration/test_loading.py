@@ -64,7 +64,8 @@ def test_good_folder_loads_bit_for_bit(pipe, tmp_path, shard):
     assert_same_weights(loaded.vqgan, pipe.vqgan)
     assert loaded.model.lm_head.weight is loaded.model.embed_tokens.weight  # still tied
     text = ["Frontal view. No lesion."]
-    assert torch.equal(loaded.layout.encode_reports(loaded.tokenizer, text), pipe.layout.encode_reports(pipe.tokenizer, text))
+    assert torch.equal(loaded.layout.encode_reports(loaded.tokenizer, text),
+                       pipe.layout.encode_reports(pipe.tokenizer, text))
 
 
 def set_backbone(key, value):
@@ -132,7 +133,8 @@ def test_folders_asking_for_custom_code_are_refused(copy, tmp_path, monkeypatch)
     (copy / "layout.json").write_text(json.dumps(tiny_layout().to_dict()))
     with pytest.raises(SystemExit, match=refused):
         main(["cache", "--dataset", "phantom", "--dataset-args", '{"n": 1}', "--vqgan", str(copy / "vqgan"),
-              "--tokenizer", str(copy / "tokenizer"), "--layout", str(copy / "layout.json"), "--out", str(tmp_path / "c")])
+              "--tokenizer", str(copy / "tokenizer"), "--layout", str(copy / "layout.json"),
+              "--out", str(tmp_path / "c")])
     with pytest.raises(SystemExit, match=refused):
         main(["cache", "--dataset", "phantom", "--dataset-args", '{"n": 1}', "--model", str(copy),
               "--out", str(tmp_path / "c")])
@@ -156,8 +158,8 @@ def test_folders_asking_for_custom_code_are_refused(copy, tmp_path, monkeypatch)
 def test_broken_files_and_bad_devices_are_named(copy):
     index = copy / "model_index.json"
     good = index.read_text()
-    for text, error in [("[1, 2]", "must hold a JSON object, got a list"), ('"pipe"', "must hold a JSON object, got a str"),
-                        ("{not json", "is not valid JSON")]:
+    for text, error in [("[1, 2]", "must hold a JSON object, got a list"),
+                        ('"pipe"', "must hold a JSON object, got a str"), ("{not json", "is not valid JSON")]:
         index.write_text(text)
         with pytest.raises(ValueError, match=f"model_index.json {error}"):
             MeDiMPipeline.from_pretrained(copy)
@@ -213,7 +215,8 @@ def unsafe_code(source: str, where: str) -> list[str]:
             problems.append(f"{line} torch.load without weights_only=True")
         if keywords.get("allow_pickle") is True or keywords.get("trust_remote_code", False) is not False:
             problems.append(f"{line} allows pickle or remote code")
-        if (owner or "").startswith("Auto") and name == "from_pretrained" and keywords.get("trust_remote_code") is not False:
+        auto = (owner or "").startswith("Auto") and name == "from_pretrained"
+        if auto and keywords.get("trust_remote_code") is not False:
             problems.append(f"{line} {owner}.from_pretrained without trust_remote_code=False")
     return problems
 

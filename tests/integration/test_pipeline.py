@@ -22,8 +22,9 @@ def upstream(tmp_path_factory) -> dict[str, Path]:
 
 def load(kind: str, paths: dict[str, Path]) -> MeDiMPipeline:
     if kind == "original":
-        pipe = MeDiMPipeline.from_original(paths["release"], backbone=paths["liquid"], tokenizer=paths["llama_tokenizer"],
-                                           vqgan=paths["space"], num_layers=2, layout=V1_LAYOUT)
+        pipe = MeDiMPipeline.from_original(paths["release"], backbone=paths["liquid"],
+                                           tokenizer=paths["llama_tokenizer"], vqgan=paths["space"], num_layers=2,
+                                           layout=V1_LAYOUT)
     else:
         pipe = MeDiMPipeline.from_base_models(paths["liquid"], vqgan=paths["space"], num_layers=2, text_len=TEXT_LEN,
                                               image_len=IMAGE_LEN, image_offset=200)
@@ -57,9 +58,11 @@ def test_three_tasks(kind, v1, native, tmp_path):
     text = pipe.layout.encode_reports(pipe.tokenizer, out.reports)
     assert torch.equal(out.tokens[:, :TEXT_LEN], text)  # the condition never moves
     image_ids = out.tokens[:, TEXT_LEN:]
-    assert ((image_ids >= pipe.layout.image_segment.vocab_start) & (image_ids < pipe.layout.image_segment.vocab_stop)).all()
+    image = pipe.layout.image_segment
+    assert ((image_ids >= image.vocab_start) & (image_ids < image.vocab_stop)).all()
 
-    out = pipe.generate_pairs(["the chest", "no"], num_pairs_per_prompt=2, num_inference_steps=STEPS, generator=seeded())
+    out = pipe.generate_pairs(["the chest", "no"], num_pairs_per_prompt=2, num_inference_steps=STEPS,
+                              generator=seeded())
     assert len(out.images) == len(out.reports) == 4 and out.nfe > 0
     assert all(r.startswith("the chest") for r in out.reports[:2]) and all(r.startswith("no") for r in out.reports[2:])
     assert (out.tokens != pipe.layout.mask_id).all()
@@ -74,7 +77,8 @@ def test_three_tasks(kind, v1, native, tmp_path):
     assert [im.mode for im in rep.images] == ["RGB"] * 5 and rep.images[0].size == (20, 12)
     codes = pipe.vqgan.encode(pipe_pixels(pipe, out.images[:1]))
     again = pipe.image_to_report(out.images[:1], num_inference_steps=STEPS, output_type="tokens")
-    assert torch.equal(again.images, codes) and torch.equal(again.tokens[:, TEXT_LEN:], codes + pipe.layout.image_segment.vocab_start)
+    assert torch.equal(again.images, codes)
+    assert torch.equal(again.tokens[:, TEXT_LEN:], codes + pipe.layout.image_segment.vocab_start)
 
 
 def pipe_pixels(pipe, images):
@@ -149,7 +153,8 @@ def test_callback_and_progress_bar(v1, capsys):
         (lambda p: p.text_to_image([]), ValueError, "prompts is empty"),
         (lambda p: p.text_to_image("the heart"), TypeError, "prompts must be a list of str"),
         (lambda p: p.text_to_image(["a"], num_inference_steps=0), ValueError, "num_inference_steps must be an int"),
-        (lambda p: p.text_to_image(["a"], guidance_scale=-1.0), ValueError, "guidance_scale must be a finite number >= 0"),
+        (lambda p: p.text_to_image(["a"], guidance_scale=-1.0), ValueError,
+         "guidance_scale must be a finite number >= 0"),
         (lambda p: p.text_to_image(["a"], output_type="jpg"), ValueError, "output_type must be one of"),
         (lambda p: p.text_to_image(["a"], strategy="beam"), ValueError, "strategy must be one of"),
         (lambda p: p.text_to_image(["a"], batch_size=0), ValueError, "batch_size must be None or an int >= 1"),
@@ -192,13 +197,15 @@ def test_offline_from_hub_cache(v1, upstream, tmp_path, monkeypatch):
     expected = v1.text_to_image(["the heart"], num_inference_steps=STEPS, generator=seeded(9)).tokens
     pipe = MeDiMPipeline.from_pretrained("org/medim-tiny", cache_dir=cache)
     pipe.set_progress_bar_config(disable=True)
-    assert torch.equal(pipe.text_to_image(["the heart"], num_inference_steps=STEPS, generator=seeded(9)).tokens, expected)
+    out = pipe.text_to_image(["the heart"], num_inference_steps=STEPS, generator=seeded(9))
+    assert torch.equal(out.tokens, expected)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe = MeDiMPipeline.from_original(cache_dir=cache, num_layers=2, layout=V1_LAYOUT)
     pipe.set_progress_bar_config(disable=True)
-    assert torch.equal(pipe.text_to_image(["the heart"], num_inference_steps=STEPS, generator=seeded(9)).tokens, expected)
+    out = pipe.text_to_image(["the heart"], num_inference_steps=STEPS, generator=seeded(9))
+    assert torch.equal(out.tokens, expected)
 
     with pytest.raises(Exception, match="org/missing|offline|cache"):
         MeDiMPipeline.from_pretrained("org/missing", cache_dir=cache)

@@ -14,7 +14,8 @@ def v1():
 
 @pytest.fixture
 def native():
-    return NativeLayout(text_vocab_size=200, image_offset=200, image_vocab_size=64, mask_id=264, text_len=6, image_len=5)
+    return NativeLayout(text_vocab_size=200, image_offset=200, image_vocab_size=64, mask_id=264, text_len=6,
+                        image_len=5)
 
 
 def test_release_defaults_match_formats():
@@ -22,7 +23,8 @@ def test_release_defaults_match_formats():
     assert (lay.boi_id, lay.eoi_id, lay.eos_id, lay.mask_id) == (32000, 32001, 32002, 32003)
     text, image = lay.segments
     assert (text.vocab_start, text.vocab_stop, image.vocab_start, image.vocab_stop) == (0, 32003, 32004, 40196)
-    assert lay.state_len == 1280 and lay.min_vocab_size == 40196 and lay.report_end_id is None and not lay.supervise_padding
+    assert lay.state_len == 1280 and lay.min_vocab_size == 40196
+    assert lay.report_end_id is None and not lay.supervise_padding
     liquid = NativeLayout()
     assert (liquid.mask_id, liquid.bos_id, liquid.eos_id, liquid.pad_id) == (264192, 2, 1, 0)
     assert liquid.report_end_id == liquid.eos_id
@@ -55,7 +57,8 @@ def test_v1_sequence_assembly_and_read_out(v1):
     L = 5 + 6 + 3 + c1
     assert inp.input_ids.shape == (2, L) and inp.position_ids[0].tolist() == list(range(L))
     for b, c in ((0, c0), (1, c1)):
-        row = [v1.boi_id, *image[b].tolist(), v1.eoi_id, *cond["cond_ids"][b, :c].tolist(), *text[b].tolist(), v1.eos_id]
+        row = [v1.boi_id, *image[b].tolist(), v1.eoi_id, *cond["cond_ids"][b, :c].tolist(), *text[b].tolist(),
+               v1.eos_id]
         assert inp.input_ids[b, : len(row)].tolist() == row
         L_row = len(row)
         # keys: everything of the row except text padding; the tail after <eos> is masked

@@ -355,7 +355,7 @@ class MeDiMModel(PreTrainedModel):
         self._check_inputs(x, sigma, positions)
         if cache is None:
             return refresh(self, x, sigma, positions, return_logits, condition)
-        return cached_step(self, cache, x, sigma, positions, return_logits, condition), cache
+        return cached_step(self, cache, x, sigma, positions, return_logits, condition=condition), cache
 
     def read_out(self, hidden: torch.Tensor, out_index: torch.LongTensor, positions: dict | None,
                  return_logits: bool) -> MeDiMModelOutput:

@@ -67,6 +67,17 @@ def _as_mask(m: torch.Tensor | None, shape: torch.Size, name: str, default: bool
     return m
 
 
+def _check_states(x0: Any, segments: Sequence[Segment], mask_id: int, validate_tokens: bool) -> tuple[Segment, ...]:
+    """`x0` is a LongTensor [B, N] that `segments` tile (and, if `validate_tokens`, whose ids lie in
+    their segments' vocabularies); returns the segments as a tuple."""
+    if not isinstance(x0, torch.Tensor) or x0.dtype != torch.long or x0.dim() != 2 or x0.shape[0] < 1:
+        raise ValueError(f"x0: expected a LongTensor [batch, state_len], got {x0!r:.80}")
+    segments = check_segments(segments, x0.shape[1], mask_id)
+    if validate_tokens:
+        check_tokens(x0, None, segments, "x0")
+    return segments
+
+
 def _check_options(*, keep_prefix_prob: float, cond_drop_prob: float, cond_keep_prob: float, time_eps: float,
                    snr_cap: float | None) -> None:
     for name, p in (("keep_prefix_prob", keep_prefix_prob), ("cond_drop_prob", cond_drop_prob),
@@ -238,11 +249,7 @@ def diffusion_loss(
         ...                      layout.segments, layout.mask_id, loss_mask=x0 != layout.pad_id)
         >>> out.loss.backward()
     """
-    if not isinstance(x0, torch.Tensor) or x0.dtype != torch.long or x0.dim() != 2 or x0.shape[0] < 1:
-        raise ValueError(f"x0: expected a LongTensor [batch, state_len], got {x0!r:.80}")
-    segments = check_segments(segments, x0.shape[1], mask_id)
-    if validate_tokens:
-        check_tokens(x0, None, segments, "x0")
+    segments = _check_states(x0, segments, mask_id, validate_tokens)
     sched = get_schedule(schedule)
     known = _as_mask(known, x0.shape, "known", False, x0.device)
     counted = _as_mask(loss_mask, x0.shape, "loss_mask", True, x0.device) & ~known
@@ -250,7 +257,6 @@ def diffusion_loss(
                    time_eps=time_eps, snr_cap=snr_cap)
     weights = _modality_weights(segments, modality_weights)
     prefix_len = _prefix_lengths(prefix_len, keep_prefix_prob, x0.shape[0], x0.device)
-
     t = sample_times(x0.shape[0], eps=time_eps, generator=generator, device=x0.device)
     masked, counted = _mask(x0, t, known, counted, schedule=sched, segments=segments, generator=generator,
                             keep_prefix_prob=keep_prefix_prob, prefix_len=prefix_len,

@@ -185,10 +185,8 @@ def sample(
     every = _Columns.of(segments, (~known).any(0), halton)
     if not every.requested:
         return SampleOutput(tokens=x, nfe=0)
-    plan = _plan(known, every, segments=segments, mask_id=mask_id, config=config)
-    # The guided forward runs [conditional; unconditional] as one batch: per-row inputs twice.
-    guided_kwargs = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in model_kwargs.items()}
-    network = _Network(denoiser, known, mask_id, model_kwargs, guided_kwargs)
+    plan = _plan(known, every, halton=halton, segments=segments, mask_id=mask_id, config=config)
+    network = _Network.of(denoiser, known, mask_id, model_kwargs)
     return _denoise(network, x, plan, generator, callback=callback, progress=progress)
 
 
@@ -272,10 +270,10 @@ class _Plan:
         return self.config.num_inference_steps
 
 
-def _plan(known: torch.Tensor, every: _Columns, *, segments: tuple[Segment, ...], mask_id: int,
+def _plan(known: torch.Tensor, every: _Columns, *, halton: bool, segments: tuple[Segment, ...], mask_id: int,
           config: SamplerConfig) -> _Plan:
     """The host-side tables of a call whose unknown columns are `every`."""
-    steps, halton = config.num_inference_steps, config.strategy == "maskgit" and config.order == "halton"
+    steps = config.num_inference_steps
     if halton:
         host_counts = {seg.name: commit_counts((~known[:, seg.start : seg.stop]).sum(-1).cpu(), steps, config.schedule)
                        for seg, _, _ in every.requested}
@@ -288,9 +286,10 @@ def _plan(known: torch.Tensor, every: _Columns, *, segments: tuple[Segment, ...]
     t, move = t_grid.tolist(), noise.move_chance(t_grid).tolist()
     weight, guided = _guidance(config, t, any_known=bool(known.any()))
     unknown = (~known).sum(-1).cpu().double()
-    return _Plan(config, segments, mask_id, halton, every, {k: n.to(known.device) for k, n in host_counts.items()},
-                 active, t, noise.sigma(t_grid).to(known.device), move, weight, guided, unknown,
-                 _tokens_left(config.strategy, unknown, per_step, move))
+    return _Plan(config=config, segments=segments, mask_id=mask_id, halton=halton, every=every,
+                 counts={name: n.to(known.device) for name, n in host_counts.items()}, active=active, t=t,
+                 sigma=noise.sigma(t_grid).to(known.device), move=move, weight=weight, guided=guided,
+                 unknown=unknown, left=_tokens_left(config.strategy, unknown, per_step, move))
 
 
 def _guidance(config: SamplerConfig, t: list[float], *, any_known: bool) -> tuple[list[float], list[bool]]:
@@ -325,6 +324,12 @@ class _Network:
     mask_id: int
     kwargs: dict[str, Any]
     guided_kwargs: dict[str, Any]
+
+    @classmethod
+    def of(cls, denoiser: Callable[..., Mapping[str, torch.Tensor]], known: torch.Tensor, mask_id: int,
+           model_kwargs: dict[str, Any]) -> _Network:
+        guided = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in model_kwargs.items()}
+        return cls(denoiser, known, mask_id, model_kwargs, guided)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, columns: _Columns, *, guided: bool,
                  cache: Any = None, cached: bool = False) -> tuple[Mapping[str, torch.Tensor], Any]:
@@ -529,7 +534,8 @@ def _denoise(network: _Network, x: torch.Tensor, plan: _Plan, generator: Generat
         u = _uniforms(generator, x.shape[0], x.shape[1], x.device)
         if plan.active[i]:
             if cache is None:
-                columns, (out, _) = plan.every, network(x, plan.sigma[i], plan.every, guided=plan.guided[i])
+                columns = plan.every
+                out, _ = network(x, plan.sigma[i], columns, guided=plan.guided[i])
             else:
                 out = cache.forward(network, x, plan, i)
                 if out is None:  # nothing left to fill: no forward, no callback

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from medim.utils.checks import check_choice, check_int, check_number
+
 from .schedule import SCHEDULES, NoiseSchedule, get_schedule
 
 __all__ = ["SamplerConfig", "RELEASE_SAMPLER", "FAST_OPTIONS", "STRATEGIES", "COMMIT_SCHEDULES", "GUIDANCE_SCHEDULES",
@@ -31,10 +33,6 @@ MAX_STEPS = 65536
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -86,33 +84,24 @@ class SamplerConfig:
     cache_interval: int | None = None
 
     def __post_init__(self) -> None:
-        if not (_integer(self.num_inference_steps) and 1 <= self.num_inference_steps <= MAX_STEPS):
-            raise ValueError(f"num_inference_steps must be an int in [1, {MAX_STEPS}], got {self.num_inference_steps!r}")
+        check_int(self.num_inference_steps, "num_inference_steps", minimum=1, maximum=MAX_STEPS)
         for name, accepted in (("strategy", STRATEGIES), ("schedule", COMMIT_SCHEDULES),
                                ("guidance_schedule", GUIDANCE_SCHEDULES), ("order", ORDERS)):
-            if getattr(self, name) not in accepted:
-                raise ValueError(f"{name} must be one of {list(accepted)}, got {getattr(self, name)!r}")
+            check_choice(getattr(self, name), name, accepted)
         if not isinstance(self.noise_schedule, NoiseSchedule) and self.noise_schedule not in SCHEDULES:
             raise ValueError(f"noise_schedule must be one of {sorted(SCHEDULES)} or a NoiseSchedule, "
                              f"got {self.noise_schedule!r}")
         for name in ("guidance_scale", "confidence_temperature", "temperature"):
-            value = getattr(self, name)
-            if not (_number(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            check_number(getattr(self, name), name, minimum=0)
         if not (_number(self.threshold) and 0 < self.threshold <= 1):
             raise ValueError(f"threshold must be a probability in (0, 1], got {self.threshold!r}")
-        if not (_integer(self.min_per_step) and self.min_per_step >= 1):
-            raise ValueError(f"min_per_step must be an int >= 1, got {self.min_per_step!r}")
-        if self.top_k is not None and not (_integer(self.top_k) and self.top_k >= 1):
-            raise ValueError(f"top_k must be None or an int >= 1, got {self.top_k!r}")
+        check_int(self.min_per_step, "min_per_step", minimum=1)
+        check_int(self.top_k, "top_k", minimum=1, allow_none=True)
         if self.top_p is not None and not (_number(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be None or a number in (0, 1], got {self.top_p!r}")
         if not (_number(self.time_eps) and 0 < self.time_eps < 1):
             raise ValueError(f"time_eps must be a number in (0, 1), got {self.time_eps!r}")
-        if self.cache_interval is not None and not (_integer(self.cache_interval) and
-                                                    1 <= self.cache_interval <= MAX_STEPS):
-            raise ValueError(f"cache_interval must be None (no caching) or an int in [1, {MAX_STEPS}], "
-                             f"got {self.cache_interval!r}")
+        check_int(self.cache_interval, "cache_interval", minimum=1, maximum=MAX_STEPS, allow_none=True)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -152,7 +141,7 @@ class SamplerConfig:
 # temperature 10 and classifier-free guidance 5 ramped as 5 * (1 - t).
 RELEASE_SAMPLER = SamplerConfig(guidance_scale=5.0)
 # The `fast` preset: options applied over a pipeline's own settings (a model keeps its guidance and
-# confidence noise), e.g. `pipe.text_to_image(prompts, sampler_kwargs=FAST_OPTIONS)`. A quarter of
+# confidence noise), e.g. `pipe.text_to_image(prompts, **FAST_OPTIONS)`. A quarter of
 # the release's steps on the cosine schedule, with context caching refreshed every 4 steps; measured
 # on the demo in docs/sampling.md ("Presets"): quality, and its cost against the release's settings.
 FAST_OPTIONS: Mapping[str, Any] = MappingProxyType({"num_inference_steps": 32, "schedule": "cosine",

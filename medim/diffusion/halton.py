@@ -11,6 +11,8 @@ import functools
 
 import torch
 
+from medim.utils.checks import check_int
+
 __all__ = ["halton_order", "halton_rank"]
 
 
@@ -33,8 +35,7 @@ def halton_order(side: int) -> tuple[int, ...]:
         >>> halton_order(2)
         (1, 2, 0, 3)
     """
-    if not isinstance(side, int) or side < 1:
-        raise ValueError(f"side must be a positive int, got {side!r}")
+    check_int(side, "side", minimum=1)
     cells = side * side
     seen: dict[int, None] = {}  # insertion-ordered set
     n = 1

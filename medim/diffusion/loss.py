@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from medim.utils.checks import check_number
+
 from .schedule import NoiseSchedule, get_schedule
 from .segments import Segment, check_segments, check_tokens
 
@@ -65,9 +67,122 @@ def _as_mask(m: torch.Tensor | None, shape: torch.Size, name: str, default: bool
     return m
 
 
-def _check_prob(p: float, name: str) -> None:
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"{name}: expected a probability in [0, 1], got {p!r}")
+def _check_states(x0: Any, segments: Sequence[Segment], mask_id: int, validate_tokens: bool) -> tuple[Segment, ...]:
+    """`x0` is a LongTensor [B, N] that `segments` tile (and, if `validate_tokens`, whose ids lie in
+    their segments' vocabularies); returns the segments as a tuple."""
+    if not isinstance(x0, torch.Tensor) or x0.dtype != torch.long or x0.dim() != 2 or x0.shape[0] < 1:
+        raise ValueError(f"x0: expected a LongTensor [batch, state_len], got {x0!r:.80}")
+    segments = check_segments(segments, x0.shape[1], mask_id)
+    if validate_tokens:
+        check_tokens(x0, None, segments, "x0")
+    return segments
+
+
+def _check_options(*, keep_prefix_prob: float, cond_drop_prob: float, cond_keep_prob: float, time_eps: float,
+                   snr_cap: float | None) -> None:
+    for name, p in (("keep_prefix_prob", keep_prefix_prob), ("cond_drop_prob", cond_drop_prob),
+                    ("cond_keep_prob", cond_keep_prob)):
+        check_number(p, name, minimum=0.0, maximum=1.0)
+    if not 0.0 < time_eps < 1.0:
+        raise ValueError(f"time_eps: expected a value in (0, 1), got {time_eps!r}")
+    if snr_cap is not None and not snr_cap > 0:
+        raise ValueError(f"snr_cap: expected None or a positive number, got {snr_cap!r}")
+
+
+def _modality_weights(segments: Sequence[Segment], modality_weights: Mapping[str, float] | None) -> dict[str, float]:
+    """Each segment's weight: 1 unless `modality_weights` names it."""
+    names = [seg.name for seg in segments]
+    weights = dict.fromkeys(names, 1.0)
+    for name, value in (modality_weights or {}).items():
+        if name not in weights:
+            raise ValueError(f"modality_weights: unknown segment {name!r}; accepted: {names}")
+        weights[name] = float(value)
+    return weights
+
+
+def _prefix_lengths(prefix_len: torch.Tensor | Sequence[int] | int | None, keep_prefix_prob: float, rows: int,
+                    device: torch.device) -> torch.Tensor | None:
+    """The prefix length of every row [rows] when prefixes may be kept, else None."""
+    if not keep_prefix_prob > 0:
+        return None
+    if prefix_len is None:
+        raise ValueError("prefix_len: required (int or one length per row) when keep_prefix_prob > 0")
+    return torch.as_tensor(prefix_len, dtype=torch.long, device=device).expand(rows)
+
+
+def _whole_segments(prob: float, segment_of: torch.Tensor, num_segments: int, rows: int,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    """[rows, N]: one uniformly chosen segment (`segment_of` [N]: each position's) of the rows
+    chosen with probability `prob`."""
+    device = segment_of.device
+    chosen = _rand((rows,), generator, device) < prob
+    which = (_rand((rows,), generator, device) * num_segments).long().clamp(max=num_segments - 1)
+    return chosen[:, None] & (segment_of[None] == which[:, None])
+
+
+def _mask(x0: torch.Tensor, t: torch.Tensor, known: torch.Tensor, counted: torch.Tensor, *, schedule: NoiseSchedule,
+          segments: Sequence[Segment], generator: torch.Generator | None, keep_prefix_prob: float,
+          prefix_len: torch.Tensor | None, cond_drop_prob: float,
+          cond_keep_prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward process q(x_t | x_0) with the recipe's row options: returns which positions are
+    masked and which count, both [B, N] (random numbers in the order `diffusion_loss` documents)."""
+    B, N = x0.shape
+    device = x0.device
+    masked = (_rand((B, N), generator, device) < schedule.move_chance(t)[:, None]) & ~known
+    if prefix_len is not None:  # set when keep_prefix_prob > 0
+        keep = _rand((B,), generator, device) < keep_prefix_prob
+        masked &= ~(keep[:, None] & (torch.arange(N, device=device)[None] < prefix_len[:, None]))
+    segment_of = torch.cat([torch.full((s.length,), i, device=device) for i, s in enumerate(segments)])
+    if cond_drop_prob > 0:
+        dropped = _whole_segments(cond_drop_prob, segment_of, len(segments), B, generator)
+        masked |= dropped & ~known
+        counted = counted & ~dropped
+    if cond_keep_prob > 0:
+        kept = _whole_segments(cond_keep_prob, segment_of, len(segments), B, generator)
+        masked &= ~kept
+        counted = counted & ~kept
+    return masked, counted
+
+
+def _loss_weight(schedule: NoiseSchedule, t: torch.Tensor, snr_cap: float | None) -> torch.Tensor:
+    """dsigma / expm1(sigma) at `t`, softly capped at `snr_cap` (w * cap / (w + cap)) when set."""
+    weight = schedule.loss_weight(t)
+    if snr_cap is not None:
+        weight = weight * snr_cap / (weight + snr_cap)
+    return weight
+
+
+def _segment_sums(logprobs: Any, x0: torch.Tensor, segments: Sequence[Segment], scored: torch.Tensor,
+                  weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per segment, the sum of weight(t) * -log p(x0) over its `scored` positions (masked and counted)."""
+    sums = {}
+    for seg in segments:
+        sl = slice(seg.start, seg.stop)
+        lp = logprobs.get(seg.name) if isinstance(logprobs, Mapping) else None
+        if lp is None or lp.shape[:2] != (x0.shape[0], seg.length) or lp.shape[2] != seg.vocab_size:
+            got = list(lp.shape) if isinstance(lp, torch.Tensor) else type(lp).__name__
+            raise ValueError(
+                f"denoiser: expected log-probs {[x0.shape[0], seg.length, seg.vocab_size]} for segment "
+                f"{seg.name!r}, got {got}"
+            )
+        nll = -lp.float().gather(-1, (x0[:, sl] - seg.vocab_start)[..., None]).squeeze(-1)
+        # where(), not a product: a masked-out position may hold -inf log-probs (0 * inf = nan).
+        sums[seg.name] = torch.where(scored[:, sl], nll * weight[:, None], 0.0).sum()
+    return sums
+
+
+def _reduce(sums: dict[str, torch.Tensor], weights: dict[str, float], segments: Sequence[Segment],
+            masked: torch.Tensor, counted: torch.Tensor, t: torch.Tensor) -> LossOutput:
+    """loss = sum_s weight_s * S_s / sum_s N_s (`diffusion_loss`'s averaging), with the per-modality
+    losses and counts to log."""
+    total = counted.new_zeros((), dtype=torch.float32)
+    per_modality = {}
+    for seg in segments:
+        total = total + weights[seg.name] * sums[seg.name]
+        per_modality[seg.name] = (sums[seg.name] / counted[:, seg.start : seg.stop].sum().clamp(min=1)).detach()
+    num_tokens = counted.sum()
+    return LossOutput(loss=total / num_tokens.clamp(min=1), per_modality=per_modality, num_tokens=num_tokens,
+                      num_masked=(masked & counted).sum(), t=t)
 
 
 def diffusion_loss(
@@ -134,88 +249,21 @@ def diffusion_loss(
         ...                      layout.segments, layout.mask_id, loss_mask=x0 != layout.pad_id)
         >>> out.loss.backward()
     """
-    if not isinstance(x0, torch.Tensor) or x0.dtype != torch.long or x0.dim() != 2 or x0.shape[0] < 1:
-        raise ValueError(f"x0: expected a LongTensor [batch, state_len], got {x0!r:.80}")
-    B, N = x0.shape
-    device = x0.device
-    segments = check_segments(segments, N, mask_id)
-    if validate_tokens:
-        check_tokens(x0, None, segments, "x0")
+    segments = _check_states(x0, segments, mask_id, validate_tokens)
     sched = get_schedule(schedule)
-    known = _as_mask(known, x0.shape, "known", False, device)
-    counted = _as_mask(loss_mask, x0.shape, "loss_mask", True, device) & ~known
-    _check_prob(keep_prefix_prob, "keep_prefix_prob")
-    _check_prob(cond_drop_prob, "cond_drop_prob")
-    _check_prob(cond_keep_prob, "cond_keep_prob")
-    if not 0.0 < time_eps < 1.0:
-        raise ValueError(f"time_eps: expected a value in (0, 1), got {time_eps!r}")
-    if snr_cap is not None and not snr_cap > 0:
-        raise ValueError(f"snr_cap: expected None or a positive number, got {snr_cap!r}")
-    names = [seg.name for seg in segments]
-    weights = dict.fromkeys(names, 1.0)
-    for name, value in (modality_weights or {}).items():
-        if name not in weights:
-            raise ValueError(f"modality_weights: unknown segment {name!r}; accepted: {names}")
-        weights[name] = float(value)
-    if keep_prefix_prob > 0:
-        if prefix_len is None:
-            raise ValueError("prefix_len: required (int or one length per row) when keep_prefix_prob > 0")
-        prefix_len = torch.as_tensor(prefix_len, dtype=torch.long, device=device).expand(B)
-
-    # Forward process q(x_t | x_0).
-    t = sample_times(B, eps=time_eps, generator=generator, device=device)
-    sigma = sched.sigma(t)
-    masked = (_rand((B, N), generator, device) < sched.move_chance(t)[:, None]) & ~known
-    pos = torch.arange(N, device=device)
-    if keep_prefix_prob > 0:
-        keep = _rand((B,), generator, device) < keep_prefix_prob
-        masked &= ~(keep[:, None] & (pos[None] < prefix_len[:, None]))
-    seg_of_pos = torch.cat([torch.full((s.length,), i, device=device) for i, s in enumerate(segments)])
-
-    def whole_segments(prob: float) -> torch.Tensor:  # [B, N]: one uniformly chosen segment of chosen rows
-        chosen = _rand((B,), generator, device) < prob
-        which = (_rand((B,), generator, device) * len(segments)).long().clamp(max=len(segments) - 1)
-        return chosen[:, None] & (seg_of_pos[None] == which[:, None])
-
-    if cond_drop_prob > 0:
-        dropped = whole_segments(cond_drop_prob)
-        masked |= dropped & ~known
-        counted &= ~dropped
-    if cond_keep_prob > 0:
-        kept = whole_segments(cond_keep_prob)
-        masked &= ~kept
-        counted &= ~kept
-    xt = torch.where(masked, mask_id, x0)
-
-    weight = sched.loss_weight(t)
-    if snr_cap is not None:
-        weight = weight * snr_cap / (weight + snr_cap)
-
-    logprobs = denoiser(xt, sigma, None, **(model_kwargs or {}))
-    total = x0.new_zeros((), dtype=torch.float32)
-    per_modality = {}
-    for seg in segments:
-        sl = slice(seg.start, seg.start + seg.length)
-        lp = logprobs.get(seg.name) if isinstance(logprobs, Mapping) else None
-        if lp is None or lp.shape[:2] != (B, seg.length) or lp.shape[2] != seg.vocab_size:
-            got = list(lp.shape) if isinstance(lp, torch.Tensor) else type(lp).__name__
-            raise ValueError(
-                f"denoiser: expected log-probs {[B, seg.length, seg.vocab_size]} for segment "
-                f"{seg.name!r}, got {got}"
-            )
-        nll = -lp.float().gather(-1, (x0[:, sl] - seg.vocab_start)[..., None]).squeeze(-1)
-        # where(), not a product: a masked-out position may hold -inf log-probs (0 * inf = nan).
-        seg_sum = torch.where(masked[:, sl] & counted[:, sl], nll * weight[:, None], 0.0).sum()
-        total = total + weights[seg.name] * seg_sum
-        per_modality[seg.name] = (seg_sum / counted[:, sl].sum().clamp(min=1)).detach()
-    num_tokens = counted.sum()
-    return LossOutput(
-        loss=total / num_tokens.clamp(min=1),
-        per_modality=per_modality,
-        num_tokens=num_tokens,
-        num_masked=(masked & counted).sum(),
-        t=t,
-    )
+    known = _as_mask(known, x0.shape, "known", False, x0.device)
+    counted = _as_mask(loss_mask, x0.shape, "loss_mask", True, x0.device) & ~known
+    _check_options(keep_prefix_prob=keep_prefix_prob, cond_drop_prob=cond_drop_prob, cond_keep_prob=cond_keep_prob,
+                   time_eps=time_eps, snr_cap=snr_cap)
+    weights = _modality_weights(segments, modality_weights)
+    prefix_len = _prefix_lengths(prefix_len, keep_prefix_prob, x0.shape[0], x0.device)
+    t = sample_times(x0.shape[0], eps=time_eps, generator=generator, device=x0.device)
+    masked, counted = _mask(x0, t, known, counted, schedule=sched, segments=segments, generator=generator,
+                            keep_prefix_prob=keep_prefix_prob, prefix_len=prefix_len,
+                            cond_drop_prob=cond_drop_prob, cond_keep_prob=cond_keep_prob)
+    logprobs = denoiser(torch.where(masked, mask_id, x0), sched.sigma(t), None, **(model_kwargs or {}))
+    sums = _segment_sums(logprobs, x0, segments, masked & counted, _loss_weight(sched, t, snr_cap))
+    return _reduce(sums, weights, segments, masked, counted, t)
 
 
 def elbo_terms(
@@ -225,9 +273,9 @@ def elbo_terms(
     counted: torch.BoolTensor,
     t: torch.Tensor,
     u: torch.Tensor,
+    *,
     segments: Sequence[Segment],
     mask_id: int,
-    *,
     schedule: str | NoiseSchedule = "loglinear",
     model_kwargs: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
@@ -245,7 +293,7 @@ def elbo_terms(
     Example:
         >>> t = sample_times(8, generator=g)
         >>> terms = elbo_terms(denoiser, x0.expand(8, -1), noised, noised, t, torch.rand(8, x0.shape[1]),
-        ...                    layout.segments, layout.mask_id)
+        ...                    segments=layout.segments, mask_id=layout.mask_id)
         >>> -terms.sum(1).mean()   # a lower bound on log p(counted tokens | the others)
     """
     sched = get_schedule(schedule)

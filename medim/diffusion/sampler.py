@@ -1,40 +1,12 @@
-"""The one sampling loop: every task, every strategy, classifier-free guidance.
+"""The sampling loop of every task: `sample` fills the unknown positions of a state by iterative
+unmasking, with one of three strategies (maskgit, threshold, ddpm), classifier-free guidance and
+optional context caching.
 
-What the release does (UCSC-VLAA/MeDiM, model_eval_inf.py `_sample`, `adap_sche`,
-`_maskgit_update`, `_ddpm_forward`, `get_cfg_weight`) and where medim matches it:
-- Time grid t_i = linspace(1, 1e-5, steps + 1)[i] for step i; the model gets sigma(t_i) of the
-  log-linear schedule. medim: same (`time_eps=1e-5`, `noise_schedule="loglinear"`).
-- Commit counts ("arccos"): r = linspace(1, 0, steps), f = arccos(r) / (pi / 2), per row
-  round(f / sum(f) * num_masked), zeros raised to 1, the last step takes the remainder (at
-  least 0), and each step commits min(count, still masked). medim: `commit_counts`, identical,
-  computed on the host before the loop. The release also shrinks `steps` for the whole batch to
-  the smallest row's number of masked tokens; medim instead lets such a row commit one token per
-  step until it is done, so a row's result does not depend on its batch. A step where no row
-  commits anything runs no forward, as in the release.
-- Guidance: w = cfg * (1 - t) ("linear"); when w > 0 and something is known, one batched forward
-  of [x, x with the known positions set to the mask id], mixed (1 + w) * cond - w * uncond, then
-  re-normalised (the release re-applies its log-softmax). medim: same, on log-probs (identical
-  after re-normalisation). At t = 1 the ramp gives w = 0 and the step is unguided, as in the release.
-- MaskGIT update: sample each masked token from p, confidence = log p(sample) + r_temp * t *
-  Gumbel (r_temp 10), commit the k highest-confidence masked tokens. medim: same in float32, with
-  ties broken by position instead of committing every tied token.
-- Final pass: argmax of an unguided forward at t = 1e-5 for anything still masked. medim: same;
-  with maskgit and threshold the counts already commit everything, so it only runs for ddpm.
-- Not copied: without guidance the release exponentiates raw logits (unnormalised confidences);
-  medim always works with normalised log-probs. Random numbers come from torch generators, not
-  numpy's global state.
-
-Random numbers: each step draws one uniform tensor [B, 2, N] (N = state length; one [2, N] draw
-per row when `generator` is a list): plane 0 drives the categorical sample (inverse CDF), plane 1
-the Gumbel confidence (maskgit) or the unmasking coin (ddpm). The shape does not depend on the
-batch, so with one generator per row, row r's tokens are the same alone or inside any batch.
-
-Beyond the release (off by default; docs/sampling.md has the measured trade-offs): maskgit's
-`order="halton"` commits image tokens in a spatial low-discrepancy order (medim/diffusion/halton.py);
-`cache_interval` reuses the keys/values of unchanged positions between refreshes (the denoiser's
-`cached` method; host reads at refreshes only: which columns are still masked, and the active count). A NaN in the
-denoiser's output raises FloatingPointError: a device flag records the first step that drew from
-one, read once after the loop, so the check costs no host synchronisation per step.
+The loop is cut into the pieces a reader looks for: `_plan` decides everything static on the host
+once (columns, commit counts, time grid, guidance); `_Network` runs the step's one batched forward
+and `_log_weights` mixes its guided halves; `_draw` samples every requested position; `COMMITS`
+holds one commit rule per strategy; `_CacheState` decides when context caching refreshes.
+docs/sampling.md describes the settings, what they cost, and how medim matches the release.
 """
 
 from __future__ import annotations
@@ -48,6 +20,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from medim.utils.checks import check_choice, describe
+
 from .config import COMMIT_SCHEDULES, GUIDANCE_SCHEDULES, STRATEGIES, SamplerConfig
 from .draw import categorical, filter_logprobs, ranks
 from .halton import halton_rank
@@ -57,6 +31,8 @@ from .segments import Segment, check_segments, check_tokens
 __all__ = ["SampleOutput", "sample", "commit_counts", "STRATEGIES", "COMMIT_SCHEDULES", "GUIDANCE_SCHEDULES"]
 
 logger = logging.getLogger(__name__)
+
+Generator = torch.Generator | Sequence[torch.Generator] | None
 
 # Context caching refreshes early once some row has committed this share of the tokens it generates
 # since the last refresh: the cached keys/values would miss too much of the new context. (Relative
@@ -84,8 +60,7 @@ def commit_counts(
         >>> commit_counts([10], 4).tolist()
         [[1, 2, 3, 4]]
     """
-    if schedule not in COMMIT_SCHEDULES:
-        raise ValueError(f"schedule: unknown commit schedule {schedule!r}; accepted: {list(COMMIT_SCHEDULES)}")
+    check_choice(schedule, "schedule", COMMIT_SCHEDULES)
     m = torch.as_tensor(num_unknown, dtype=torch.long).reshape(-1, 1)
     if num_steps == 1:
         return m.clone()
@@ -103,30 +78,6 @@ def commit_counts(
     return torch.diff(done, dim=-1, prepend=torch.zeros_like(m))
 
 
-def _uniforms(generator, B: int, N: int, device: torch.device) -> torch.Tensor:
-    if generator is None:
-        return torch.rand(B, 2, N, device=device)
-    if isinstance(generator, torch.Generator):
-        return torch.rand(B, 2, N, generator=generator, device=generator.device).to(device)
-    # One small draw per row: the price of results that do not depend on the batch.
-    return torch.stack([torch.rand(2, N, generator=g, device=g.device).to(device) for g in generator])
-
-
-def _check_inputs(x, known, segments, mask_id, generator, model_kwargs) -> tuple[Segment, ...]:
-    """The tensors of one call (the settings were checked when their SamplerConfig was made)."""
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.long or x.dim() != 2 or x.shape[0] < 1:
-        raise ValueError(f"x: expected a LongTensor [batch, state_len], got {type(x).__name__}")
-    if not isinstance(known, torch.Tensor) or known.dtype != torch.bool or known.shape != x.shape:
-        raise ValueError(f"known: expected a bool tensor of shape {list(x.shape)}")
-    segments = check_segments(segments, x.shape[1], mask_id)
-    check_tokens(x, known, segments, "x (known positions)")
-    check_generator(generator, x.shape[0])
-    for name, value in model_kwargs.items():
-        if isinstance(value, torch.Tensor) and (value.dim() == 0 or value.shape[0] != x.shape[0]):
-            raise ValueError(f"model_kwargs[{name!r}]: tensors must be per row, first dim {x.shape[0]}")
-    return segments
-
-
 def check_generator(generator: Any, rows: int | None = None) -> None:
     """`generator` must be None, a torch.Generator, or a list with one per row (`rows`, if known)."""
     if isinstance(generator, (list, tuple)):
@@ -139,6 +90,33 @@ def check_generator(generator: Any, rows: int | None = None) -> None:
                         f"got {generator!r}")
 
 
+def _check_inputs(x: Any, known: Any, segments: Sequence[Segment], mask_id: int, generator: Any,
+                  model_kwargs: Mapping[str, Any]) -> tuple[Segment, ...]:
+    """The tensors of one call (the settings were checked when their SamplerConfig was made)."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.long or x.dim() != 2 or x.shape[0] < 1:
+        raise ValueError(f"x: expected a LongTensor [batch, state_len], got {describe(x)}")
+    if not isinstance(known, torch.Tensor) or known.dtype != torch.bool or known.shape != x.shape:
+        raise ValueError(f"known: expected a bool tensor of shape {list(x.shape)}, got {describe(known)}")
+    segments = check_segments(segments, x.shape[1], mask_id)
+    check_tokens(x, known, segments, "x (known positions)")
+    check_generator(generator, x.shape[0])
+    for name, value in model_kwargs.items():
+        if isinstance(value, torch.Tensor) and (value.dim() == 0 or value.shape[0] != x.shape[0]):
+            raise ValueError(f"model_kwargs[{name!r}]: tensors must be per row, first dim {x.shape[0]}")
+    return segments
+
+
+def _check_settings(denoiser: Any, segments: tuple[Segment, ...], config: SamplerConfig) -> None:
+    """What the settings ask of this denoiser and layout."""
+    if config.cache_interval is not None and not callable(getattr(denoiser, "cached", None)):
+        raise ValueError(f"cache_interval={config.cache_interval} needs a denoiser with a `cached` method (e.g. "
+                         "medim.models.denoiser.ModelDenoiser(model)); use cache_interval=None with a plain callable")
+    if config.strategy == "maskgit" and config.order == "halton":
+        for seg in segments:
+            if seg.name == "image":
+                halton_rank(seg.length)  # raises unless the image tokens form a square grid
+
+
 @torch.no_grad()
 def sample(
     denoiser: Callable[..., Mapping[str, torch.Tensor]],
@@ -148,10 +126,11 @@ def sample(
     segments: Sequence[Segment],
     mask_id: int,
     config: SamplerConfig | None = None,
-    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    generator: Generator = None,
     model_kwargs: Mapping[str, Any] | None = None,
     callback: Callable[[int, float, torch.Tensor], None] | None = None,
     progress: bool = False,
+    check: bool = True,
     **options: Any,
 ) -> SampleOutput:
     """Fill every unknown position of `x` by iterative unmasking.
@@ -178,6 +157,10 @@ def sample(
         model_kwargs: extra per-row model inputs (tensors with first dim B, repeated for guidance).
         callback: `callback(step, t, x)` after every step.
         progress: show a tqdm bar.
+        check: check `x`, `known` (its known tokens lie in their segments' vocabularies: a read of
+            the device), `segments`, `generator` and `model_kwargs`. False is for callers that
+            validated them at their public edge, as the pipeline does: it samples in chunks and
+            would otherwise read the device back for every chunk.
         **options: any `SamplerConfig` field, applied over `config` (e.g. `num_inference_steps=64`).
 
     Raises:
@@ -193,15 +176,18 @@ def sample(
     """
     config = (config or SamplerConfig()).replace(**options)
     model_kwargs = dict(model_kwargs or {})
-    segments = _check_inputs(x, known, segments, mask_id, generator, model_kwargs)
-    if config.cache_interval is not None and not callable(getattr(denoiser, "cached", None)):
-        raise ValueError(f"cache_interval={config.cache_interval} needs a denoiser with a `cached` method (e.g. "
-                         "medim.models.denoiser.ModelDenoiser(model)); use cache_interval=None with a plain callable")
-    if config.strategy == "maskgit" and config.order == "halton":
-        for seg in segments:
-            if seg.name == "image":
-                halton_rank(seg.length)  # raises unless the image tokens form a square grid
-    return _denoise(denoiser, x, known, segments, mask_id, config, generator, model_kwargs, callback, progress)
+    if check:
+        segments = _check_inputs(x, known, segments, mask_id, generator, model_kwargs)
+    segments = tuple(segments)
+    _check_settings(denoiser, segments, config)
+    x = torch.where(known, x, mask_id)
+    halton = config.strategy == "maskgit" and config.order == "halton"
+    every = _Columns.of(segments, (~known).any(0), halton)
+    if not every.requested:
+        return SampleOutput(tokens=x, nfe=0)
+    plan = _plan(known, every, halton=halton, segments=segments, mask_id=mask_id, config=config)
+    network = _Network.of(denoiser, known, mask_id, model_kwargs)
+    return _denoise(network, x, plan, generator, callback=callback, progress=progress)
 
 
 @dataclass
@@ -216,7 +202,7 @@ class _Columns:
     priority: torch.Tensor | None
 
     @classmethod
-    def of(cls, segments, wanted: torch.Tensor, halton: bool) -> _Columns:
+    def of(cls, segments: Sequence[Segment], wanted: torch.Tensor, halton: bool) -> _Columns:
         """The positions where the bool `wanted` [N] is set (a host read per segment)."""
         requested, offset = [], 0
         for seg in segments:
@@ -237,194 +223,346 @@ class _Columns:
     def positions(self) -> dict[str, torch.Tensor]:
         return {seg.name: pos for seg, pos, _ in self.requested}
 
-    def subset(self, keep: torch.Tensor, segments, halton: bool) -> _Columns:
+    def subset(self, keep: torch.Tensor, segments: Sequence[Segment], halton: bool) -> _Columns:
         """The columns where the bool `keep` [K] is set."""
         wanted = torch.zeros(segments[-1].stop, dtype=torch.bool, device=keep.device)
         wanted[self.pos_all[keep]] = True
         return _Columns.of(segments, wanted, halton)
 
 
-def _denoise(denoiser, x, known, segments, mask_id, c: SamplerConfig, generator, model_kwargs, callback, progress):
-    """The loop itself, on checked inputs (`c`: the settings)."""
-    noise = get_schedule(c.noise_schedule)
-    B, N = x.shape
-    device = x.device
-    x = torch.where(known, x, mask_id)
-    halton = c.strategy == "maskgit" and c.order == "halton"
+@dataclass
+class _Plan:
+    """Everything static of one call, decided on the host before the loop.
 
-    # Everything static is decided here, on the host, once: which positions to ask for, how many
-    # tokens each row commits per step, the time grid and the guidance weight of each step.
-    every = _Columns.of(segments, (~known).any(0), halton)
-    if not every.requested:
-        return SampleOutput(tokens=x, nfe=0)
+    Attributes:
+        config, segments, mask_id, halton: the call's settings and layout (`halton`: maskgit's
+            Halton order is on).
+        every: the columns unknown in some row.
+        counts: tokens each row commits per step, `{None: [B, S]}` on the device (with the Halton
+            order one table per segment name: each modality commits on its own schedule).
+        active: per step, whether it runs a forward (maskgit: some row commits something).
+        t, sigma, move: the time grid linspace(1, time_eps, S + 1), the model's sigma on it (on the
+            device) and the move chance.
+        weight, guided: per step, the guidance weight and whether the step runs the guided batch.
+        unknown: tokens to fill per row, float64 [B].
+        left: tokens still masked per row before each step as far as the host knows without reading
+            the device, float64 [S + 1, B] (maskgit: exact; ddpm: expected; threshold: read after
+            each step). The cache's refresh rule reads it.
+    """
 
-    num_steps = c.num_inference_steps
-    if halton:  # each modality commits on its own schedule: image in Halton order, text by confidence
-        host_counts = {seg.name: commit_counts((~known[:, seg.start : seg.stop]).sum(-1).cpu(), num_steps, c.schedule)
+    config: SamplerConfig
+    segments: tuple[Segment, ...]
+    mask_id: int
+    halton: bool
+    every: _Columns
+    counts: dict[str | None, torch.Tensor]
+    active: list[bool]
+    t: list[float]
+    sigma: torch.Tensor
+    move: list[float]
+    weight: list[float]
+    guided: list[bool]
+    unknown: torch.Tensor
+    left: torch.Tensor
+
+    @property
+    def steps(self) -> int:
+        return self.config.num_inference_steps
+
+
+def _plan(known: torch.Tensor, every: _Columns, *, halton: bool, segments: tuple[Segment, ...], mask_id: int,
+          config: SamplerConfig) -> _Plan:
+    """The host-side tables of a call whose unknown columns are `every`."""
+    steps = config.num_inference_steps
+    if halton:
+        host_counts = {seg.name: commit_counts((~known[:, seg.start : seg.stop]).sum(-1).cpu(), steps, config.schedule)
                        for seg, _, _ in every.requested}
     else:
-        host_counts = {None: commit_counts((~known).sum(-1).cpu(), num_steps, c.schedule)}
-    per_step = sum(host_counts.values())  # [B, num_steps]
-    active = (per_step.sum(0) > 0).tolist() if c.strategy == "maskgit" else [True] * num_steps
-    counts = {name: n.to(device) for name, n in host_counts.items()}
-    t_grid = torch.linspace(1, c.time_eps, num_steps + 1, dtype=torch.float32)
-    sigma_grid = noise.sigma(t_grid).to(device)
-    move = noise.move_chance(t_grid).tolist()
-    t_list = t_grid.tolist()
-    any_known = bool(known.any())
-    ramp = [c.guidance_scale * (1 - t) if c.guidance_schedule == "linear" else c.guidance_scale for t in t_list]
-    guided = [any_known and w > 0 for w in ramp]
-    caching = c.cache_interval is not None
-    if caching and any(guided):
+        host_counts = {None: commit_counts((~known).sum(-1).cpu(), steps, config.schedule)}
+    per_step = sum(host_counts.values())  # [B, steps]
+    active = (per_step.sum(0) > 0).tolist() if config.strategy == "maskgit" else [True] * steps
+    noise = get_schedule(config.noise_schedule)
+    t_grid = torch.linspace(1, config.time_eps, steps + 1, dtype=torch.float32)
+    t, move = t_grid.tolist(), noise.move_chance(t_grid).tolist()
+    weight, guided = _guidance(config, t, any_known=bool(known.any()))
+    unknown = (~known).sum(-1).cpu().double()
+    return _Plan(config=config, segments=segments, mask_id=mask_id, halton=halton, every=every,
+                 counts={name: n.to(known.device) for name, n in host_counts.items()}, active=active, t=t,
+                 sigma=noise.sigma(t_grid).to(known.device), move=move, weight=weight, guided=guided,
+                 unknown=unknown, left=_tokens_left(config.strategy, unknown, per_step, move))
+
+
+def _guidance(config: SamplerConfig, t: list[float], *, any_known: bool) -> tuple[list[float], list[bool]]:
+    """Per step, the guidance weight (linear: scale * (1 - t); constant: scale) and whether the
+    step runs the guided batch (something is known and the weight is positive)."""
+    scale = config.guidance_scale
+    weight = [scale * (1 - ti) if config.guidance_schedule == "linear" else scale for ti in t]
+    guided = [any_known and w > 0 for w in weight]
+    if config.cache_interval is not None and any(guided):
         # The ramp's first step (w = 0) runs the guided batch as well, so both halves get their
         # cache at once instead of a second refresh one step later; (1 + 0) cond - 0 uncond is cond.
-        guided = [any_known and c.guidance_scale > 0] * (num_steps + 1)
-    # The guided forward runs [conditional; unconditional] as one batch: per-row inputs twice.
-    guided_kwargs = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in model_kwargs.items()}
-    # Tokens still masked per row before each step, as far as the host knows without reading the
-    # device (maskgit: exact; ddpm: expected; threshold: read after each step): the cache's refresh rule.
-    unknown = (~known).sum(-1).cpu().double()
-    if c.strategy == "maskgit":
-        left = unknown - torch.cat([torch.zeros(B, 1), per_step.cumsum(-1)], -1).T.double()
-    elif c.strategy == "ddpm":
-        left = unknown * torch.tensor(move, dtype=torch.float64)[:, None] / move[0]
-    else:
-        left = unknown.repeat(num_steps + 1, 1)
+        guided = [any_known and scale > 0] * len(t)
+    return weight, guided
 
-    def logprobs(cols: _Columns, i: int, w: float, use_guidance: bool, cache=None) -> tuple[list, Any]:
-        """Per requested segment, float32 (guided) log-weights [B, K_s, V_s]: log-probs up to a
-        per-position constant (raw logits in, or the unnormalised guidance mix); and the cache."""
-        sigma = sigma_grid[i].expand(B)
-        if use_guidance:
-            xu = torch.where(known, mask_id, x)  # the condition hidden, everything else as is
-            args = (torch.cat([x, xu]), torch.cat([sigma, sigma]), cols.positions)
-            kwargs = guided_kwargs
-        else:
-            args, kwargs = (x, sigma, cols.positions), model_kwargs
-        if cache is False:  # uncached
-            out = denoiser(*args, **kwargs)
-        else:
-            out, cache = denoiser.cached(*args, cache, **kwargs)
-        parts = []
-        for seg, pos, _ in cols.requested:
-            lp = out[seg.name]
-            rows = 2 * B if use_guidance else B
-            if lp.shape != (rows, pos.numel(), seg.vocab_size):
-                raise ValueError(
-                    f"denoiser: expected log-probs or logits {[rows, pos.numel(), seg.vocab_size]} for segment "
-                    f"{seg.name!r}, got {list(lp.shape)}"
-                )
-            lp = lp.float()
-            if use_guidance:
-                # (1 + w) cond - w uncond, written over the unconditional half (no new [B, K, V]
-                # tensor); left unnormalised: `draw` normalises it on the way.
-                cond, uncond = lp.chunk(2)
-                lp = uncond.lerp_(cond, 1 + w)
-            parts.append(lp)
-        return parts, cache
 
-    temperature, top_k, top_p = c.temperature, c.top_k, c.top_p
+def _tokens_left(strategy: str, unknown: torch.Tensor, per_step: torch.Tensor, move: list[float]) -> torch.Tensor:
+    """The host's estimate of the tokens still masked per row before each step, [S + 1, B]."""
+    if strategy == "maskgit":  # exact: the commit counts
+        return unknown - torch.cat([torch.zeros(len(unknown), 1), per_step.cumsum(-1)], -1).T.double()
+    if strategy == "ddpm":  # expected: the move chance falls from move[0] to move[i]
+        return unknown * torch.tensor(move, dtype=torch.float64)[:, None] / move[0]
+    return unknown.repeat(len(move), 1)  # threshold: read from the device after each step
+
+
+@dataclass
+class _Network:
+    """The denoiser with the per-row inputs of one call: `kwargs` as given and `guided_kwargs`
+    twice over, for the guided batch [conditional; unconditional (the known positions masked)]."""
+
+    denoiser: Callable[..., Mapping[str, torch.Tensor]]
+    known: torch.Tensor
+    mask_id: int
+    kwargs: dict[str, Any]
+    guided_kwargs: dict[str, Any]
+
+    @classmethod
+    def of(cls, denoiser: Callable[..., Mapping[str, torch.Tensor]], known: torch.Tensor, mask_id: int,
+           model_kwargs: dict[str, Any]) -> _Network:
+        guided = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in model_kwargs.items()}
+        return cls(denoiser, known, mask_id, model_kwargs, guided)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, columns: _Columns, *, guided: bool,
+                 cache: Any = None, cached: bool = False) -> tuple[Mapping[str, torch.Tensor], Any]:
+        """One forward at `columns` (one batch even when guided), plain or through
+        `denoiser.cached` (`cached=True`; `cache=None` refreshes). Returns the outputs and the cache."""
+        sigma = sigma.expand(x.shape[0])
+        if guided:
+            hidden = torch.where(self.known, self.mask_id, x)  # the condition hidden, everything else as is
+            args, kwargs = (torch.cat([x, hidden]), torch.cat([sigma, sigma]), columns.positions), self.guided_kwargs
+        else:
+            args, kwargs = (x, sigma, columns.positions), self.kwargs
+        if not cached:
+            return self.denoiser(*args, **kwargs), None
+        return self.denoiser.cached(*args, cache, **kwargs)
+
+
+def _log_weights(out: Mapping[str, torch.Tensor], columns: _Columns, rows: int,
+                 weight: float | None) -> list[torch.Tensor]:
+    """Per requested segment, float32 log-weights [rows, K_s, V_s] of the denoiser's output: its
+    log-probs up to a per-position constant (raw logits in), or with a guidance `weight` the
+    unnormalised mix (1 + w) cond - w uncond of its two halves."""
+    parts = []
+    for seg, pos, _ in columns.requested:
+        lp = out[seg.name]
+        expected = [rows * (1 if weight is None else 2), pos.numel(), seg.vocab_size]
+        if list(lp.shape) != expected:
+            raise ValueError(f"denoiser: expected log-probs or logits {expected} for segment {seg.name!r}, "
+                             f"got {list(lp.shape)}")
+        lp = lp.float()
+        if weight is not None:
+            # Written over the unconditional half (no new [B, K, V] tensor); left unnormalised:
+            # `_draw` normalises it on the way.
+            cond, uncond = lp.chunk(2)
+            lp = uncond.lerp_(cond, 1 + weight)
+        parts.append(lp)
+    return parts
+
+
+def _draw(parts: list[torch.Tensor], columns: _Columns, u: torch.Tensor,
+          config: SamplerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample every requested position with its uniforms `u` [B, K]: returns the candidate ids and
+    their log-probs [B, K]. `parts` hold unnormalised log-weights and are overwritten."""
+    temperature, top_k, top_p = config.temperature, config.top_k, config.top_p
     plain = temperature == 1.0 and top_k is None and top_p is None
-
-    def draw(cols: _Columns, parts, u):
-        """Sample every requested position: returns candidate ids and their log-probs [B, K].
-        `parts` hold unnormalised log-weights and are overwritten."""
-        ids, lps = [], []
-        for (_, _, off), z in zip(cols.requested, parts):
-            if plain:
-                # Probabilities in place (one fused pass over each row, no new [B, K, V] tensor);
-                # log p(sample) is read back from them.
-                probs = torch.softmax(z, -1, out=z)
-                idx, total = categorical(probs, u[:, off : off + z.shape[1]])
-                lps.append(probs.gather(-1, idx[..., None]).squeeze(-1).log() - total.log())
+    ids, lps = [], []
+    for (_, _, off), z in zip(columns.requested, parts):
+        if plain:
+            # Probabilities in place (one fused pass over each row, no new [B, K, V] tensor);
+            # log p(sample) is read back from them.
+            probs = torch.softmax(z, -1, out=z)
+            idx, total = categorical(probs, u[:, off : off + z.shape[1]])
+            lps.append(probs.gather(-1, idx[..., None]).squeeze(-1).log() - total.log())
+        else:
+            lp = z.log_softmax(-1)
+            if temperature == 0:
+                idx = lp.argmax(-1)
             else:
-                lp = z.log_softmax(-1)
-                if temperature == 0:
-                    idx = lp.argmax(-1)
-                else:
-                    lp = filter_logprobs(lp, temperature, top_k, top_p)
-                    idx = categorical(lp.exp(), u[:, off : off + lp.shape[1]])[0]
-                lps.append(lp.gather(-1, idx[..., None]).squeeze(-1))
-            ids.append(idx)
-        return torch.cat(ids, -1) + cols.vocab_start, torch.cat(lps, -1)
+                lp = filter_logprobs(lp, temperature, top_k, top_p)
+                idx = categorical(lp.exp(), u[:, off : off + lp.shape[1]])[0]
+            lps.append(lp.gather(-1, idx[..., None]).squeeze(-1))
+        ids.append(idx)
+    return torch.cat(ids, -1) + columns.vocab_start, torch.cat(lps, -1)
 
-    def maskgit_commit(cols: _Columns, i: int, lp, masked, gumbel):
-        conf = torch.where(masked, lp + (c.confidence_temperature * t_list[i]) * gumbel, -math.inf)
-        if not halton:
-            return masked & (ranks(conf) < counts[None][:, i : i + 1])
-        commit = torch.empty_like(masked)
-        for seg, pos, off in cols.requested:  # each modality ranks its own columns
-            block = slice(off, off + pos.numel())
-            score = torch.where(masked[:, block], cols.priority[block], -math.inf) if seg.name == "image" else conf[:, block]
-            commit[:, block] = masked[:, block] & (ranks(score) < counts[seg.name][:, i : i + 1])
-        return commit
 
-    # Context caching: `cols` are the columns still masked in some row at the last refresh; between
-    # refreshes only they can change, so the denoiser runs only what depends on them.
-    cols, cache, cache_mode, refreshed = every, None, None, 0
-    # First step whose draw met a NaN (-1: none): kept on the device, read once after the loop.
-    first_nan = torch.full((), -1, dtype=torch.long, device=device)
+def _commit_maskgit(plan: _Plan, columns: _Columns, step: int, logprobs: torch.Tensor, masked: torch.Tensor,
+                    coin: torch.Tensor) -> torch.Tensor:
+    """The most confident masked tokens of each row, as many as the step's commit count; confidence
+    = log p + confidence_temperature * t * Gumbel (from `coin`). With the Halton order image columns
+    rank by their Halton priority and text by confidence, each modality on its own counts."""
+    gumbel = -torch.log(-torch.log(coin.clamp(1e-20, 1 - 1e-7)))
+    conf = torch.where(masked, logprobs + (plan.config.confidence_temperature * plan.t[step]) * gumbel, -math.inf)
+    if not plan.halton:
+        return masked & (ranks(conf) < plan.counts[None][:, step : step + 1])
+    commit = torch.empty_like(masked)
+    for seg, pos, off in columns.requested:
+        block = slice(off, off + pos.numel())
+        image = seg.name == "image"
+        score = torch.where(masked[:, block], columns.priority[block], -math.inf) if image else conf[:, block]
+        commit[:, block] = masked[:, block] & (ranks(score) < plan.counts[seg.name][:, step : step + 1])
+    return commit
+
+
+def _commit_threshold(plan: _Plan, columns: _Columns, step: int, logprobs: torch.Tensor, masked: torch.Tensor,
+                      coin: torch.Tensor) -> torch.Tensor:
+    """Every masked token whose sampled probability exceeds `threshold`, at least `min_per_step`
+    (the most probable) per row; everything at the last step."""
+    if step == plan.steps - 1:
+        return masked
+    rank = ranks(torch.where(masked, logprobs, -math.inf))
+    return masked & ((logprobs.exp() > plan.config.threshold) | (rank < plan.config.min_per_step))
+
+
+def _commit_ddpm(plan: _Plan, columns: _Columns, step: int, logprobs: torch.Tensor, masked: torch.Tensor,
+                 coin: torch.Tensor) -> torch.Tensor:
+    """MDLM's ancestral step: each masked token is revealed with probability
+    (move_t - move_s) / move_t, decided by `coin`."""
+    reveal = (plan.move[step] - plan.move[step + 1]) / plan.move[step]
+    return masked & (coin < reveal)
+
+
+# One commit rule per strategy: (plan, columns, step, log p of the candidates [B, K], masked [B, K],
+# the step's second uniforms [B, K]) -> the bool [B, K] of columns to commit.
+COMMITS: dict[str, Callable[..., torch.Tensor]] = {
+    "maskgit": _commit_maskgit,
+    "threshold": _commit_threshold,
+    "ddpm": _commit_ddpm,
+}
+
+
+@dataclass
+class _CacheState:
+    """Context caching between refreshes: `columns` are those still masked in some row at the last
+    refresh (only they can change until the next one, so the denoiser runs only what depends on
+    them), `cache` the denoiser's cache, `guided` whether it serves the guided batch, `refreshed`
+    the step of the last refresh."""
+
+    columns: _Columns
+    cache: Any = None
+    guided: bool | None = None
+    refreshed: int = 0
+
+    def due(self, plan: _Plan, step: int) -> bool:
+        """Refresh at `step`: no cache yet, the batch changes (guided or not), `cache_interval`
+        steps passed, or some row committed `CACHE_REFRESH_FRACTION` of its unknowns since the last
+        refresh (by the host's estimate `plan.left`: no device read)."""
+        done = (plan.left[self.refreshed] - plan.left[step]) / plan.unknown.clamp(min=1)
+        return (self.cache is None or self.guided != plan.guided[step]
+                or step - self.refreshed >= plan.config.cache_interval or float(done.max()) > CACHE_REFRESH_FRACTION)
+
+    def forward(self, network: _Network, x: torch.Tensor, plan: _Plan, step: int) -> Mapping[str, torch.Tensor] | None:
+        """The step's forward, refreshing first when due; None when nothing is left to fill."""
+        if self.due(plan, step):
+            # Host reads at a refresh only: the columns still masked in some row.
+            every = plan.every
+            self.columns = every.subset((x[:, every.pos_all] == plan.mask_id).any(0), plan.segments, plan.halton)
+            self.cache, self.guided, self.refreshed = None, plan.guided[step], step
+        if not self.columns.requested:  # ddpm can finish early
+            return None
+        out, self.cache = network(x, plan.sigma[step], self.columns, guided=plan.guided[step], cache=self.cache,
+                                  cached=True)
+        return out
+
+
+def _uniforms(generator: Generator, rows: int, length: int, device: torch.device) -> torch.Tensor:
+    """The step's random numbers, [rows, 2, length]: plane 0 drives the categorical draw, plane 1
+    the Gumbel confidence (maskgit) or the unmasking coin (ddpm). Drawn every step, used or not, so
+    the streams stay aligned; one [2, length] draw per row with a list of generators, so row r's
+    tokens are the same alone or inside any batch."""
+    if generator is None:
+        return torch.rand(rows, 2, length, device=device)
+    if isinstance(generator, torch.Generator):
+        return torch.rand(rows, 2, length, generator=generator, device=generator.device).to(device)
+    # One small draw per row: the price of results that do not depend on the batch.
+    return torch.stack([torch.rand(2, length, generator=g, device=g.device).to(device) for g in generator])
+
+
+def _update(x: torch.Tensor, plan: _Plan, columns: _Columns, out: Mapping[str, torch.Tensor], step: int,
+            u: torch.Tensor) -> torch.Tensor:
+    """Draw every requested column from the step's output and commit the strategy's choice into
+    `x` (in place). Returns whether the draw met a NaN, as a device bool (no sync)."""
+    parts = _log_weights(out, columns, x.shape[0], plan.weight[step] if plan.guided[step] else None)
+    u = u[:, :, columns.pos_all]
+    candidates, logprobs = _draw(parts, columns, u[:, 0], plan.config)
+    current = x[:, columns.pos_all]
+    masked = current == plan.mask_id
+    commit = COMMITS[plan.config.strategy](plan, columns, step, logprobs, masked, u[:, 1])
+    x[:, columns.pos_all] = torch.where(commit, candidates, current)  # masked => unknown, so known never moves
+    return logprobs.isnan().any()
+
+
+def _threshold_done(x: torch.Tensor, plan: _Plan, step: int) -> bool:
+    """The threshold strategy's adaptive length: one device read per step, the tokens each row
+    still has masked (kept in `plan.left` for the cache's refresh rule). True when none is left."""
+    plan.left[step + 1] = (x[:, plan.every.pos_all] == plan.mask_id).sum(-1).cpu().double()
+    return not bool(plan.left[step + 1].any())
+
+
+def _final_pass(network: _Network, x: torch.Tensor, plan: _Plan) -> torch.Tensor | None:
+    """Argmax of an unguided forward at the last time for anything still masked (the release's
+    noise removal; with maskgit and threshold the counts leave nothing). Returns None when it did
+    not run, else whether it met a NaN (a device bool)."""
+    every = plan.every
+    still = x[:, every.pos_all] == plan.mask_id
+    if not bool(still.any()):
+        return None
+    out, _ = network(x, plan.sigma[plan.steps], every, guided=False)
+    best = [lp.max(-1) for lp in _log_weights(out, every, x.shape[0], None)]
+    ids = torch.cat([b.indices for b in best], -1) + every.vocab_start
+    x[:, every.pos_all] = torch.where(still, ids, x[:, every.pos_all])
+    return torch.cat([b.values for b in best], -1).isnan().any()
+
+
+def _denoise(network: _Network, x: torch.Tensor, plan: _Plan, generator: Generator, *,
+             callback: Callable[[int, float, torch.Tensor], None] | None, progress: bool) -> SampleOutput:
+    """The loop itself, on checked inputs: `x` [B, N] with the mask id at every unknown position."""
+    cache = _CacheState(plan.every) if plan.config.cache_interval is not None else None
+    # First step whose draw met a NaN (-1: none; `steps`: the final pass): kept on the device, read
+    # once after the loop.
+    first_nan = torch.full((), -1, dtype=torch.long, device=x.device)
     nfe = 0
-    steps = tqdm(range(num_steps), desc="Sampling", disable=not progress)
-    for i in steps:
-        t = t_list[i]
-        u = _uniforms(generator, B, N, device)  # drawn every step: streams stay aligned
-        if active[i]:
-            if not caching:
-                parts, _ = logprobs(every, i, ramp[i], guided[i], cache=False)
+    for i in tqdm(range(plan.steps), desc="Sampling", disable=not progress):
+        u = _uniforms(generator, x.shape[0], x.shape[1], x.device)
+        if plan.active[i]:
+            if cache is None:
+                columns = plan.every
+                out, _ = network(x, plan.sigma[i], columns, guided=plan.guided[i])
             else:
-                done = (left[refreshed] - left[i]) / unknown.clamp(min=1)
-                if (cache is None or cache_mode != guided[i] or i - refreshed >= c.cache_interval
-                        or float(done.max()) > CACHE_REFRESH_FRACTION):
-                    # Host reads at a refresh only: the columns still masked in some row.
-                    cols = every.subset((x[:, every.pos_all] == mask_id).any(0), segments, halton)
-                    cache, cache_mode, refreshed = None, guided[i], i
-                if not cols.requested:  # nothing left to fill (ddpm can finish early)
+                out = cache.forward(network, x, plan, i)
+                if out is None:  # nothing left to fill: no forward, no callback
                     continue
-                parts, cache = logprobs(cols, i, ramp[i], guided[i], cache)
+                columns = cache.columns
             nfe += 1
-            uc = u[:, :, cols.pos_all]
-            cand, lp = draw(cols, parts, uc[:, 0])
-            first_nan = torch.where((first_nan < 0) & lp.isnan().any(), i, first_nan)
-            xs = x[:, cols.pos_all]
-            masked = xs == mask_id
-            if c.strategy == "maskgit":
-                commit = maskgit_commit(cols, i, lp, masked, -torch.log(-torch.log(uc[:, 1].clamp(1e-20, 1 - 1e-7))))
-            elif c.strategy == "threshold":
-                if i == num_steps - 1:
-                    commit = masked
-                else:
-                    rank = ranks(torch.where(masked, lp, -math.inf))
-                    commit = masked & ((lp.exp() > c.threshold) | (rank < c.min_per_step))
-            else:
-                reveal = (move[i] - move[i + 1]) / move[i]
-                commit = masked & (uc[:, 1] < reveal)
-            x[:, cols.pos_all] = torch.where(commit, cand, xs)  # masked => unknown, so known never moves
+            first_nan = torch.where((first_nan < 0) & _update(x, plan, columns, out, i, u), i, first_nan)
         if callback is not None:
-            callback(i, t, x)
-        # The threshold strategy's point is its adaptive length: one read per step.
-        if c.strategy == "threshold":
-            left[i + 1] = (x[:, every.pos_all] == mask_id).sum(-1).cpu().double()
-            if not bool(left[i + 1].any()):
-                break
-
-    # Final pass (release: noise removal): argmax of an unguided forward for anything still masked.
-    still = x[:, every.pos_all] == mask_id
-    if bool(still.any()):
-        parts, _ = logprobs(every, num_steps, 0.0, False, cache=False)
+            callback(i, plan.t[i], x)
+        if plan.config.strategy == "threshold" and _threshold_done(x, plan, i):
+            break
+    met_nan = _final_pass(network, x, plan)
+    if met_nan is not None:
         nfe += 1
-        best = [lp.max(-1) for lp in parts]
-        first_nan = torch.where((first_nan < 0) & torch.cat([b.values for b in best], -1).isnan().any(),
-                                num_steps, first_nan)
-        x[:, every.pos_all] = torch.where(still, torch.cat([b.indices for b in best], -1) + every.vocab_start,
-                                          x[:, every.pos_all])
-    step = int(first_nan)
-    if step >= 0:
-        where = f"step {step} of {num_steps}" if step < num_steps else "the final pass"
-        raise FloatingPointError(
-            f"denoiser returned NaN at {where}: the tokens would be meaningless. The model's weights or "
-            "inputs are not finite (a diverged training run, or a bad dtype?); check them with "
-            "`all(p.isfinite().all() for p in model.parameters())`"
-        )
-    logger.debug("sampled %d rows in %d network evaluations", B, nfe)
+        first_nan = torch.where((first_nan < 0) & met_nan, plan.steps, first_nan)
+    _raise_on_nan(int(first_nan), plan.steps)
+    logger.debug("sampled %d rows in %d network evaluations", x.shape[0], nfe)
     return SampleOutput(tokens=x, nfe=nfe)
+
+
+def _raise_on_nan(step: int, steps: int) -> None:
+    """FloatingPointError if a draw met a NaN (`step` >= 0: the first step that did)."""
+    if step < 0:
+        return
+    where = f"step {step} of {steps}" if step < steps else "the final pass"
+    raise FloatingPointError(
+        f"denoiser returned NaN at {where}: the tokens would be meaningless. The model's weights or "
+        "inputs are not finite (a diverged training run, or a bad dtype?); check them with "
+        "`all(p.isfinite().all() for p in model.parameters())`"
+    )

@@ -8,6 +8,8 @@ move chance is exactly (1 - eps) * t and whose loss weight is exactly 1 / t.
 
 Example:
     >>> import torch
+
+from medim.utils.checks import check_choice
     >>> from medim.diffusion import get_schedule
     >>> s = get_schedule("loglinear")
     >>> s.move_chance(torch.tensor([0.5]))
@@ -21,6 +23,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from medim.utils.checks import check_choice
 
 __all__ = ["NoiseSchedule", "LogLinearSchedule", "LinearSchedule", "CosineSchedule", "SCHEDULES", "get_schedule"]
 
@@ -114,6 +118,5 @@ def get_schedule(schedule: str | NoiseSchedule = "loglinear", **kwargs) -> Noise
         if kwargs:
             raise ValueError(f"schedule: options {sorted(kwargs)} only apply when passing a name")
         return schedule
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule: unknown noise schedule {schedule!r}; accepted: {sorted(SCHEDULES)}")
+    check_choice(schedule, "schedule", sorted(SCHEDULES))
     return SCHEDULES[schedule](**kwargs)

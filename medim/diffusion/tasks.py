@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from medim.utils.checks import describe
+from medim.utils.checks import check_int, describe
 
 from .segments import check_segments, check_tokens
 
@@ -102,8 +102,7 @@ def pair_from_prompt(
 
 def unconditional(layout: Any, batch_size: int, device: torch.device | str | None = None) -> TaskInputs:
     """Nothing known: image and report sampled from scratch."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    check_int(batch_size, "batch_size", minimum=1)
     return _empty(layout, batch_size, device)
 
 

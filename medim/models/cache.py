@@ -118,7 +118,7 @@ def refresh(model: Any, x: torch.Tensor, sigma: torch.Tensor, positions: dict[st
 
 
 def cached_step(model: Any, cache: ContextCache, x: torch.Tensor, sigma: torch.Tensor,
-                positions: dict[str, torch.Tensor], return_logits: bool, condition: dict[str, torch.Tensor]) -> Any:
+                positions: dict[str, torch.Tensor], return_logits: bool, *, condition: dict[str, torch.Tensor]) -> Any:
     """The output of `model` at the cache's positions, running only its active backbone positions.
     Where a row's token was not masked at the refresh, the output is zero logits (it cannot change,
     so a sampler has no use for it)."""

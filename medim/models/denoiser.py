@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from medim.models.cache import ContextCache
+from medim.utils.checks import check_bool, check_choice
 
 __all__ = ["ModelDenoiser", "COMPILE_MODES"]
 
@@ -66,12 +67,10 @@ class ModelDenoiser:
         Example:
             >>> denoiser = ModelDenoiser(model).compile(mode="reduce-overhead")
         """
-        if mode not in COMPILE_MODES:
-            raise ValueError(f"mode must be one of {list(COMPILE_MODES)}, got {mode!r}")
+        check_choice(mode, "mode", COMPILE_MODES)
         if not (isinstance(backend, str) or callable(backend)):
             raise TypeError(f"backend must be a torch.compile backend name or callable, got {type(backend).__name__}")
-        if not isinstance(fullgraph, bool):
-            raise TypeError(f"fullgraph must be a bool, got {type(fullgraph).__name__}")
+        check_bool(fullgraph, "fullgraph")
         self._compiled = torch.compile(self._logits, dynamic=False, mode=mode, backend=backend, fullgraph=fullgraph)
         self._cuda_graphs = mode in _CUDA_GRAPH_MODES
         return self

@@ -76,7 +76,8 @@ class MeDiMConfig(PretrainedConfig):
                 raise ValueError("backbone_config dict must hold 'model_type' (e.g. 'gemma', 'llama')")
             backbone_config = backbone_config_from_dict(backbone_config)
         if backbone_config is not None and not isinstance(backbone_config, PretrainedConfig):
-            raise ValueError(f"backbone_config must be a PretrainedConfig or dict, got {type(backbone_config).__name__}")
+            raise ValueError("backbone_config must be a PretrainedConfig or dict, "
+                             f"got {type(backbone_config).__name__}")
         if isinstance(layout, SequenceLayout):
             layout = layout.to_dict()
         if layout is not None:
@@ -184,7 +185,8 @@ class MeDiMModel(PreTrainedModel):
         # (e.g. Gemma's (1 + w) norms start at 0), so we keep it for our backbone parts.
         base = MODEL_MAPPING[type(bcfg)](bcfg)
         self._backbone_init_weights = base._init_weights
-        self.embed_tokens, self.layers, self.norm, self.rotary_emb = base.embed_tokens, base.layers, base.norm, base.rotary_emb
+        self.embed_tokens, self.layers = base.embed_tokens, base.layers
+        self.norm, self.rotary_emb = base.norm, base.rotary_emb
         for layer in self.layers:
             parts = {name for name, _ in layer.named_children()}
             if parts != _LAYER_PARTS:
@@ -240,7 +242,10 @@ class MeDiMModel(PreTrainedModel):
                 return None  # causal via the modules' is_causal flag
             raise ValueError(f"padded keys need attn_implementation 'eager' or 'sdpa', not {impl!r}")
         device = self.embed_tokens.weight.device
-        allowed = key_mask[:, None, None, :] if key_mask is not None else torch.ones(1, 1, 1, length, dtype=torch.bool, device=device)
+        if key_mask is not None:
+            allowed = key_mask[:, None, None, :]
+        else:
+            allowed = torch.ones(1, 1, 1, length, dtype=torch.bool, device=device)
         if causal:
             allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=device).tril()
         if impl == "sdpa":
@@ -315,7 +320,8 @@ class MeDiMModel(PreTrainedModel):
             # Only on host tensors (on device it would sync every step), never under compile (graph break).
             if (pos.device.type == "cpu" and pos.numel() and not torch.compiler.is_compiling()
                     and (pos.min() < seg.start or pos.max() >= seg.stop)):
-                raise ValueError(f"positions[{name!r}] must lie in [{seg.start}, {seg.stop}) (the {name} state positions)")
+                raise ValueError(f"positions[{name!r}] must lie in [{seg.start}, {seg.stop}) "
+                                 f"(the {name} state positions)")
 
     def forward(
         self,
@@ -355,7 +361,7 @@ class MeDiMModel(PreTrainedModel):
         self._check_inputs(x, sigma, positions)
         if cache is None:
             return refresh(self, x, sigma, positions, return_logits, condition)
-        return cached_step(self, cache, x, sigma, positions, return_logits, condition), cache
+        return cached_step(self, cache, x, sigma, positions, return_logits, condition=condition), cache
 
     def read_out(self, hidden: torch.Tensor, out_index: torch.LongTensor, positions: dict | None,
                  return_logits: bool) -> MeDiMModelOutput:

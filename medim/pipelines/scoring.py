@@ -117,8 +117,8 @@ def estimate_elbo(rt: Runtime, rows: Rows, *, t: torch.Tensor, u: torch.Tensor, 
             pair, k = r // K, r % K
             x0, noised, counted, condition = rows(pair)
             g = group[pair]
-            terms = elbo_terms(denoiser, x0, noised, counted, t[g, k], u[g, k], layout.segments, layout.mask_id,
-                               schedule=schedule, model_kwargs=condition)
+            terms = elbo_terms(denoiser, x0, noised, counted, t[g, k], u[g, k], segments=layout.segments,
+                               mask_id=layout.mask_id, schedule=schedule, model_kwargs=condition)
             totals[r] = terms.sum(-1, dtype=torch.float64)
             if token_sum is not None:
                 token_sum.index_add_(0, pair, terms.double())

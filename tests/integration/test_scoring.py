@@ -43,7 +43,7 @@ def test_elbo_terms_average_to_the_known_likelihood():
     counted = noised.clone()
     counted[:, 2] = False  # masked like the rest, never scored (medim-v1 padding)
     calls = []
-    terms = elbo_terms(table_denoiser(calls), X0.expand(B, -1), noised, counted, t, u, SEGS, MASK)
+    terms = elbo_terms(table_denoiser(calls), X0.expand(B, -1), noised, counted, t, u, segments=SEGS, mask_id=MASK)
     nll = sum(-TABLE["text"][i, X0[0, i]].item() for i in (0, 1)) + sum(
         -TABLE["image"][i, X0[0, 3 + i] - 6].item() for i in range(4))
     assert math.isclose(terms.sum(1).mean().item(), (1 - 1e-3) * nll, rel_tol=0.02)
@@ -59,11 +59,13 @@ def test_elbo_terms_skip_the_forward_and_unscored_segments():
     t, u = torch.full((2,), 1e-3), torch.ones(2, 7)  # nothing masked
     noised = torch.zeros(2, 7, dtype=torch.bool)
     noised[:, :3] = True
-    assert not elbo_terms(table_denoiser(calls), X0.expand(2, -1), noised, noised, t, u, SEGS, MASK).any()
+    assert not elbo_terms(table_denoiser(calls), X0.expand(2, -1), noised, noised, t, u,
+                          segments=SEGS, mask_id=MASK).any()
     assert not calls
     x0 = X0.expand(2, -1).clone()
     x0[:, 3:] = MASK  # the image hidden
-    terms = elbo_terms(table_denoiser(calls), x0, noised, noised, torch.ones(2), torch.zeros(2, 7), SEGS, MASK)
+    terms = elbo_terms(table_denoiser(calls), x0, noised, noised, torch.ones(2), torch.zeros(2, 7),
+                       segments=SEGS, mask_id=MASK)
     assert calls[0][1] == ["text"] and (calls[0][0][:, 3:] == MASK).all() and (terms[:, :3] > 0).all()
 
 

@@ -37,14 +37,16 @@ def mixed_task(model, rows=3, seed=0):
     its key mask matters), with the per-row condition of the layout."""
     layout = model.layout
     g = torch.Generator().manual_seed(seed)
-    x = torch.cat([torch.randint(s.vocab_start, s.vocab_stop, (rows, s.length), generator=g) for s in layout.segments], 1)
+    x = torch.cat([torch.randint(s.vocab_start, s.vocab_stop, (rows, s.length), generator=g)
+                   for s in layout.segments], 1)
     known = torch.rand(rows, layout.state_len, generator=g) < torch.tensor([0.2, 0.5, 0.8])[:rows, None]
     known[0, : layout.text_len] = True  # row 0: the whole report known (image-to-report-like)
     condition = {}
     if layout.name == "medim-v1":
         x[1, layout.text_len - 4 : layout.text_len] = layout.pad_id
         known[1, layout.text_len - 4 : layout.text_len] = True
-        condition = {"cond_ids": torch.randint(3, 100, (rows, 5), generator=g), "cond_mask": torch.ones(rows, 5, dtype=torch.bool)}
+        condition = {"cond_ids": torch.randint(3, 100, (rows, 5), generator=g),
+                     "cond_mask": torch.ones(rows, 5, dtype=torch.bool)}
         condition["cond_mask"][2, 3:] = False  # a shorter condition: rows differ in where the text sits
     return torch.where(known, x, layout.mask_id), known, condition
 
@@ -144,17 +146,19 @@ def test_cached_step_sees_committed_tokens(layout):
         model = v1_model(layers) if layout == "medim-v1" else native_model(layers)
         x, known, condition = mixed_task(model)
         unknown = (~known).any(0)
-        positions = {s.name: torch.nonzero(unknown[s.start : s.stop]).squeeze(-1) + s.start for s in model.layout.segments}
+        positions = {s.name: torch.nonzero(unknown[s.start : s.stop]).squeeze(-1) + s.start
+                     for s in model.layout.segments}
         sigma = torch.tensor([0.3, 1.0, 2.5])
         g = torch.Generator().manual_seed(1)
         later = x.clone()
         for seg in model.layout.segments:
             ids = torch.randint(seg.vocab_start, seg.vocab_stop, x.shape, generator=g)
-            later[:, seg.start : seg.stop] = torch.where(torch.rand(x.shape, generator=g) < 0.5, ids, x)[:, seg.start : seg.stop]
+            changed = torch.where(torch.rand(x.shape, generator=g) < 0.5, ids, x)
+            later[:, seg.start : seg.stop] = changed[:, seg.start : seg.stop]
         later = torch.where(known, x, later)
         if layout == "medim-v1":
-            later[2, : model.layout.text_len] = torch.where(known[2, : model.layout.text_len], later[2, : model.layout.text_len],
-                                                            model.layout.pad_id)
+            text = slice(0, model.layout.text_len)
+            later[2, text] = torch.where(known[2, text], later[2, text], model.layout.pad_id)
         with torch.no_grad():
             _, cache = model.forward_cached(x, sigma, positions, return_logits=True, **condition)
             ref = model(later, sigma, positions=positions, return_logits=True, **condition).logits

@@ -121,8 +121,10 @@ def test_pipeline_asks_for_logits_and_its_tokens_are_unchanged(tmp_path, monkeyp
         return image, pairs
 
     monkeypatch.setattr(pipe.model, "forward", spy)
+    checked = []  # the pipeline checks at its edge: the sampler must not read the tokens back per chunk
+    monkeypatch.setattr("medim.diffusion.sampler.check_tokens", lambda *args: checked.append(args))
     fast = run()
-    assert seen and all(seen)
+    assert seen and all(seen) and not checked
     # Log-probs where the sampler asked for logits: the same tokens (a per-position constant apart).
     monkeypatch.setattr(pipe.model, "forward",
                         lambda *a, return_logits=False, **kw: MeDiMModelOutput(logits=forward(*a, **kw).logprobs))

@@ -261,6 +261,23 @@ def test_bad_inputs():
         sample(Toy(), bad, task.known, segments=SEGS, mask_id=M, num_inference_steps=2)
 
 
+def test_check_false_skips_the_input_checks_only(monkeypatch):
+    """`check=False` (the pipeline's, which checks at its edge) gives the same tokens without reading
+    the known tokens back from the device; the settings are still checked against the denoiser."""
+    task = pair_from_prompt(LAYOUT, torch.arange(6).repeat(3, 1), [0, 2, 5])
+    opts = dict(guidance_scale=3.0, generator=[torch.Generator().manual_seed(r) for r in range(3)])
+    ref = run(Toy(), task, **opts)
+    read = []
+    monkeypatch.setattr("medim.diffusion.sampler.check_tokens", lambda *args: read.append(args))
+    out = run(Toy(), task, check=False, guidance_scale=3.0,
+              generator=[torch.Generator().manual_seed(r) for r in range(3)])
+    assert torch.equal(out.tokens, ref.tokens) and out.nfe == ref.nfe and not read
+    run(Toy(), task, **opts)
+    assert len(read) == 1
+    with pytest.raises(ValueError, match="cache_interval"):
+        run(Toy(), task, check=False, cache_interval=2)
+
+
 @pytest.mark.parametrize("opts", [dict(strategy="maskgit"), dict(strategy="threshold"), dict(strategy="ddpm"),
                                   dict(strategy="maskgit", temperature=0.7, top_k=5, top_p=0.9)])
 def test_denoiser_outputs_matter_only_up_to_a_per_position_constant(opts):
@@ -305,9 +322,9 @@ def test_halton_commits_every_image_position_once_in_halton_order(guidance):
     x = task.x.clone()
     x[1, [6 + 3, 6 + 7]] = 12
     states = [x.clone()]
-    out = sample(Toy(scale=0.3, segs=SQUARE.segments), x, known, segments=SQUARE.segments, mask_id=M, num_inference_steps=7,
-                 order="halton", guidance_scale=guidance, generator=torch.Generator().manual_seed(0),
-                 callback=lambda i, t, xi: states.append(xi.clone()))
+    out = sample(Toy(scale=0.3, segs=SQUARE.segments), x, known, segments=SQUARE.segments, mask_id=M,
+                 num_inference_steps=7, order="halton", guidance_scale=guidance,
+                 generator=torch.Generator().manual_seed(0), callback=lambda i, t, xi: states.append(xi.clone()))
     assert not (out.tokens == M).any() and torch.equal(out.tokens[known], x[known])
     masked = torch.stack([s == M for s in states])  # [steps + 1, B, N]
     committed = masked[:-1] & ~masked[1:]  # [steps, B, N]: committed at that step
@@ -339,8 +356,8 @@ def test_nan_from_the_denoiser_raises(opts):
 
     task = pair_from_prompt(SQUARE, torch.arange(6).repeat(2, 1), [2, 4])
     with pytest.raises(FloatingPointError, match=f"NaN at step {nan_at} of 8"):
-        sample(broken, task.x, task.known, segments=SQUARE.segments, mask_id=M, num_inference_steps=8, guidance_scale=2.0,
-               generator=torch.Generator().manual_seed(0), **opts)
+        sample(broken, task.x, task.known, segments=SQUARE.segments, mask_id=M, num_inference_steps=8,
+               guidance_scale=2.0, generator=torch.Generator().manual_seed(0), **opts)
     if opts.get("strategy") != "threshold":
         assert len(toy.calls) == 8  # checked on the device and read once: the loop ran to its end
 

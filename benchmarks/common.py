@@ -36,7 +36,8 @@ SIZES: dict[str, dict[str, int]] = {
     "tiny128": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, head_dim=32),
     "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, head_dim=64),
     "medium": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8, head_dim=64),
-    "liquid": dict(hidden_size=3072, intermediate_size=24576, num_hidden_layers=10, num_attention_heads=16, head_dim=256),
+    "liquid": dict(hidden_size=3072, intermediate_size=24576, num_hidden_layers=10, num_attention_heads=16,
+                   head_dim=256),
 }
 
 
@@ -93,7 +94,8 @@ def task_batch(layout: MeDiMV1Layout, task: str, batch: int, device: str | torch
     T, image = layout.text_len, layout.image_segment
     g = torch.Generator().manual_seed(seed + 1)
     if task == "image_to_report":
-        x[:, T:] = (torch.randint(0, image.vocab_size, (batch, image.length), generator=g) + image.vocab_start).to(x.device)
+        codes = torch.randint(0, image.vocab_size, (batch, image.length), generator=g) + image.vocab_start
+        x[:, T:] = codes.to(x.device)
         known = torch.zeros_like(known)
         known[:, T:] = True
     elif task == "pairs":

@@ -21,7 +21,8 @@ def main() -> None:
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--model", default=None, help="saved pipeline dir or repo (default: the released checkpoint)")
     parser.add_argument("--prompt", default=MIMIC_PREFIX, help="the beginning every report is given ('' for none)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    parser.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int, default=None,
+                        help="sampling steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -32,9 +33,9 @@ def main() -> None:
     else:
         pipe = MeDiMPipeline.from_pretrained(args.model, dtype=dtype, device=device)
 
-    kwargs = {} if args.steps is None else {"num_inference_steps": args.steps}
     out = pipe.image_to_report(
-        args.images, prompt=args.prompt or None, generator=torch.Generator(pipe.device).manual_seed(args.seed), **kwargs
+        args.images, prompt=args.prompt or None, num_inference_steps=args.num_inference_steps,
+        generator=torch.Generator(pipe.device).manual_seed(args.seed),
     )
     for path, report in zip(args.images, out.reports):
         print(f"== {path}\n{report}\n")

@@ -1,7 +1,8 @@
 """Generate synthetic image-report pairs with MeDiM (both modalities sampled jointly).
 
-    python examples/generate_pairs.py --num 4                                   # released weights
-    python examples/generate_pairs.py --model path/to/saved_pipeline --num 8    # any saved pipeline
+    python examples/generate_pairs.py --num 4                                                   # released weights
+    python examples/generate_pairs.py --model path/to/saved_pipeline --num 8                    # any saved pipeline
+    python examples/generate_pairs.py --model medim-demo --prompt "Frontal chest radiograph."   # the bundled demo
 
 For large, resumable runs use the command line instead: `medim generate pairs --help`.
 """

@@ -2,6 +2,7 @@
 
     python examples/image_to_report.py cxr1.jpg cxr2.png                         # released weights
     python examples/image_to_report.py cxr.jpg --model path/to/saved_pipeline    # any saved pipeline
+    python examples/image_to_report.py cxr.png --model medim-demo --prompt ''    # the bundled demo
 
 Grayscale and 16-bit X-rays are fine: images are converted, padded to square and resized.
 """

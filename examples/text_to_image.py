@@ -1,7 +1,8 @@
 """Generate chest X-rays from reports with MeDiM.
 
-    python examples/text_to_image.py                                  # released weights from the Hub
-    python examples/text_to_image.py --model path/to/saved_pipeline   # any saved MeDiMPipeline
+    python examples/text_to_image.py                                              # released weights from the Hub
+    python examples/text_to_image.py --model path/to/saved_pipeline               # any saved MeDiMPipeline
+    python examples/text_to_image.py --model medim-demo --num-inference-steps 8   # the bundled demo, no download
 """
 
 import argparse

@@ -173,7 +173,8 @@ def spread(pipe, n: int, counts: list[int], seeds: int, batch_size: int) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="medim-demo")
     p.add_argument("--only", nargs="+", choices=("inpaint", "retrieval", "infill", "spread"),
                    default=["inpaint", "retrieval", "infill", "spread"])
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spread-seeds", type=int, default=5)
     p.add_argument("--spread-n", type=int, default=100)
     p.add_argument("--mask-dilation", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    p.add_argument("--num-inference-steps", "--steps", dest="steps", type=int, default=None,
+                   help="sampling steps (default: the model's)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model's)")
     p.add_argument("--strategy", default=None, help="sampler strategy (default: the model's)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -198,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe = MeDiMPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     info = machine_info()
-    sampling = {k: v for k, v in dict(num_inference_steps=args.steps, temperature=args.temperature, strategy=args.strategy).items()
-                if v is not None}
+    sampling = dict(num_inference_steps=args.steps, temperature=args.temperature, strategy=args.strategy)
+    sampling = {k: v for k, v in sampling.items() if v is not None}
     rows, notes = [], []
 
     def add(measurement: str, value: float, target: float | str = "", chance_level: float | str = "", n: int = 0,
@@ -210,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if "inpaint" in args.only:
         for mode in ("add", "remove"):
-            r = inpainting(pipe, args.n_inpaint, mode, dict(mask_dilation=args.mask_dilation, batch_size=50, **sampling))
+            options = dict(mask_dilation=args.mask_dilation, batch_size=50, **sampling)
+            r = inpainting(pipe, args.n_inpaint, mode, options)
             add(f"inpaint {mode}: success", r["success"], 0.9, n=args.n_inpaint, cost=f"{r['seconds']:.0f} s")
             add(f"inpaint {mode}: presence as asked, others kept", r["presence"], n=args.n_inpaint)
             add(f"inpaint {mode}: other three quadrants kept", r["others_kept"], n=args.n_inpaint)

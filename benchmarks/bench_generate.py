@@ -5,8 +5,8 @@
     python benchmarks/bench_generate.py --gpu                    # CUDA: release shape, eager vs compiled
     python benchmarks/bench_generate.py --gpu --smoke            # (c)'s code path on CPU, shrunk, not recorded
 
-a) Scaling (CPU, the bundled medim-demo model, its own sampler settings unless --steps): the real
-   command, `torchrun --standalone --nproc_per_node P -m medim generate pairs ...`, with
+a) Scaling (CPU, the bundled medim-demo model, its own sampler settings unless --num-inference-steps):
+   the real command, `torchrun --standalone --nproc_per_node P -m medim generate pairs ...`, with
    OMP_NUM_THREADS=1, for the same total work at each P. pairs/s is the marginal rate between two
    request sizes, (N_large - N_small) / (wall_large - wall_small), so start-up (Python, torch,
    the model load, the rendezvous) cancels. The outputs of every P are compared byte for byte.
@@ -50,7 +50,7 @@ def generate_command(processes: int, model: str, prompts: Path, pairs: int, out:
                "-m", "medim", "generate", "pairs", "--model", model, "--prompts", str(prompts),
                "--num-per-prompt", str(pairs // len(PROMPTS)), "--batch-size", str(batch), "--device", "cpu",
                "--out", str(out)]
-    return command + (["--steps", str(steps)] if steps else [])
+    return command + (["--num-inference-steps", str(steps)] if steps else [])
 
 
 def scaling(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
@@ -160,11 +160,13 @@ def gpu_pairs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="medim-demo", help="pipeline for the scaling runs")
     p.add_argument("--processes", default="1,2", help="process counts to compare (the first is the baseline)")
     p.add_argument("--pairs", default="24,120", help="the two request sizes (multiples of 4) of the marginal rate")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own)")
+    p.add_argument("--num-inference-steps", "--steps", dest="steps", type=int, default=None,
+                   help="sampling steps (default: the model's own)")
     p.add_argument("--batch", type=int, default=8, help="--batch-size of each process")
     p.add_argument("--repeats", type=int, default=1, help="runs of each configuration (the fastest counts)")
     p.add_argument("--decode-batch", type=int, default=8, help="images of the decode comparison")

@@ -6,8 +6,9 @@
 A random checkpoint in Liquid_V1_7B's file format (docs/formats.md, section 1: 4 bf16 shards + index,
 GemmaForCausalLM keys, Liquid's config.json) is written at a reduced width, then loaded by
 `MeDiMModel.from_liquid(num_layers=10, dtype=bfloat16)` in a fresh subprocess. Peak memory is
-the high-water resident size (VmHWM = ru_maxrss, reset after the imports) minus the resident size after the imports, against the bytes of the kept weights.
-The vocabulary keeps Liquid's proportions (text + 8192 image codes, embedding ~1/4 of the kept weights).
+the high-water resident size (VmHWM = ru_maxrss, reset after the imports) minus the resident size
+after the imports, against the bytes of the kept weights. The vocabulary keeps Liquid's proportions
+(text + 8192 image codes, embedding ~1/4 of the kept weights).
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         written = write_liquid_like(Path(tmp), args.hidden, args.intermediate, args.layers, args.text_vocab)
         cmd = [sys.executable, __file__, "--child", tmp, "--num-layers", str(args.num_layers),
                "--text-vocab", str(args.text_vocab)]
-        result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        stdout = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        result = json.loads(stdout.strip().splitlines()[-1])
     mb = 2**20
     row = dict(checkpoint_MB=written / mb, kept_MB=result["kept_bytes"] / mb, peak_rss_MB=result["peak_bytes"] / mb,
                peak_over_kept=result["peak_bytes"] / result["kept_bytes"], load_s=result["seconds"])

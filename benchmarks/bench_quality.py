@@ -162,7 +162,8 @@ def load_cache(path: Path, n: int) -> dict[tuple, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="medim-demo", help="'medim-demo' or a phantom-trained pipeline folder")
     p.add_argument("--n", type=int, default=200, help="held-out phantoms per point")
     p.add_argument("--only", default=None, help=f"comma-separated lines to run, of: {[name for name, _, _ in LINES]}")
@@ -200,14 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = [done[(name, s)] for name, _, steps in LINES for s in steps if (name, s) in done]
     unit = whole_forward_gflops(pipe.model)
     plot(rows, unit, args.plot, args.n)
-    table = [{**{k: r[k] for k in ("line", "steps", "nfe", "gflops", "s_per_sample", *ACCURACIES, "pairs_with_lesions")},
-              "load": r["load_average"][0]} for r in rows]
+    columns = ("line", "steps", "nfe", "gflops", "s_per_sample", *ACCURACIES, "pairs_with_lesions")
+    table = [{**{k: r[k] for k in columns}, "load": r["load_average"][0]} for r in rows]
+    plot_path = args.plot.relative_to(ROOT) if args.plot.is_relative_to(ROOT) else args.plot
     notes = [f"every point: {MAP_BASE.to_dict()} with the line's overrides "
              f"({ {name: o for name, o, _ in LINES} })",
              "nfe: network evaluations per sample (a cached step counts as one); gflops: network FLOPs per sample, "
              "averaged over the three tasks; s_per_sample: wall-clock, comparable only between points of similar "
              "load (the 1-minute load average when the point ended; the machine's cores: "
-             f"{machine_info()['cpu_cores']})", f"plot: {args.plot.relative_to(ROOT) if args.plot.is_relative_to(ROOT) else args.plot}"]
+             f"{machine_info()['cpu_cores']})", f"plot: {plot_path}"]
     collapsed = sorted({f"{r['line']}@{r['steps']}" for r in rows if r["pairs_with_lesions"] < MIN_LESION_SHARE})
     notes.append(f"collapsed (pairs with a lesion < {MIN_LESION_SHARE:.3f}; consistent pairs then mean nothing), left "
                  f"out of the picks below: {', '.join(collapsed) or 'none'}")

@@ -2,12 +2,12 @@
 40196-row vocabulary), text-to-image with classifier-free guidance.
 
     python benchmarks/bench_sampler.py                                   # CPU, tiny width
-    python benchmarks/bench_sampler.py --size liquid --device cuda --dtype bfloat16 --steps 16
+    python benchmarks/bench_sampler.py --size liquid --device cuda --dtype bfloat16 --num-inference-steps 16
     python benchmarks/bench_sampler.py --demo-model medim-demo           # + demo accuracies
-    python benchmarks/bench_sampler.py --cache-speed --size medium --steps 32      # (d) context caching
-    python benchmarks/bench_sampler.py --compile-speed                             # (e) compiled vs eager
+    python benchmarks/bench_sampler.py --cache-speed --size medium --num-inference-steps 32   # (d) context caching
+    python benchmarks/bench_sampler.py --compile-speed                                        # (e) compiled vs eager
     python benchmarks/bench_sampler.py --compile-speed --size liquid --device cuda --dtype bfloat16 \
-        --compile-mode reduce-overhead --steps 16                                  # (e) on a GPU
+        --compile-mode reduce-overhead --num-inference-steps 16                               # (e) on a GPU
 
 a) loop overhead = sampling time / (forwards x time of one bare model forward at the same batch
    and positions): 1.0 means the loop costs nothing beyond the network. The bare forward is the
@@ -71,7 +71,8 @@ def run_sampler(model, x, known, cond, steps: int, guidance: float, strategy: st
     layout = model.layout
     gens = [torch.Generator(x.device).manual_seed(seed + r) for r in range(x.shape[0])]
     return sample(make_denoiser(model), x, known, segments=layout.segments, mask_id=layout.mask_id,
-                  num_inference_steps=steps, strategy=strategy, guidance_scale=guidance, generator=gens, model_kwargs=cond)
+                  num_inference_steps=steps, strategy=strategy, guidance_scale=guidance, generator=gens,
+                  model_kwargs=cond)
 
 
 def best_of(fn, device, repeats: int) -> tuple[float, Any]:
@@ -154,8 +155,8 @@ def demo_accuracy(model: str, settings, n: int, device: str, dtype: torch.dtype)
 def _sample_task(denoiser, model, task, steps: int, guidance: float, **options):
     x, known, cond = task
     gens = [torch.Generator(x.device).manual_seed(r) for r in range(x.shape[0])]
-    return sample(denoiser, x, known, segments=model.layout.segments, mask_id=model.layout.mask_id, num_inference_steps=steps,
-                  guidance_scale=guidance, generator=gens, model_kwargs=cond, **options)
+    return sample(denoiser, x, known, segments=model.layout.segments, mask_id=model.layout.mask_id,
+                  num_inference_steps=steps, guidance_scale=guidance, generator=gens, model_kwargs=cond, **options)
 
 
 @torch.inference_mode()
@@ -198,7 +199,8 @@ def compile_speed(model, batch: int, steps: int, guidance: float, mode: str | No
     torch._dynamo.reset()
     return dict(batch=batch, steps=steps, mode=mode, eager_s_per_step=t_eager / ref.nfe,
                 compiled_s_per_step=t_compiled / out.nfe, speedup=t_eager / t_compiled,
-                compile_s=t_first - 2 * t_compiled / out.nfe, token_agreement=float((out.tokens == ref.tokens).float().mean()))
+                compile_s=t_first - 2 * t_compiled / out.nfe,
+                token_agreement=float((out.tokens == ref.tokens).float().mean()))
 
 
 def parse_settings(text: str) -> list[tuple[str, int]]:
@@ -213,13 +215,15 @@ def parse_settings(text: str) -> list[tuple[str, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny", choices=list(SIZES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--steps", type=int, default=8, help="steps for (a) and (b)")
+    p.add_argument("--num-inference-steps", "--steps", dest="steps", type=int, default=8,
+                   help="sampling steps for (a) and (b)")
     p.add_argument("--release-rows", type=int, default=None, help="rows the release loop runs (default: --batch)")
     p.add_argument("--settings", default="maskgit:128,maskgit:64,maskgit:32,threshold:128", help="for (c)")
     p.add_argument("--nfe-batch", type=int, default=2, help="batch for (c)")
@@ -239,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     if args.batch < 1 or args.steps < 1 or args.nfe_batch < 1:
-        raise SystemExit("--batch, --steps and --nfe-batch must be >= 1")
+        raise SystemExit("--batch, --num-inference-steps and --nfe-batch must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -36,7 +36,8 @@ SIZES: dict[str, dict[str, int]] = {
     "tiny128": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, head_dim=32),
     "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, head_dim=64),
     "medium": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8, head_dim=64),
-    "liquid": dict(hidden_size=3072, intermediate_size=24576, num_hidden_layers=10, num_attention_heads=16, head_dim=256),
+    "liquid": dict(hidden_size=3072, intermediate_size=24576, num_hidden_layers=10, num_attention_heads=16,
+                   head_dim=256),
 }
 
 
@@ -93,7 +94,8 @@ def task_batch(layout: MeDiMV1Layout, task: str, batch: int, device: str | torch
     T, image = layout.text_len, layout.image_segment
     g = torch.Generator().manual_seed(seed + 1)
     if task == "image_to_report":
-        x[:, T:] = (torch.randint(0, image.vocab_size, (batch, image.length), generator=g) + image.vocab_start).to(x.device)
+        codes = torch.randint(0, image.vocab_size, (batch, image.length), generator=g) + image.vocab_start
+        x[:, T:] = codes.to(x.device)
         known = torch.zeros_like(known)
         known[:, T:] = True
     elif task == "pairs":
@@ -106,7 +108,7 @@ def task_batch(layout: MeDiMV1Layout, task: str, batch: int, device: str | torch
 
 @torch.no_grad()
 def release_style_sample(model: MeDiMModel, x: torch.Tensor, known: torch.Tensor, condition: dict[str, torch.Tensor],
-                         num_steps: int, guidance_scale: float, generators: Sequence[torch.Generator],
+                         num_inference_steps: int, guidance_scale: float, generators: Sequence[torch.Generator],
                          confidence_temperature: float = 10.0) -> torch.Tensor:
     """The released sampler's way of working: one sample at a time, the unconditional pass as its
     own forward, logits over the whole vocabulary at every backbone position, then docs/formats.md
@@ -118,13 +120,13 @@ def release_style_sample(model: MeDiMModel, x: torch.Tensor, known: torch.Tensor
     """
     layout = model.layout
     out = []
-    t_grid = torch.linspace(1, 1e-5, num_steps + 1)
+    t_grid = torch.linspace(1, 1e-5, num_inference_steps + 1)
     sigma = get_schedule("loglinear").sigma(t_grid)
     for r in range(x.shape[0]):
         xr, kr = x[r : r + 1].clone(), known[r : r + 1]
         cond = {k: v[r : r + 1] for k, v in condition.items()}
-        counts = commit_counts((~kr).sum(-1).cpu(), num_steps)[0].tolist()
-        for i in range(num_steps):
+        counts = commit_counts((~kr).sum(-1).cpu(), num_inference_steps)[0].tolist()
+        for i in range(num_inference_steps):
             t, w = t_grid[i].item(), guidance_scale * (1 - t_grid[i].item())
             u = torch.rand(2, xr.shape[1], generator=generators[r], device=generators[r].device).to(xr.device)
             if counts[i] == 0:

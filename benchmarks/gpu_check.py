@@ -111,8 +111,9 @@ def section_compile(a: argparse.Namespace, device: torch.device, model) -> dict[
         run_sampler(model, x, known, cond, 2, a.guidance)  # compiles the B and 2B graphs
         compile_s = time.perf_counter() - start
         compiled, out = timed(lambda: run_sampler(model, x, known, cond, a.compile_steps, a.guidance), device)
-    return dict(batch=a.batches[0], steps=a.compile_steps, compile_s=compile_s, eager_s_per_step=eager / a.compile_steps,
-                compiled_s_per_step=compiled / a.compile_steps, speedup=eager / compiled)
+    return dict(batch=a.batches[0], steps=a.compile_steps, compile_s=compile_s,
+                eager_s_per_step=eager / a.compile_steps, compiled_s_per_step=compiled / a.compile_steps,
+                speedup=eager / compiled)
 
 
 def write(out_dir: Path, results: dict[str, Any]) -> None:
@@ -134,7 +135,8 @@ def write(out_dir: Path, results: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="shrink everything (runs on CPU)")
     p.add_argument("--skip", default="", help="comma list of sections to skip: precision,sampling,training,compile")
     p.add_argument("--train-rows", default=None, help="training rows CONFIG@MICRO_BATCH (see bench_train.py)")

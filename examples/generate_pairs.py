@@ -1,7 +1,8 @@
 """Generate synthetic image-report pairs with MeDiM (both modalities sampled jointly).
 
-    python examples/generate_pairs.py --num 4                                   # released weights
-    python examples/generate_pairs.py --model path/to/saved_pipeline --num 8    # any saved pipeline
+    python examples/generate_pairs.py --num 4                                                   # released weights
+    python examples/generate_pairs.py --model path/to/saved_pipeline --num 8                    # any saved pipeline
+    python examples/generate_pairs.py --model medim-demo --prompt "Frontal chest radiograph."   # the bundled demo
 
 For large, resumable runs use the command line instead: `medim generate pairs --help`.
 """
@@ -24,7 +25,8 @@ def main() -> None:
     )
     parser.add_argument("--num", type=int, default=4, help="pairs to generate")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    parser.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int, default=None,
+                        help="sampling steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("pairs"))
     args = parser.parse_args()
@@ -36,10 +38,9 @@ def main() -> None:
     else:
         pipe = MeDiMPipeline.from_pretrained(args.model, dtype=dtype, device=device)
 
-    kwargs = {} if args.steps is None else {"num_inference_steps": args.steps}
     out = pipe.generate_pairs(
         [args.prompt], num_pairs_per_prompt=args.num, batch_size=args.batch_size,
-        generator=torch.Generator(pipe.device).manual_seed(args.seed), **kwargs,
+        num_inference_steps=args.num_inference_steps, generator=torch.Generator(pipe.device).manual_seed(args.seed),
     )
     args.out.mkdir(parents=True, exist_ok=True)
     for i, (image, report) in enumerate(zip(out.images, out.reports)):

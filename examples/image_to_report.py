@@ -2,6 +2,7 @@
 
     python examples/image_to_report.py cxr1.jpg cxr2.png                         # released weights
     python examples/image_to_report.py cxr.jpg --model path/to/saved_pipeline    # any saved pipeline
+    python examples/image_to_report.py cxr.png --model medim-demo --prompt ''    # the bundled demo
 
 Grayscale and 16-bit X-rays are fine: images are converted, padded to square and resized.
 """
@@ -21,7 +22,8 @@ def main() -> None:
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--model", default=None, help="saved pipeline dir or repo (default: the released checkpoint)")
     parser.add_argument("--prompt", default=MIMIC_PREFIX, help="the beginning every report is given ('' for none)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    parser.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int, default=None,
+                        help="sampling steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -32,9 +34,9 @@ def main() -> None:
     else:
         pipe = MeDiMPipeline.from_pretrained(args.model, dtype=dtype, device=device)
 
-    kwargs = {} if args.steps is None else {"num_inference_steps": args.steps}
     out = pipe.image_to_report(
-        args.images, prompt=args.prompt or None, generator=torch.Generator(pipe.device).manual_seed(args.seed), **kwargs
+        args.images, prompt=args.prompt or None, num_inference_steps=args.num_inference_steps,
+        generator=torch.Generator(pipe.device).manual_seed(args.seed),
     )
     for path, report in zip(args.images, out.reports):
         print(f"== {path}\n{report}\n")

@@ -37,6 +37,7 @@ from medim.models.denoiser import ModelDenoiser
 from medim.models.medim import MeDiMModel
 from medim.models.vqgan import VQGAN
 from medim.pipelines import loading
+from medim.pipelines import lora as lora_adapters
 from medim.pipelines.editing import EditingMixin
 from medim.pipelines.generation import GenerationMixin, MeDiMOutput
 from medim.pipelines.model_card import CARD_NAME, CardInfo, card_info, hub_repo_id, write_card
@@ -343,3 +344,63 @@ class MeDiMPipeline(GenerationMixin, EditingMixin, ScoringMixin):
         if method is None:
             raise ValueError(f"task must be one of {sorted([*TASKS, *TASKS.values()])}, got {task!r}")
         return getattr(self, method)(*args, **kwargs)
+
+    # ---- LoRA adapters (medim/pipelines/lora.py; docs/training.md, "LoRA fine-tuning") ----------
+    def load_lora_weights(
+        self,
+        path_or_repo_id: str | os.PathLike,
+        *,
+        adapter_name: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+    ) -> MeDiMPipeline:
+        """Load a LoRA adapter (a folder or Hub repo written by `medim train` with `lora.r > 0` or
+        by `save_lora_weights`) into the model; the task methods then use it. Only
+        adapter_config.json and adapter_model.safetensors are read. An adapter trained on another
+        base (layout, backbone shape, module names, tensor shapes) is refused, naming what differs.
+        One adapter at a time. Returns self.
+
+        Example:
+            >>> pipe = MeDiMPipeline.from_pretrained("org/medim-cxr").load_lora_weights("org/medim-cxr-lora")
+        """
+        hub = HubOptions(revision, cache_dir, local_files_only, token)
+        lora_adapters.load_into(self, path_or_repo_id, adapter_name, hub)
+        return self
+
+    def fuse_lora(self) -> MeDiMPipeline:
+        """Add the loaded adapter into the base weights: generation then costs what the base costs.
+        `unfuse_lora()` takes it out again (up to float rounding). Returns self."""
+        lora_adapters.set_fused(self, True)
+        return self
+
+    def unfuse_lora(self) -> MeDiMPipeline:
+        """Undo `fuse_lora()`. Returns self."""
+        lora_adapters.set_fused(self, False)
+        return self
+
+    def unload_lora_weights(self) -> MeDiMPipeline:
+        """Remove the adapter: the base model comes back. After `fuse_lora()` the fused weights stay
+        (the adapter baked in, plain modules, e.g. to `save_pretrained` a merged pipeline). Returns self."""
+        lora_adapters.unload_from(self)
+        return self
+
+    def save_lora_weights(self, save_directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the loaded adapter as a PEFT adapter folder (adapter_config.json,
+        adapter_model.safetensors, README.md model card), atomically.
+
+        Example:
+            >>> pipe.save_lora_weights("medim-cxr-lora")
+        """
+        return lora_adapters.save_from(self, save_directory, overwrite)
+
+    def push_lora_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                         commit_message: str = "Upload MeDiM LoRA adapter") -> str:
+        """Upload the loaded adapter (as `save_lora_weights` writes it) to `repo_id`, created if
+        needed. Returns the commit URL.
+
+        Example:
+            >>> pipe.push_lora_to_hub("my-org/medim-cxr-lora", private=True)
+        """
+        return lora_adapters.push_from(self, repo_id, private=private, token=token, commit_message=commit_message)

@@ -266,7 +266,7 @@ DRIVER = textwrap.dedent('''
     step = tr.Trainer.train_step
 
     def train_step(self):
-        if self.step == at:
+        if at and self.step == at:
             os.kill(os.getpid(), signal.SIGKILL)
         return step(self)
 

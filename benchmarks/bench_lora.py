@@ -83,7 +83,8 @@ def counts_at_10_layers() -> dict[str, tuple[int, int]]:
     total = sum(p.numel() for p in model.parameters())
     adaln = sum(p.numel() for layer in model.layers for p in layer.adaLN_modulation.parameters())
     trainable = apply_lora(model, LoraSection(r=16, alpha=16))
-    return {"full": (total, total), "lora": (trainable, sum(p.numel() for p in model.parameters())), "adaln": (adaln, total)}
+    with_adapters = sum(p.numel() for p in model.parameters())
+    return {"full": (total, total), "lora": (trainable, with_adapters), "adaln": (adaln, total)}
 
 
 def child(config: str, layers: int, device: str, batch: int, steps: int) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medim.models.medim import AdaLNModulation
-from medim.utils.checks import check_state_shapes
+from medim.utils.checks import check_int, check_number, check_state_shapes
 from medim.utils.hub import HubOptions, atomic_directory, resolve_file
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LoadedAdapter", "lora_config", "check_targets", "add_adapter",
@@ -233,9 +233,17 @@ def _config_from_dict(data: Any, source: str):
     if changed:
         raise ValueError(f"{source}: {ADAPTER_CONFIG} sets {changed}, which medim does not support "
                          "(plain LoRA only: r, lora_alpha, lora_dropout, target_modules, modules_to_save, use_rslora)")
-    targets = data.get("target_modules")
-    if isinstance(targets, str) or not targets:
-        raise ValueError(f"{source}: {ADAPTER_CONFIG} target_modules must be a list of module names, got {targets!r}")
+    what = f"{source}: {ADAPTER_CONFIG}"
+    check_int(data.get("r"), f"{what} r", minimum=1)
+    check_number(data.get("lora_alpha"), f"{what} lora_alpha", minimum=0)
+    check_number(data.get("lora_dropout", 0.0), f"{what} lora_dropout", minimum=0, maximum=1)
+    for key in ("target_modules", "modules_to_save"):
+        names = data.get(key) or []
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"{what} {key} must be a list of module names, got {data.get(key)!r}")
+    if not data.get("target_modules"):
+        raise ValueError(f"{what} names no target_modules")
+    targets = data["target_modules"]
     return lora_config(r=data["r"], alpha=data["lora_alpha"], dropout=data.get("lora_dropout", 0.0),
                        target_modules=targets, modules_to_save=data.get("modules_to_save") or (),
                        use_rslora=bool(data.get("use_rslora", False)))

@@ -165,7 +165,8 @@ def test_ill_fitting_adapters_are_refused(bases, tmp_path):
     del tensors["base_model.model.layers.1.mlp.up_proj.lora_B.weight"]
     save_file(tensors, str(broken / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match=r"missing \(1\): .*layers.1.mlp.up_proj.lora_B.weight[\s\S]*wrong shape "
-                                         rf"\(1\): .*q_proj.lora_A.weight: file \(5, {width}\) vs model \(4, {width}\)"):
+                                         rf"\(1\): .*q_proj.lora_A.weight: file \(5, {width}\) vs model "
+                                         rf"\(4, {width}\)"):
         pipe.load_lora_weights(broken)
 
     config_json = json.loads((final / "adapter_config.json").read_text())

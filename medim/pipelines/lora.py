@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import EntryNotFoundError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -209,7 +210,7 @@ def read_adapter(source: str | os.PathLike, hub: HubOptions | None = None) -> Ad
     try:
         config_file = resolve_file(source, ADAPTER_CONFIG, hub=hub)
         weights_file = resolve_file(source, ADAPTER_WEIGHTS, hub=hub)
-    except Exception as e:  # Hub errors (missing file, unknown repo) say what was asked for
+    except (FileNotFoundError, EntryNotFoundError) as e:  # other Hub errors (auth, network) as they are
         raise FileNotFoundError(f"{source}: not a LoRA adapter folder or repo ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS} "
                                 f"expected; only safetensors weights are read): {e}") from e
     try:
@@ -369,9 +370,11 @@ def load_into(pipe: Any, source: str | os.PathLike, adapter_name: str | None, hu
 
 def set_fused(pipe: Any, fused: bool) -> None:
     adapter = loaded(pipe)
-    if adapter.fused != fused:
-        fuse(pipe.model, adapter.name) if fused else unfuse(pipe.model)
-        adapter.fused = fused
+    if fused and not adapter.fused:
+        fuse(pipe.model, adapter.name)
+    elif adapter.fused and not fused:
+        unfuse(pipe.model)
+    adapter.fused = fused
 
 
 def unload_from(pipe: Any) -> None:

@@ -88,6 +88,11 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser, *, default_model: st
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument("--lora", default=None, metavar="PATH",
+                        help="a LoRA adapter to load into the model: a folder or Hub repo written by `medim train` "
+                             "with lora.r > 0 (its final/) or by MeDiMPipeline.save_lora_weights")
+    parser.add_argument("--fuse-lora", action="store_true",
+                        help="add the --lora adapter into the weights before sampling (no adapter cost per step)")
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,8 @@ class PipelineSpec:
     hub: HubOptions
     device: torch.device
     dtype: torch.dtype
+    lora: str | None = None  # --lora: an adapter folder or Hub repo
+    fuse_lora: bool = False
 
 
 def _device(text: str | None, *, local_rank: int, world_size: int) -> torch.device:
@@ -146,7 +153,14 @@ def pipeline_spec(args: argparse.Namespace, command: str, *, local_rank: int = 0
         loader = detect_loader(args.model, loader=args.loader, hub=hub)
     except (OSError, ValueError) as e:  # every Hub error is one of these
         raise SystemExit(_cannot_load(command, args.model, e)) from None
-    return PipelineSpec(command, args.model, loader, hub, device, dtype)
+    if args.fuse_lora and args.lora is None:
+        raise SystemExit(f"{command}: --fuse-lora needs --lora PATH")
+    if args.lora is not None:
+        lora = Path(args.lora).expanduser()
+        if (lora.exists() or args.lora.startswith((".", "/", "~"))) and not lora.is_dir():
+            raise SystemExit(f"{command}: --lora {args.lora}: no such folder (give the adapter's folder, e.g. a "
+                             "training run's final/)")
+    return PipelineSpec(command, args.model, loader, hub, device, dtype, lora=args.lora, fuse_lora=args.fuse_lora)
 
 
 def load_pipeline(spec: PipelineSpec) -> MeDiMPipeline:
@@ -156,9 +170,17 @@ def load_pipeline(spec: PipelineSpec) -> MeDiMPipeline:
 
     load = MeDiMPipeline.from_original if spec.loader == "original" else MeDiMPipeline.from_pretrained
     try:
-        return load(spec.model, dtype=spec.dtype, device=spec.device, **spec.hub.kwargs())
+        pipe = load(spec.model, dtype=spec.dtype, device=spec.device, **spec.hub.kwargs())
     except (OSError, ValueError) as e:
         raise SystemExit(_cannot_load(spec.command, spec.model, e)) from None
+    if spec.lora is not None:
+        try:  # --revision names a commit of --model only
+            pipe.load_lora_weights(spec.lora, **spec.hub.without_revision().kwargs())
+        except (OSError, ValueError, ImportError) as e:
+            raise SystemExit(f"{spec.command}: cannot load --lora {spec.lora}: {e}") from None
+        if spec.fuse_lora:
+            pipe.fuse_lora()
+    return pipe
 
 
 # ----------------------------------------------------------------------------------- the sampler

@@ -276,7 +276,8 @@ def run(args: argparse.Namespace) -> int:
     where = current_shard()
     spec = pipeline_spec(args, "medim generate", local_rank=where.local_rank, world_size=where.world_size)
     settings = dict(
-        task=args.task, model=args.model, loader=args.loader, revision=args.revision,
+        task=args.task, model=args.model, loader=args.loader, revision=args.revision, lora=args.lora,
+        fuse_lora=args.fuse_lora,
         **{field: sampling.get(field) for field in SAMPLER_FIELDS}, image_size=list(image_size), prompt=args.prompt,
         dtype=str(spec.dtype).removeprefix("torch."), seed=args.seed, num_per_prompt=args.num_per_prompt,
         mask_dilation=args.mask_dilation if args.task == "inpaint" else None,

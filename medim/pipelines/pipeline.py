@@ -41,6 +41,7 @@ from medim.models.denoiser import ModelDenoiser
 from medim.models.medim import MeDiMModel
 from medim.models.vqgan import VQGAN
 from medim.pipelines import editing, generation, loading, scoring
+from medim.pipelines import lora as lora_adapters
 from medim.pipelines.common import (
     GeneratorInput,
     MeDiMOutput,
@@ -114,6 +115,8 @@ class MeDiMPipeline:
         # The Hub repo the weights come from, for the model card's base_model (set by from_original
         # and from_base_models when they read one).
         self.base_model: str | None = None
+        # The LoRA adapter injected into `model` by `load_lora_weights` (one at a time), or None.
+        self.lora_adapter: lora_adapters.LoadedAdapter | None = None
 
     @property
     def sampler_defaults(self) -> Mapping[str, Any]:
@@ -698,3 +701,70 @@ class MeDiMPipeline:
         if method is None:
             raise ValueError(f"task must be one of {sorted([*TASKS, *TASKS.values()])}, got {task!r}")
         return getattr(self, method)(*args, **kwargs)
+
+    # ---- LoRA adapters (medim/pipelines/lora.py; docs/training.md, "LoRA fine-tuning") ----------
+    def load_lora_weights(
+        self,
+        path_or_repo_id: str | os.PathLike,
+        *,
+        adapter_name: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+    ) -> MeDiMPipeline:
+        """Load a LoRA adapter (a folder or Hub repo written by `medim train` with `lora.r > 0` or
+        by `save_lora_weights`) into the model; the task methods then use it. Only
+        adapter_config.json and adapter_model.safetensors are read. An adapter trained on another
+        base (layout, backbone shape, module names, tensor shapes) is refused, naming what differs.
+        One adapter at a time. Returns self.
+
+        Example:
+            >>> pipe = MeDiMPipeline.from_pretrained("org/medim-cxr").load_lora_weights("org/medim-cxr-lora")
+        """
+        hub = HubOptions(revision, cache_dir, local_files_only, token)
+        self.lora_adapter = lora_adapters.load_new(self.model, self.lora_adapter, path_or_repo_id, adapter_name, hub)
+        return self
+
+    def fuse_lora(self) -> MeDiMPipeline:
+        """Add the loaded adapter into the base weights: generation then costs what the base costs.
+        `unfuse_lora()` takes it out again (up to float rounding). Returns self."""
+        lora_adapters.set_fused(self.model, lora_adapters.loaded(self.lora_adapter), True)
+        return self
+
+    def unfuse_lora(self) -> MeDiMPipeline:
+        """Undo `fuse_lora()`. Returns self."""
+        lora_adapters.set_fused(self.model, lora_adapters.loaded(self.lora_adapter), False)
+        return self
+
+    def unload_lora_weights(self) -> MeDiMPipeline:
+        """Remove the adapter: the base model comes back. After `fuse_lora()` the fused weights stay
+        (the adapter baked in, plain modules, e.g. to `save_pretrained` a merged pipeline). Returns self."""
+        lora_adapters.unload(self.model, lora_adapters.loaded(self.lora_adapter).fused)
+        self.lora_adapter = None
+        return self
+
+    def save_lora_weights(self, save_directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the loaded adapter as a PEFT adapter folder (adapter_config.json,
+        adapter_model.safetensors, README.md model card), atomically.
+
+        Example:
+            >>> pipe.save_lora_weights("medim-cxr-lora")
+        """
+        adapter = lora_adapters.loaded(self.lora_adapter)
+        return lora_adapters.save_adapter(save_directory, self.model, adapter.config,
+                                          state=lora_adapters.adapter_state_dict(self.model, adapter.name),
+                                          base_model=self.base_model or adapter.base_model, overwrite=overwrite)
+
+    def push_lora_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                         commit_message: str = "Upload MeDiM LoRA adapter") -> str:
+        """Upload the loaded adapter (as `save_lora_weights` writes it) to `repo_id`, created if
+        needed. Returns the commit URL.
+
+        Example:
+            >>> pipe.push_lora_to_hub("my-org/medim-cxr-lora", private=True)
+        """
+        adapter = lora_adapters.loaded(self.lora_adapter)
+        base = self.base_model or adapter.base_model
+        return lora_adapters.push_adapter(self.model, adapter, repo_id, base_model=base, private=private, token=token,
+                                          commit_message=commit_message)

@@ -1,9 +1,11 @@
 """Training checkpoints: written atomically with checksums, verified and found again by `resume`, pruned.
 
 A checkpoint is a directory `checkpoint_<step:08d>/` holding only safetensors and JSON/YAML:
-  model.safetensors      full (unsharded) weights; tied tensors stored once (aliases in metadata)
+  model.safetensors      full (unsharded) weights; tied tensors stored once (aliases in metadata). A LoRA
+                         run (`lora.r > 0`) stores its trainable weights only: the adapters and
+                         `lora.modules_to_save`, by parameter name; the frozen base is `model.init`
   ema.safetensors        the EMA weights, when EMA is on
-  optimizer.safetensors  AdamW state keyed "<param fqn>/<name>", param groups in metadata
+  optimizer.safetensors  AdamW state keyed "<param fqn>/<name>" (of the trainable weights), param groups in metadata
   rng.safetensors        python / numpy / torch / cuda / loss-generator RNG states of every rank
   trainer_state.json     step, applied updates, skipped steps, samples seen, world size, data identity
   config.yaml            the run's full config

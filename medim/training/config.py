@@ -16,8 +16,10 @@ from pathlib import Path
 
 import yaml
 
+from medim.utils.checks import check_int, check_number
+
 __all__ = ["TrainConfig", "load_config", "resume_differences", "SCHEDULERS", "PARALLEL_MODES", "PRECISIONS",
-           "FREE_ON_RESUME"]
+           "FREE_ON_RESUME", "LORA_TARGETS"]
 
 # transformers.get_scheduler names we support (the release used warmup + cosine with restarts).
 SCHEDULERS = ("constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
@@ -82,6 +84,22 @@ class TrainSection:
     max_bad_steps: int = 10  # stop (non-zero exit) after this many non-finite steps in a row; each is skipped
 
 
+# LoRA targets by default: the backbone's attention and MLP projections and the AdaLN modulation
+# (about 16 % of medim-v1's weights; fine-tuning a MeDiM checkpoint adapts it rather than training it in full).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "adaLN_modulation")
+
+
+@dataclass
+class LoraSection:
+    r: int = 0  # LoRA rank; 0 = off (full fine-tuning)
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input, in [0, 1)
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # modules given an adapter
+    # Modules trained in full beside the adapters, e.g. [adaLN_modulation, time_embedder] when starting
+    # from a base MLLM such as Liquid, where they are new (then drop adaLN_modulation from target_modules).
+    modules_to_save: list[str] = field(default_factory=list)
+
+
 @dataclass
 class LogConfig:
     every: int = 10  # optimizer steps between log lines (console + log.jsonl)
@@ -122,6 +140,7 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -160,9 +179,30 @@ class TrainConfig:
         _check(self.eval.num_inference_steps >= 1, "eval.num_inference_steps", "an integer >= 1")
         _check(self.checkpoint.every >= 0, "checkpoint.every", "an integer >= 0")
         _check(self.checkpoint.keep_last >= 0, "checkpoint.keep_last", "an integer >= 0")
+        self._validate_lora()
         unknown = [k for k in self.checkpoint.allow_changed if k != "world_size" and _option_type(k) is None]
         _check(not unknown, "checkpoint.allow_changed",
                f"option names (e.g. optim.lr), section names or world_size; unknown: {unknown}")
+
+    def _validate_lora(self) -> None:
+        lora = self.lora
+        try:
+            check_int(lora.r, "lora.r", minimum=0)
+            check_number(lora.alpha, "lora.alpha", minimum=0)
+            check_number(lora.dropout, "lora.dropout", minimum=0, maximum=1)
+        except ValueError as e:
+            raise ValueError(f"config option {e}") from None
+        _check(lora.alpha > 0, "lora.alpha", "a float > 0")
+        _check(lora.dropout < 1, "lora.dropout", "a float in [0, 1)")
+        for name in ("target_modules", "modules_to_save"):
+            names = getattr(lora, name)
+            _check(all(isinstance(n, str) and n.strip() and n == n.strip() for n in names), f"lora.{name}",
+                   "a list of module names (e.g. q_proj, adaLN_modulation)")
+            _check(len(set(names)) == len(names), f"lora.{name}", f"names listed once, got {list(names)}")
+        _check(not self.lora.r or bool(lora.target_modules), "lora.target_modules", "at least one module name")
+        both = sorted(set(lora.target_modules) & set(lora.modules_to_save))
+        _check(not self.lora.r or not both, "lora.modules_to_save",
+               f"names not in lora.target_modules (a module gets an adapter or is trained in full); both: {both}")
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per rank per optimizer step so that the global batch is reached exactly."""

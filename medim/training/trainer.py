@@ -35,8 +35,10 @@ from medim.training.config import TrainConfig
 from medim.training.distributed import all_mean, compile_blocks, sample_indices, setup_distributed, wrap_model
 from medim.training.guard import StepGuard, TrainingDiverged
 from medim.training.logs import RunLog, training_summary
+from medim.training.lora import apply_lora, export_adapter
 from medim.training.optim import EMA, apply_hyperparameters, build_optimizer, lr_table
 from medim.training.resume import check_settings, choose_checkpoint, data_identity
+from medim.utils.checks import check_state_shapes
 from medim.utils.hub import atomic_directory
 
 logger = logging.getLogger(__name__)
@@ -90,7 +92,8 @@ class Trainer:
         if resume_from is not None:
             check_settings(resume_from, cfg, info.world_size, data_identity(data))
         elif cfg.checkpoint.resume:
-            logger.info("resume=%s: no checkpoint in %s yet, starting from step 0", cfg.checkpoint.resume, self.ckpt_dir)
+            logger.info("resume=%s: no checkpoint in %s yet, starting from step 0", cfg.checkpoint.resume,
+                        self.ckpt_dir)
 
         # Per-rank seeds: ranks must draw different masks/times, but the same initial weights.
         self._seed_everything(cfg.train.seed * 1000 + info.rank)
@@ -104,6 +107,10 @@ class Trainer:
             raise ValueError(f"data.cache was built for layout {data.layout.to_dict()}, but model.init uses "
                              f"{self.layout.to_dict()}; rebuild the cache with this model")
         self.model = pipeline.model.to(info.device).train()
+        self.lora = bool(cfg.lora.r)  # adapters: only they (and lora.modules_to_save) train and are saved
+        if self.lora:
+            apply_lora(self.model, cfg.lora)
+        self.trainable_shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters() if p.requires_grad}
         if cfg.model.gradient_checkpointing:
             self.model.set_activation_checkpointing(True)
         if cfg.train.compile:
@@ -134,8 +141,12 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, rank=self.info.rank, verify=False)  # verified by choose_checkpoint
+        if self.lora:  # the checkpoint holds the trainable weights only: exactly those, by name and shape
+            check_state_shapes(self.trainable_shapes, {k: tuple(v.shape) for k, v in state["model"].items()},
+                               f"checkpoint {path}")
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+                       optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, strict=not self.lora))
         # The stored param groups replaced the config's: put back this run's (allowed) values.
         apply_hyperparameters(self.optimizer, self.cfg, self.info.device)
         if self.ema is not None:
@@ -148,7 +159,8 @@ class Trainer:
         self.guard["updates"].fill_(trainer_state.get("updates", self.step))
         self.guard["skipped"].fill_(trainer_state.get("skipped", 0))
         if state["rng"] is None:
-            logger.warning("checkpoint %s was written by fewer ranks: rank %d keeps fresh RNG seeds", path, self.info.rank)
+            logger.warning("checkpoint %s was written by fewer ranks: rank %d keeps fresh RNG seeds", path,
+                           self.info.rank)
         else:
             ckpt.restore_rng(state["rng"], self.generator)
         self.last_checkpoint = path
@@ -278,7 +290,8 @@ class Trainer:
                 window_tokens += float(cfg.train.global_batch_size * self.layout.state_len)
                 log_now = self.step % cfg.log.every == 0 or self.step == stop
                 eval_now = bool(cfg.eval.every) and self.step % cfg.eval.every == 0
-                save_now = (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == cfg.train.max_steps
+                save_now = ((cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0)
+                            or self.step == cfg.train.max_steps)
                 if log_now or eval_now or save_now:
                     values = self._read(metrics)
                 if log_now:
@@ -356,8 +369,12 @@ class Trainer:
     # ------------------------------------------------------------------ saving
     def _full_state(self) -> tuple[dict, dict]:
         # Collective under FSDP: every rank gathers, only rank 0 keeps CPU copies.
-        return get_state_dict(self.model, self.optimizer,
-                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # With LoRA: the trainable weights only (the frozen base comes from model.init again).
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.lora))
+        if self.lora:  # a frozen tied weight (lm_head) escapes ignore_frozen_params
+            model_state = {k: v for k, v in model_state.items() if k in self.trainable_shapes}
+        return model_state, optim_state
 
     def _unsafe_to_save(self) -> str | None:
         tensors = list(self.model.parameters()) + (list(self.ema.shadow.values()) if self.ema is not None else [])
@@ -397,11 +414,9 @@ class Trainer:
         return path
 
     def export(self, directory: str | Path) -> Path:
-        """Save the trained model (the EMA weights when EMA is on) as a MeDiMPipeline directory.
+        """Save the trained model (the EMA weights when EMA is on) as a MeDiMPipeline directory, or
+        with LoRA as a PEFT adapter folder (`pipe.load_lora_weights(directory)` on the base).
         Raises TrainingDiverged instead when the weights are unsafe (see `save_checkpoint`)."""
-        from medim.pipelines.model_card import hub_repo_id
-        from medim.pipelines.pipeline import MeDiMPipeline
-
         reason = self._unsafe_to_save()
         if reason is not None:
             where = f"; the newest checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
@@ -413,20 +428,31 @@ class Trainer:
         if self.info.is_main:
             for leftover in directory.parent.glob(f".{directory.name}.tmp-*"):  # of an export killed earlier
                 shutil.rmtree(leftover, ignore_errors=True)
-            pipe = self.pipe
-            if self.mode == "fsdp":
-                # The live model is sharded: fill a fresh CPU copy with the gathered weights.
-                pipe = MeDiMPipeline.from_pretrained(self.cfg.model.init, revision=self.cfg.model.revision,
-                                                     dtype=torch.float32, device="cpu")
-            if self.mode == "fsdp" or self.ema is not None:
-                pipe.model.load_state_dict(model_state)
-            card = {"base_model": hub_repo_id(self.cfg.model.init),
-                    "training": training_summary(self.history, self.step, self.cfg, self.num_train)}
-            pipe.save_pretrained(directory, overwrite=True, overwrite_card=True, model_card=card)
-            logger.info("saved the trained pipeline to %s", directory)
+            summary = training_summary(self.history, self.step, self.cfg, self.num_train)
+            if self.lora:
+                export_adapter(directory, self.model, self.cfg.lora, state=model_state, base_model=self.cfg.model.init,
+                               training=summary)
+                logger.info("saved the trained LoRA adapter to %s", directory)
+            else:
+                self._export_pipeline(directory, model_state, summary)
         if dist.is_initialized():
             dist.barrier()
         return directory
+
+    def _export_pipeline(self, directory: Path, model_state: dict, summary: dict) -> None:
+        from medim.pipelines.model_card import hub_repo_id
+        from medim.pipelines.pipeline import MeDiMPipeline
+
+        pipe = self.pipe
+        if self.mode == "fsdp":
+            # The live model is sharded: fill a fresh CPU copy with the gathered weights.
+            pipe = MeDiMPipeline.from_pretrained(self.cfg.model.init, revision=self.cfg.model.revision,
+                                                 dtype=torch.float32, device="cpu")
+        if self.mode == "fsdp" or self.ema is not None:
+            pipe.model.load_state_dict(model_state)
+        card = {"base_model": hub_repo_id(self.cfg.model.init), "training": summary}
+        pipe.save_pretrained(directory, overwrite=True, overwrite_card=True, model_card=card)
+        logger.info("saved the trained pipeline to %s", directory)
 
 
 def train(config: TrainConfig) -> TrainOutput:

@@ -46,7 +46,6 @@ CHEXBERT_REPO, CHEXBERT_FILE, CHEXBERT_TOKENIZER = "StanfordAIMI/RRG_scorers", "
 RADGRAPH_MODELS = ("radgraph", "radgraph-xl", "modern-radgraph-xl")
 RADGRAPH_LEVELS = ("simple", "partial", "complete")
 _MAX_TOKENS = 512
-_INSTALL = "pip install 'medim-diffusion[clinical]'"
 
 
 @dataclass
@@ -181,7 +180,7 @@ def chexbert_f1(
     effusion), from the labels of both sides. `model` takes a `load_chexbert(...)` result to reuse.
 
     Example:
-        >>> chexbert_f1(["No pleural effusion."], ["Small left effusion."], weights="chexbert.pth").scores  # doctest: +SKIP
+        >>> chexbert_f1(["No effusion."], ["Small left effusion."], weights="chexbert.pth").scores  # doctest: +SKIP
     """
     check_int(batch_size, "batch_size", minimum=1)
     labeler, tok = model or load_chexbert(weights, tokenizer, device, hub)
@@ -194,7 +193,8 @@ def chexbert_f1(
         "chexbert_micro_f1_5": f5["micro"], "chexbert_macro_f1_5": f5["macro"],
     }
     where = "medim CheXbert (transformers BertModel, f1chexbert's rrg labels, classification_report F1)"
-    return ClinicalScores(scores, dict.fromkeys(scores, where), {"labels": hyp.tolist(), "reference_labels": ref.tolist()})
+    labels = {"labels": hyp.tolist(), "reference_labels": ref.tolist()}
+    return ClinicalScores(scores, dict.fromkeys(scores, where), labels)
 
 
 # ---------------------------------------------------------------- RadGraph
@@ -202,7 +202,7 @@ def _radgraph_package():
     try:
         import radgraph
     except ImportError as e:
-        raise ImportError(f"RadGraph F1 needs the `radgraph` package: {_INSTALL}") from e
+        raise ImportError("RadGraph F1 needs the `radgraph` package: pip install 'medim-diffusion[radgraph]'") from e
     return radgraph
 
 
@@ -217,6 +217,14 @@ def load_radgraph(
     where the package reads weights.th with `weights_only=True`, then moved to `device`."""
     check_choice(model_type, "model_type", RADGRAPH_MODELS)
     package = _radgraph_package()
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        # Its vendored AllenNLP calls `tokenizer.encode_plus`, which transformers 5 removed.
+        raise ImportError(
+            f"the radgraph package ({_radgraph_package_version()}) needs transformers < 5, this is "
+            f"{transformers.__version__}: pip install 'medim-diffusion[radgraph]' in its own environment"
+        )
     from radgraph.radgraph import CACHE_DIR
 
     root = os.path.expanduser(str(model_dir)) if model_dir is not None else CACHE_DIR

@@ -34,7 +34,9 @@ REFERENCES = [
     "No pleural effusions.", "Enlarged heart.", "mild pulmonary edema", "no acute process",
     "cardiomegaly", "lung opacity", "small right pneumothorax", "no consolidation",
 ]
-BERT = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, max_position_embeddings=512)
+BERT = dict(
+    hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, max_position_embeddings=512
+)
 
 
 def _tokenizer_folder(folder):
@@ -68,8 +70,8 @@ def chexbert_files(tmp_path_factory):
 
 def _package_labels(reports, model, tokenizer):
     """f1chexbert 0.0.2's `get_label(report.strip(), mode="rrg")`, transcribed: one report at a time,
-    its pandas whitespace clean-up (the same regular expressions), WordPiece, [CLS] ... [SEP] (512 at most), argmax per head, then
-    blank -> '', present -> 1, absent -> 0, uncertain -> 1 and '' -> 0."""
+    its pandas whitespace clean-up (the same regular expressions), WordPiece, [CLS] ... [SEP] (512 at
+    most), argmax per head, then blank -> '', present -> 1, absent -> 0, uncertain -> 1 and '' -> 0."""
     out = []
     for report in reports:
         text = re.sub(r"\s+", " ", report.strip().strip().replace("\n", " ")).strip()

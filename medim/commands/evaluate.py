@@ -54,15 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     img.add_argument("--device", default=None, help=_DEVICE_HELP)
     img.add_argument("--output", default=None, help="write the result as JSON here")
 
-    div = sub.add_parser(
-        "diversity", help="sample diversity: mean pairwise MS-SSIM of an image folder",
-        description="Mean MS-SSIM (pytorch-msssim) over pairs of the folder's images; lower is more diverse.",
-    )
-    div.add_argument("--images", required=True, help="folder of generated images")
-    div.add_argument("--size", type=int, default=256, help="side images are compared at (default: 256, > 160)")
-    div.add_argument("--max-pairs", type=int, default=5000, help="pairs drawn when there are more (default: 5000)")
-    div.add_argument("--seed", type=int, default=0, help="which pairs are drawn (default: 0)")
-    div.add_argument("--output", default=None, help="write the result as JSON here")
+    _add_diversity_parser(sub)
 
     is_ = sub.add_parser(
         "is", help="Inception Score of an image folder",
@@ -110,6 +102,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--csv", default=None, help="write per-pair scores and answers here (default: --output with .csv)"
     )
     add_hub_arguments(pairs, "--judge")
+
+
+def _add_diversity_parser(sub) -> None:
+    div = sub.add_parser(
+        "diversity", help="sample diversity: mean pairwise MS-SSIM of an image folder",
+        description="Mean MS-SSIM (pytorch-msssim) over pairs of the folder's images; lower is more diverse.",
+    )
+    div.add_argument("--images", required=True, help="folder of generated images")
+    div.add_argument("--size", type=int, default=256, help="side images are compared at (default: 256, > 160)")
+    div.add_argument("--max-pairs", type=int, default=5000, help="pairs drawn when there are more (default: 5000)")
+    div.add_argument("--seed", type=int, default=0, help="which pairs are drawn (default: 0)")
+    div.add_argument("--output", default=None, help="write the result as JSON here")
 
 
 def _add_clinical_arguments(rep: argparse.ArgumentParser) -> None:

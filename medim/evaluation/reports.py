@@ -419,9 +419,11 @@ def report_metrics(
     _check_inputs(predictions, references, protocol)
     metrics = _check_metrics(metrics, protocol, clinical)
     num_empty = sum(not p.strip() for p in predictions)
+    # The clinical metrics first: a missing model fails before anything else is scored.
+    options = clinical or {}
+    clinical_scores = [CLINICAL[m](predictions, references, **options.get(m, {})) for m in metrics if m in CLINICAL]
     scores, impl, notes = _lexical(predictions, references, protocol, wordnet, progress, metrics)
-    for name in (m for m in metrics if m in CLINICAL):
-        out = CLINICAL[name](predictions, references, **(clinical or {}).get(name, {}))
+    for out in clinical_scores:
         scores.update(out.scores)
         impl.update(out.implementations)
     if num_empty:

@@ -159,7 +159,7 @@ def test_chexbert_equals_f1chexbert_package(chexbert_files, tmp_path):
     package.model = labeler.eval()
     package.target_names, package.target_names_5 = list(CHEXBERT_CONDITIONS), list(CHEXBERT_5)
     package.target_names_5_index = np.where(np.isin(package.target_names, package.target_names_5))[0]
-    # Its `forward` stops at sklearn's private `_check_targets` (4 values since scikit-learn 1.7) before the
+    # Its `forward` stops at sklearn's private `_check_targets` (4 values in current releases) before the
     # reports: take its labels (`get_label`) and its two `classification_report` calls as written there.
     metrics = pytest.importorskip("sklearn.metrics")
     refs, hyps = [package.get_label(r.strip()) for r in REFERENCES], [package.get_label(h.strip()) for h in PREDICTIONS]

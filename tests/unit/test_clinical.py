@@ -293,3 +293,26 @@ def test_radgraph_without_the_package_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "radgraph", None)
     with pytest.raises(ImportError, match=r"medim-diffusion\[radgraph\]"):
         radgraph_f1(["a"], ["b"])
+
+
+def test_cli_reports_with_chexbert(chexbert_files, tmp_path, capsys):
+    from medim.cli import main
+
+    weights, tokenizer = chexbert_files
+    for side, texts in (("pred", PREDICTIONS), ("ref", REFERENCES)):
+        (tmp_path / side).mkdir()
+        for i, text in enumerate(texts):
+            (tmp_path / side / f"{i}.txt").write_text(text)
+    output = tmp_path / "m.json"
+    argv = ["evaluate", "reports", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"),
+            "--metrics", "rouge,chexbert", "--chexbert-weights", str(weights), "--chexbert-tokenizer", str(tokenizer),
+            "--device", "cpu", "--output", str(output)]
+    assert main(argv) == 0
+    scores = json.loads(output.read_text())["scores"]
+    ids = sorted(str(i) for i in range(len(PREDICTIONS)))  # read back by file stem, in name order
+    preds = [(tmp_path / "pred" / f"{i}.txt").read_text().strip() for i in ids]
+    refs = [(tmp_path / "ref" / f"{i}.txt").read_text().strip() for i in ids]
+    direct = chexbert_f1(preds, refs, weights=weights, tokenizer=tokenizer, device="cpu").scores
+    assert set(scores) == {"rouge1", "rouge2", "rougeL", *direct}
+    assert {k: scores[k] for k in direct} == pytest.approx(direct, abs=0)
+    assert "chexbert_macro_f1_5" in capsys.readouterr().out

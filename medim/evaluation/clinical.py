@@ -113,10 +113,11 @@ def load_chexbert(
         config = AutoConfig.from_pretrained(str(tokenizer), **options)
         tok = BertTokenizer.from_pretrained(str(tokenizer), **options)
     except (OSError, ValueError) as e:
+        detail = " ".join(str(e).split())  # one line, whatever the loader wrote
         raise FileNotFoundError(
             f"CheXbert needs {CHEXBERT_FILE} (Hub repo {CHEXBERT_REPO}) and the {CHEXBERT_TOKENIZER} "
             f"tokenizer and config: `hf download {CHEXBERT_REPO} {CHEXBERT_FILE}` and "
-            f"`hf download {CHEXBERT_TOKENIZER}`, then pass them or use the Hub cache ({type(e).__name__}: {e})"
+            f"`hf download {CHEXBERT_TOKENIZER}`, then pass them or use the Hub cache ({type(e).__name__}: {detail})"
         ) from None
     model = CheXbert(config)
     model.load_state_dict(load_chexbert_state(path))

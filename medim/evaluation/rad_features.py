@@ -61,9 +61,10 @@ class RadDinoFeatures:
             processor = _image_processor_class().from_pretrained(str(model), **options)
             encoder = Dinov2Model.from_pretrained(str(model), **options)
         except OSError as e:
+            detail = " ".join(str(e).split())  # one line, whatever the loader wrote
             raise FileNotFoundError(
                 f"RAD-DINO weights not found at {model!s}: download the Hub repo {RAD_DINO} "
-                f"(`hf download {RAD_DINO}`) and pass its folder or id ({type(e).__name__}: {e})"
+                f"(`hf download {RAD_DINO}`) and pass its folder or id ({type(e).__name__}: {detail})"
             ) from None
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return cls(encoder.to(device), processor, f"RAD-DINO pooler_output ({model!s})")

@@ -1,4 +1,4 @@
-"""`medim evaluate reports|fid|is|pairs`: score what `medim generate` wrote.
+"""`medim evaluate reports|fid|diversity|is|pairs`: score what `medim generate` wrote.
 
 Reports are read from a folder of `.txt` files (id = file stem), a `manifest.jsonl` (one JSON object
 per line with "report" and an "id" or a file name), or a folder holding a `manifest.jsonl`;
@@ -34,16 +34,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     rep.add_argument("--wordnet", default=None, help="WordNet folder for METEOR, or 'none' to skip METEOR")
     rep.add_argument("--output", default=None, help="write the result as JSON here")
+    _add_clinical_arguments(rep)
 
     img = sub.add_parser(
         "fid", help="FID between two image folders", description="FID (pytorch-fid defaults)"
     )
     img.add_argument("--real", required=True, help="folder of real images")
     img.add_argument("--fake", required=True, help="folder of generated images")
-    img.add_argument("--weights", required=True, help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+    img.add_argument(
+        "--weights", default=None,
+        help="inception: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (required); rad-dino: a folder or "
+        "Hub id of microsoft/rad-dino (default: that id, from the Hub cache with HF_HUB_OFFLINE=1)",
+    )
+    img.add_argument(
+        "--features", choices=("inception", "rad-dino"), default="inception",
+        help="the encoder: the FID Inception-v3 (default) or RAD-DINO (Frechet distance on radiology features)",
+    )
     img.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default: 50)")
     img.add_argument("--device", default=None, help=_DEVICE_HELP)
     img.add_argument("--output", default=None, help="write the result as JSON here")
+
+    _add_diversity_parser(sub)
 
     is_ = sub.add_parser(
         "is", help="Inception Score of an image folder",
@@ -91,6 +102,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--csv", default=None, help="write per-pair scores and answers here (default: --output with .csv)"
     )
     add_hub_arguments(pairs, "--judge")
+
+
+def _add_diversity_parser(sub) -> None:
+    div = sub.add_parser(
+        "diversity", help="sample diversity: mean pairwise MS-SSIM of an image folder",
+        description="Mean MS-SSIM (pytorch-msssim) over pairs of the folder's images; lower is more diverse.",
+    )
+    div.add_argument("--images", required=True, help="folder of generated images")
+    div.add_argument("--size", type=int, default=256, help="side images are compared at (default: 256, > 160)")
+    div.add_argument("--max-pairs", type=int, default=5000, help="pairs drawn when there are more (default: 5000)")
+    div.add_argument("--seed", type=int, default=0, help="which pairs are drawn (default: 0)")
+    div.add_argument("--output", default=None, help="write the result as JSON here")
+
+
+def _add_clinical_arguments(rep: argparse.ArgumentParser) -> None:
+    rep.add_argument(
+        "--metrics", default=None,
+        help="comma-separated, from bleu,rouge,meteor,cider (coco),chexbert,radgraph (default: the protocol's)",
+    )
+    rep.add_argument(
+        "--chexbert-weights", default=None,
+        help="chexbert.pth (or a folder / Hub id holding it; default: StanfordAIMI/RRG_scorers from the Hub cache)",
+    )
+    rep.add_argument(
+        "--chexbert-tokenizer", default=None,
+        help="folder or Hub id of BERT-base-uncased's tokenizer and config (default: bert-base-uncased)",
+    )
+    rep.add_argument(
+        "--radgraph-dir", default=None,
+        help="folder holding <model>/ (config.json, vocabulary/, weights.th) of the radgraph package "
+        "(default: its cache)",
+    )
+    rep.add_argument(
+        "--radgraph-model", choices=("radgraph", "radgraph-xl", "modern-radgraph-xl"), default="radgraph-xl",
+        help="which RadGraph model (default: radgraph-xl, the package's)",
+    )
+    rep.add_argument("--device", default=None, help=_DEVICE_HELP + " (CheXbert, RadGraph)")
+
+
+def _clinical_options(args) -> tuple[list[str] | None, dict]:
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    chexbert = {"weights": args.chexbert_weights, "tokenizer": args.chexbert_tokenizer, "device": args.device}
+    radgraph = {"model_dir": args.radgraph_dir, "model_type": args.radgraph_model, "device": args.device}
+    clinical = {
+        "chexbert": {k: v for k, v in chexbert.items() if v is not None},
+        "radgraph": {k: v for k, v in radgraph.items() if v is not None},
+    }
+    return metrics, {k: v for k, v in clinical.items() if metrics and k in metrics}
 
 
 def read_reports(source: str | Path) -> dict[str, str]:
@@ -204,12 +263,17 @@ def _run_reports(args) -> int:
             "%d references have no prediction; they count as empty (e.g. %s)", len(missing), missing[0]
         )
     wordnet = False if args.wordnet and args.wordnet.lower() == "none" else args.wordnet
-    out = report_metrics([preds.get(i, "") for i in ids], [refs[i] for i in ids], args.protocol, wordnet)
+    metrics, clinical = _clinical_options(args)
+    out = report_metrics(
+        [preds.get(i, "") for i in ids], [refs[i] for i in ids], args.protocol, wordnet,
+        metrics=metrics, clinical=clinical,
+    )
     result = out.to_dict()
     result["num_missing"] = len(missing)
-    print(f"{'metric':<10} {'value':>8}  implementation")
+    width = max(10, *map(len, out.scores))
+    print(f"{'metric':<{width}} {'value':>8}  implementation")
     for name, value in out.scores.items():
-        print(f"{name:<10} {value:>8.4f}  {out.implementations[name]}")
+        print(f"{name:<{width}} {value:>8.4f}  {out.implementations[name]}")
     print(
         f"{out.num_reports} reports ({out.num_empty} empty, {len(missing)} missing), protocol {out.protocol}"
     )
@@ -222,8 +286,24 @@ def _run_reports(args) -> int:
 def _run_fid(args) -> int:
     from medim.evaluation import fid
 
-    out = fid(args.real, args.fake, weights=args.weights, batch_size=args.batch_size, device=args.device)
-    print(f"FID {out.fid:.4f}  (N real {out.num_real}, N generated {out.num_generated}, {out.extractor})")
+    out = fid(
+        args.real, args.fake, weights=args.weights, batch_size=args.batch_size, device=args.device,
+        features=args.features,
+    )
+    label = "FID" if args.features == "inception" else "FD (RAD-DINO)"
+    print(f"{label} {out.fid:.4f}  (N real {out.num_real}, N generated {out.num_generated}, {out.extractor})")
+    result = out.to_dict()
+    result["features"] = args.features
+    _write(result, args.output)
+    return 0
+
+
+def _run_diversity(args) -> int:
+    from medim.evaluation import ms_ssim_diversity
+
+    out = ms_ssim_diversity(args.images, size=args.size, max_pairs=args.max_pairs, seed=args.seed)
+    print(f"MS-SSIM {out.ms_ssim:.4f} +- {out.std:.4f}  ({out.num_pairs} pairs of {out.num_images} images, "
+          f"{out.size}x{out.size}; lower is more diverse)")
     _write(out.to_dict(), args.output)
     return 0
 
@@ -271,4 +351,7 @@ def _run_pairs(args) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"reports": _run_reports, "fid": _run_fid, "is": _run_is, "pairs": _run_pairs}[args.what](args)
+    runners = {
+        "reports": _run_reports, "fid": _run_fid, "diversity": _run_diversity, "is": _run_is, "pairs": _run_pairs,
+    }
+    return runners[args.what](args)

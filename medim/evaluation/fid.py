@@ -1,10 +1,12 @@
-"""Frechet Inception Distance with pytorch-fid's defaults, offline.
+"""Frechet Inception Distance with pytorch-fid's defaults, offline; the same distance on RAD-DINO
+features (`features="rad-dino"`).
 
 The feature extractor is the FID Inception-v3 (TensorFlow's 2015-12-05 graph as ported by
 pytorch-fid): input resized to 299x299 bilinearly, scaled from [0, 1] to [-1, 1], 2048-d pool3
 features (the network is in `inception.py`). pytorch-fid's weights file
 (`pt_inception-2015-12-05-6726825d.pth`, from its GitHub releases) loads as is; medim never
-downloads it. Any callable `images [B, 3, 299, 299] in [0, 1] -> features [B, D]` can replace it.
+downloads it. Any callable `images [B, 3, 299, 299] in [0, 1] -> features [B, D]` can replace it;
+one with a `preprocess(images) -> batch` method (as `RadDinoFeatures`) prepares its own input.
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ from tqdm.auto import tqdm
 
 from medim.data.images import load_image
 from medim.evaluation.inception import INCEPTION_SIZE, FIDInceptionV3
-from medim.utils.checks import check_int
+from medim.evaluation.rad_features import RAD_DINO, RadDinoFeatures
+from medim.utils.checks import check_choice, check_int
+from medim.utils.hub import HubOptions
 
 __all__ = ["FIDInceptionV3", "FIDResult", "fid", "frechet_distance", "feature_statistics", "load_images"]
 
 logger = logging.getLogger(__name__)
 
+FEATURES = ("inception", "rad-dino")
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 MIN_RECOMMENDED_IMAGES = 2000
 
@@ -114,7 +119,10 @@ def _to_tensor(item: Any) -> torch.Tensor:
 def _features(items, extractor, batch_size, device, desc) -> np.ndarray:
     out = []
     for start in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch"):
-        batch = torch.stack([_to_tensor(i) for i in items[start : start + batch_size]]).to(device)
+        chunk = items[start : start + batch_size]
+        preprocess = getattr(extractor, "preprocess", None)  # an extractor that prepares its own input
+        batch = preprocess(chunk) if preprocess is not None else torch.stack([_to_tensor(i) for i in chunk])
+        batch = batch.to(device)
         feats = extractor(batch)
         if not isinstance(feats, torch.Tensor) or feats.ndim != 2 or feats.shape[0] != batch.shape[0]:
             shape = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
@@ -140,31 +148,12 @@ class FIDResult:
         return asdict(self)
 
 
-def fid(
-    real: ImageSource,
-    generated: ImageSource,
-    feature_extractor: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    weights: str | os.PathLike | None = None,
-    batch_size: int = 50,
-    device: str | torch.device | None = None,
-) -> FIDResult:
-    """FID between two sets of images, with pytorch-fid's defaults.
-
-    Args:
-        real, generated: folders of images or lists of paths / PIL images (any size and mode;
-            converted to RGB, resized to 299x299 bilinearly).
-        feature_extractor: a callable `[B, 3, 299, 299] float in [0, 1] -> [B, D]`; default the FID
-            Inception-v3 with `weights`.
-        weights: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (or a safetensors copy);
-            required when `feature_extractor` is None.
-        batch_size: images per forward pass.
-        device: where the extractor runs (default: CUDA if available, else CPU).
-
-    Example:
-        >>> from medim.evaluation import fid
-        >>> fid("data/real", "out/images", weights="pt_inception-2015-12-05-6726825d.pth").fid  # doctest: +SKIP
-    """
-    check_int(batch_size, "batch_size", minimum=1)
+def _check_extractor(features, feature_extractor, weights) -> None:
+    check_choice(features, "features", FEATURES)
+    if features == "rad-dino":
+        if feature_extractor is not None:
+            raise ValueError("features='rad-dino' brings its own extractor: leave feature_extractor=None")
+        return
     if (feature_extractor is None) == (weights is None):
         raise ValueError(
             "pass exactly one of weights= (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, from "
@@ -172,6 +161,53 @@ def fid(
         )
     if feature_extractor is not None and not callable(feature_extractor):
         raise TypeError("feature_extractor must be callable: images [B, 3, 299, 299] -> [B, D]")
+
+
+def _extractor(features, feature_extractor, weights, device, hub) -> tuple[Callable, str]:
+    """The feature extractor `fid` runs, and its name."""
+    if features == "rad-dino":
+        extractor = RadDinoFeatures.from_pretrained(RAD_DINO if weights is None else weights, device, hub)
+        return extractor, extractor.__name__
+    if feature_extractor is not None:
+        return feature_extractor, getattr(feature_extractor, "__name__", type(feature_extractor).__name__)
+    return FIDInceptionV3.from_weights(weights).to(device), f"FID Inception-v3 pool3 ({Path(weights).name})"
+
+
+def fid(
+    real: ImageSource,
+    generated: ImageSource,
+    feature_extractor: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    weights: str | os.PathLike | None = None,
+    batch_size: int = 50,
+    device: str | torch.device | None = None,
+    *,
+    features: str = "inception",
+    hub: HubOptions | None = None,
+) -> FIDResult:
+    """FID between two sets of images, with pytorch-fid's defaults, or the same Frechet distance on
+    RAD-DINO features.
+
+    Args:
+        real, generated: folders of images or lists of paths / PIL images (any size and mode;
+            converted to RGB, resized to 299x299 bilinearly, or as RAD-DINO's processor does).
+        feature_extractor: a callable `[B, 3, 299, 299] float in [0, 1] -> [B, D]`; default the FID
+            Inception-v3 with `weights`.
+        weights: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (or a safetensors copy),
+            required for Inception features without `feature_extractor`; with `features="rad-dino"`,
+            a RAD-DINO folder or Hub id (default "microsoft/rad-dino").
+        batch_size: images per forward pass.
+        device: where the extractor runs (default: CUDA if available, else CPU).
+        features: "inception" (FID) or "rad-dino" (`RadDinoFeatures`: the model card's
+            preprocessing, 768-d `pooler_output`).
+        hub: Hub options for a RAD-DINO Hub id (`HF_HUB_OFFLINE=1` reads only the cache).
+
+    Example:
+        >>> from medim.evaluation import fid
+        >>> fid("data/real", "out/images", weights="pt_inception-2015-12-05-6726825d.pth").fid  # doctest: +SKIP
+        >>> fid("data/real", "out/images", features="rad-dino", weights="rad-dino/").fid  # doctest: +SKIP
+    """
+    check_int(batch_size, "batch_size", minimum=1)
+    _check_extractor(features, feature_extractor, weights)
     real_items, fake_items = load_images(real), load_images(generated)
     for name, items in (("real", real_items), ("generated", fake_items)):
         if len(items) < 2:
@@ -188,15 +224,11 @@ def fid(
         if device is not None
         else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
-    if feature_extractor is None:
-        feature_extractor = FIDInceptionV3.from_weights(weights).to(device)
-        name = f"FID Inception-v3 pool3 ({Path(weights).name})"
-    else:
-        name = getattr(feature_extractor, "__name__", type(feature_extractor).__name__)
+    feature_extractor, name = _extractor(features, feature_extractor, weights, device, hub)
     f_real = _features(real_items, feature_extractor, batch_size, device, "FID real")
     f_fake = _features(fake_items, feature_extractor, batch_size, device, "FID generated")
     if f_real.shape[1] != f_fake.shape[1]:
         raise ValueError(f"feature sizes differ: {f_real.shape[1]} vs {f_fake.shape[1]}")
     value = frechet_distance(*feature_statistics(f_real), *feature_statistics(f_fake))
-    logger.info("FID %.4f (N real %d, N generated %d)", value, len(real_items), len(fake_items))
+    logger.info("FD %.4f on %s (N real %d, N generated %d)", value, name, len(real_items), len(fake_items))
     return FIDResult(value, len(real_items), len(fake_items), int(f_real.shape[1]), name)

@@ -1,5 +1,6 @@
 """Report metrics: the MeDiM paper's protocol and the COCO caption protocol, computed by the
-packages that define them (`nltk`, `rouge`, `pycocoevalcap`), with a fallback for COCO's.
+packages that define them (`nltk`, `rouge`, `pycocoevalcap`), with a fallback for COCO's; and on
+request (`metrics=`) the clinical CheXbert F1 and RadGraph F1 of `clinical.py`.
 
 "medim" reproduces the released `report_metric.py` (docs/formats.md, section 6): per-report NLTK BLEU-1..4
 (smoothing method1), ROUGE-1/2/L F of the `rouge==1.0.1` package, NLTK METEOR; all averaged over
@@ -21,13 +22,14 @@ import re
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from medim.evaluation.clinical import chexbert_f1, radgraph_f1
 from medim.evaluation.wordnet import import_nltk, load_wordnet
 from medim.utils.checks import check_choice
 
@@ -44,6 +46,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("medim", "coco")
+# metrics= names -> the score names they select; "chexbert" and "radgraph" are computed by clinical.py.
+METRICS = {
+    "bleu": ("bleu1", "bleu2", "bleu3", "bleu4"),
+    "rouge": ("rouge1", "rouge2", "rougeL"),
+    "meteor": ("meteor",),
+    "cider": ("cider_d",),
+    "chexbert": (),
+    "radgraph": (),
+}
+CLINICAL = {"chexbert": chexbert_f1, "radgraph": radgraph_f1}
 _BLEU_WEIGHTS = ((1.0,), (0.5, 0.5), (1 / 3, 1 / 3, 1 / 3), (0.25, 0.25, 0.25, 0.25))
 
 
@@ -333,12 +345,50 @@ def _coco(predictions, references) -> tuple[dict, dict, list[str]]:
     return scores, impl, notes
 
 
+def _check_metrics(metrics, protocol, clinical) -> list[str]:
+    """The metric names asked for (default: the protocol's own), checked before any scoring."""
+    if metrics is None:
+        return ["bleu", "rouge", "meteor"] + (["cider"] if protocol == "coco" else [])
+    if isinstance(metrics, str) or not isinstance(metrics, Sequence) or not metrics:
+        raise TypeError(f"metrics must be a non-empty list of names from {sorted(METRICS)}, got {metrics!r}")
+    for name in metrics:
+        check_choice(name, "metrics", tuple(METRICS))
+    if "cider" in metrics and protocol != "coco":
+        raise ValueError("metrics: 'cider' (CIDEr-D) is part of protocol='coco', not of protocol='medim'")
+    if clinical is not None:
+        if not isinstance(clinical, Mapping):
+            raise TypeError(f"clinical must be a dict of metric -> options, got {type(clinical).__name__}")
+        for name, options in clinical.items():
+            check_choice(name, "clinical", tuple(CLINICAL))
+            if not isinstance(options, Mapping):
+                raise TypeError(f"clinical[{name!r}] must be a dict of keyword arguments of {CLINICAL[name].__name__}")
+    return list(dict.fromkeys(metrics))
+
+
+def _lexical(predictions, references, protocol, wordnet, progress, metrics) -> tuple[dict, dict, list[str]]:
+    """The protocol's word-overlap scores, kept to the metrics asked for."""
+    if not set(metrics) - set(CLINICAL):
+        return {}, {}, []
+    if protocol == "medim":
+        wordnet = wordnet if "meteor" in metrics else False
+        scores, impl, notes = _medim(predictions, references, wordnet, progress)
+        if "meteor" not in metrics:
+            notes = [n for n in notes if not n.startswith("METEOR skipped")]
+    else:
+        scores, impl, notes = _coco(predictions, references)
+    keep = {name for m in metrics for name in METRICS[m]}
+    return {k: v for k, v in scores.items() if k in keep}, {k: v for k, v in impl.items() if k in keep}, notes
+
+
 def report_metrics(
     predictions: Sequence[str],
     references: Sequence[str],
     protocol: str = "medim",
     wordnet: str | os.PathLike | Any | None = None,
     progress: bool = True,
+    *,
+    metrics: Sequence[str] | None = None,
+    clinical: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> ReportMetrics:
     """Score generated reports against references.
 
@@ -350,6 +400,11 @@ def report_metrics(
         wordnet: for "medim" METEOR: None finds a local WordNet 3.0 (see `load_wordnet`), a path
             names one, False skips METEOR. Never downloads.
         progress: show a tqdm bar.
+        metrics: which to compute, from "bleu", "rouge", "meteor", "cider" (coco only) and the
+            clinical "chexbert" (CheXbert F1, `chexbert_f1`) and "radgraph" (RadGraph F1,
+            `radgraph_f1`); default the protocol's word-overlap metrics.
+        clinical: keyword arguments per clinical metric, e.g. `{"chexbert": {"weights":
+            "chexbert.pth", "tokenizer": "bert-base-uncased/"}, "radgraph": {"model_dir": "rg/"}}`.
 
     Returns:
         `ReportMetrics`. Empty predictions score zero and are counted in `num_empty`.
@@ -358,13 +413,19 @@ def report_metrics(
         >>> from medim.evaluation import report_metrics
         >>> out = report_metrics(["the heart is normal."], ["heart size is normal."], wordnet=False)
         >>> round(out.scores["bleu1"], 3), out.implementations["rougeL"]  # doctest: +SKIP
+        >>> options = {"chexbert": {"weights": "chexbert.pth"}}
+        >>> report_metrics(preds, refs, metrics=["bleu", "chexbert"], clinical=options)  # doctest: +SKIP
     """
     _check_inputs(predictions, references, protocol)
+    metrics = _check_metrics(metrics, protocol, clinical)
     num_empty = sum(not p.strip() for p in predictions)
-    if protocol == "medim":
-        scores, impl, notes = _medim(predictions, references, wordnet, progress)
-    else:
-        scores, impl, notes = _coco(predictions, references)
+    # The clinical metrics first: a missing model fails before anything else is scored.
+    options = clinical or {}
+    clinical_scores = [CLINICAL[m](predictions, references, **options.get(m, {})) for m in metrics if m in CLINICAL]
+    scores, impl, notes = _lexical(predictions, references, protocol, wordnet, progress, metrics)
+    for out in clinical_scores:
+        scores.update(out.scores)
+        impl.update(out.implementations)
     if num_empty:
         notes.append(f"{num_empty} empty prediction(s) scored zero (the release skipped them)")
         logger.warning("%d of %d predictions are empty; they score zero", num_empty, len(predictions))

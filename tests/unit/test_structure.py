@@ -152,7 +152,8 @@ def test_functions_are_short_with_few_positional_parameters():
             if len(positional) > MAX_POSITIONAL:
                 wide.append(f"{where} ({len(positional)} positional parameters)")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
-    assert not wide, f"functions with more than {MAX_POSITIONAL} positional parameters (make the rest keyword-only):\n" + "\n".join(wide)
+    assert not wide, (f"functions with more than {MAX_POSITIONAL} positional parameters (make the rest "
+                      "keyword-only):\n" + "\n".join(wide))
 
 
 def test_help_does_not_load_torch():

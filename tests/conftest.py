@@ -4,7 +4,8 @@ Shared objects are read-only: a test that changes a pipeline (assigns sampler_co
 patches a method other than through `tests.helpers.editing.fail_if_called`) builds its own, and
 each fixture checks at the end of the session that nothing changed what it handed out.
 - `upstream`: the upstream-format files the loaders read (tests/helpers/pipeline.py `write_upstream`).
-- `native`, `v1`: a random tiny pipeline per layout with a 4-step sampler (tests/helpers/editing.py).
+- `native`, `v1`: a random tiny pipeline per layout with a 4-step sampler (tests/helpers/editing.py);
+  tests/integration/test_pipeline.py overrides both with the pipelines its loaders make of `upstream`.
 - `tiny_run_copy`: puts a copy of the trainer tests' saved pipeline and token cache in `tmp_path`
   (tests/helpers/training.py `tiny_run` then finds them instead of building them).
 Tests under tests/integration/ are marked `integration` (`-m "not integration"` runs the unit tests).

@@ -9,20 +9,18 @@ import torch
 from PIL import Image
 
 from medim.layout import MeDiMV1Layout
-from medim.models.medim import MeDiMConfig, MeDiMModel
-from medim.models.vqgan import VQGAN, VQGANConfig
 from medim.pipelines.pipeline import MeDiMPipeline
-from tests.helpers.backbone import TINY_BASE_VOCAB, tiny_gemma_config
+from tests.helpers.backbone import TINY_BASE_VOCAB, TINY_IMAGE_VOCAB
 from tests.helpers.backbone import tiny_tokenizer as v1_tokenizer
-from tests.helpers.training import TINY_VQGAN, tiny_layout, tiny_tokenizer, tiny_vqgan
+from tests.helpers.training import tiny_layout, tiny_pipeline, tiny_tokenizer, tiny_vqgan
+from tests.helpers.vqgan import tiny_model
 
 PX = 16
 
 
 def _pipe(layout, vqgan, tokenizer, seed: int) -> MeDiMPipeline:
-    torch.manual_seed(seed)
-    model = MeDiMModel(MeDiMConfig(tiny_gemma_config(vocab_size=layout.min_vocab_size), layout=layout.to_dict()))
-    pipe = MeDiMPipeline(model, vqgan, tokenizer, sampler_config={"num_inference_steps": 4, "guidance_scale": 0.0})
+    pipe = tiny_pipeline(layout, vqgan, tokenizer, seed,
+                         sampler_config={"num_inference_steps": 4, "guidance_scale": 0.0})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -33,9 +31,8 @@ def native_pipe(seed: int = 0) -> MeDiMPipeline:
 
 def v1_pipe(seed: int = 0) -> MeDiMPipeline:
     layout = MeDiMV1Layout(base_vocab_size=TINY_BASE_VOCAB, text_len=16, image_len=16,
-                           image_vocab_size=TINY_VQGAN["n_embed"])
-    torch.manual_seed(seed)
-    vqgan = VQGAN(VQGANConfig(**{**TINY_VQGAN, "ch_mult": (1, 2, 2)})).eval()  # downsample 4: 16 px -> 4 x 4
+                           image_vocab_size=TINY_IMAGE_VOCAB)
+    vqgan = tiny_model(seed, resolution=16, ch_mult=(1, 2, 2))  # downsample 4: 16 px -> 4 x 4
     return _pipe(layout, vqgan, v1_tokenizer(TINY_BASE_VOCAB, bos_id=1, eos_id=2), seed)
 
 
@@ -49,10 +46,11 @@ def images(n: int, seed: int = 0, size: tuple[int, int] = (PX, PX)) -> list[Imag
 
 
 def fail_if_called(monkeypatch, pipe: MeDiMPipeline) -> None:
-    """Make every model forward and VQGAN encode raise: a check that must run before any compute."""
+    """Make every model forward and VQGAN encode raise: a check that must run before any compute.
+    Set in the instances' __dict__, so the undo leaves a shared pipeline exactly as it was."""
 
     def boom(*args, **kwargs):
         raise AssertionError("compute ran before the input checks")
 
-    monkeypatch.setattr(pipe.model, "forward", boom)
-    monkeypatch.setattr(pipe.vqgan, "encode", boom)
+    monkeypatch.setitem(vars(pipe.model), "forward", boom)
+    monkeypatch.setitem(vars(pipe.vqgan), "encode", boom)

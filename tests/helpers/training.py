@@ -1,9 +1,11 @@
 """Builders shared by the training-side tests (token cache, trainer, distributed): a word-level
-tokenizer over the phantom reports, a tiny VQGAN and native layout, a phantom token cache, a
-saved tiny pipeline + cache + config for the trainer, and a counter of host-syncing operations."""
+tokenizer over the phantom reports, a tiny VQGAN and native layout, a random tiny pipeline, a phantom
+token cache, a saved tiny pipeline + cache + config for the trainer, and a counter of host-syncing
+operations."""
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -16,19 +18,27 @@ from medim.data.cache import build_token_cache
 from medim.data.datasets import build_dataset
 from medim.data.synthetic import make_dataset
 from medim.layout import NativeLayout
-from medim.models.vqgan import VQGAN, VQGANConfig
+from medim.models.medim import MeDiMConfig, MeDiMModel
+from medim.models.vqgan import VQGAN
+from medim.pipelines.pipeline import MeDiMPipeline
 from medim.training.config import load_config
+from tests.helpers.backbone import tiny_gemma_config
+from tests.helpers.vqgan import tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 TEXT_VOCAB, IMAGE_VOCAB = 200, 64  # as tests/helpers/backbone.py's tiny Liquid
-TINY_VQGAN = dict(ch=32, ch_mult=(1, 2), resolution=16, n_embed=IMAGE_VOCAB, embed_dim=8, z_channels=8,
-                  num_res_blocks=1)
+
+
+@functools.cache
+def _phantom_words() -> tuple[str, ...]:
+    # Drawing the 64 phantoms is the slow part of a tokenizer: done once per process.
+    return tuple(sorted({w for _, report, _ in make_dataset(64, seed=0) for w in re.findall(r"\w+|[^\w\s]", report)}))
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level fast tokenizer over the phantom reports' words: <pad>=0 <eos>=1 <bos>=2 <unk>=3."""
-    words = sorted({w for _, report, _ in make_dataset(64, seed=0) for w in re.findall(r"\w+|[^\w\s]", report)})
-    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", *words])}
+    """A word-level fast tokenizer over the phantom reports' words: <pad>=0 <eos>=1 <bos>=2 <unk>=3.
+    (tests/helpers/backbone.py's `tiny_tokenizer` is the other kind: Llama-style, fixed words, BOS added.)"""
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", *_phantom_words()])}
     assert len(vocab) <= TEXT_VOCAB
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -43,8 +53,15 @@ def tiny_layout(text_len: int = 40) -> NativeLayout:
 
 
 def tiny_vqgan(seed: int = 0) -> VQGAN:
+    """tests/helpers/vqgan.py's tiny VQGAN for 16 px images (downsample 2: 8 x 8 codes)."""
+    return tiny_model(seed, resolution=16)
+
+
+def tiny_pipeline(layout, vqgan: VQGAN, tokenizer, seed: int = 0, **pipeline_kwargs) -> MeDiMPipeline:
+    """A pipeline around a random 2-layer Gemma MeDiM over `layout`, its weights drawn from `seed`."""
     torch.manual_seed(seed)
-    return VQGAN(VQGANConfig(**TINY_VQGAN)).eval()
+    model = MeDiMModel(MeDiMConfig(tiny_gemma_config(vocab_size=layout.min_vocab_size), layout=layout.to_dict()))
+    return MeDiMPipeline(model, vqgan, tokenizer, **pipeline_kwargs)
 
 
 def make_cache(out: Path, n: int = 12, shard_size: int = 5, **kwargs):
@@ -54,17 +71,11 @@ def make_cache(out: Path, n: int = 12, shard_size: int = 5, **kwargs):
 
 
 def tiny_run(tmp_path: Path, n: int = 24) -> tuple[Path, Path]:
-    """A tiny saved pipeline (2-layer Gemma, native layout) and a phantom token cache for it."""
-    from medim.models.medim import MeDiMConfig, MeDiMModel
-    from medim.pipelines.pipeline import MeDiMPipeline
-    from tests.helpers.backbone import tiny_gemma_config
-
+    """A tiny saved pipeline (2-layer Gemma, native layout) and a phantom token cache for it, built
+    unless `tmp_path` holds them already (conftest's `tiny_run_copy` puts a copy there)."""
     base, cache = tmp_path / "base", tmp_path / "cache"
     if not base.exists():
-        torch.manual_seed(0)
-        layout = tiny_layout()
-        model = MeDiMModel(MeDiMConfig(tiny_gemma_config(vocab_size=layout.min_vocab_size), layout=layout.to_dict()))
-        MeDiMPipeline(model, tiny_vqgan(), tiny_tokenizer()).save_pretrained(base)
+        tiny_pipeline(tiny_layout(), tiny_vqgan(), tiny_tokenizer()).save_pretrained(base)
         make_cache(cache, n=n, shard_size=8)
     return base, cache
 

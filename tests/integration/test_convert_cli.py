@@ -12,12 +12,7 @@ from safetensors.torch import load_file
 from medim.cli import build_parser, main
 from medim.models.vqgan import VQGAN
 from medim.pipelines.pipeline import MeDiMPipeline
-from tests.helpers.pipeline import IMAGE_LEN, IMAGE_PX, TEXT_LEN, V1_LAYOUT, write_upstream
-
-
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory) -> dict[str, Path]:
-    return write_upstream(tmp_path_factory.mktemp("upstream"))
+from tests.helpers.pipeline import IMAGE_LEN, IMAGE_PX, TEXT_LEN, V1_LAYOUT
 
 
 def original_args(paths: dict[str, Path], out: Path, *extra: str) -> list[str]:

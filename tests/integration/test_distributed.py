@@ -72,6 +72,7 @@ def _train(rank: int, tmp: Path, mode: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("tiny_run_copy")
 def test_two_process_training(tmp_path):
     tiny_run(tmp_path)  # build the model and cache once, before the ranks start
     mp.spawn(_worker, args=(str(tmp_path), _free_port()), nprocs=WORLD, join=True)

@@ -10,21 +10,11 @@ import medim.pipelines.editing
 from medim.data.images import preprocess
 from medim.pipelines.editing import InfillOutput, code_mask, load_mask
 from medim.pipelines.templates import candidates, parse_template
-from tests.helpers.editing import PX, fail_if_called, images, native_pipe, seeded, v1_pipe
+from tests.helpers.editing import PX, fail_if_called, images, seeded
 
 QUADRANT = np.zeros((PX, PX), dtype=bool)
 QUADRANT[: PX // 2, : PX // 2] = True  # the image's upper left: codes rows 0-3, columns 0-3 of 8 x 8
 PROMPTS = ["There is a small dense nodule in the right upper zone .", "No focal lesion ."]
-
-
-@pytest.fixture(scope="module")
-def native():
-    return native_pipe()
-
-
-@pytest.fixture(scope="module")
-def v1():
-    return v1_pipe()
 
 
 def codes_of(pipe, ims):

@@ -9,13 +9,13 @@ from PIL import Image
 
 from medim.cli import build_parser, main
 from medim.pipelines.pipeline import MeDiMPipeline
-from tests.helpers.pipeline import IMAGE_PX, V1_LAYOUT, write_upstream
+from tests.helpers.pipeline import IMAGE_PX, V1_LAYOUT
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def model_dir(upstream, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli")
-    paths = write_upstream(root / "upstream")
+    paths = upstream
     pipe = MeDiMPipeline.from_original(paths["release"], backbone=paths["liquid"], tokenizer=paths["llama_tokenizer"],
                                        vqgan=paths["space"], num_layers=2, layout=V1_LAYOUT)
     return pipe.save_pretrained(root / "pipe")

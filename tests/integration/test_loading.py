@@ -15,21 +15,16 @@ import torch
 from safetensors.torch import save_file
 
 from medim import MeDiMPipeline
-from medim.models.medim import MeDiMConfig, MeDiMModel
 from medim.pipelines.loading import load_tokenizer
 from medim.utils.hub import HubOptions
-from tests.helpers.backbone import tiny_gemma_config
-from tests.helpers.training import tiny_layout, tiny_tokenizer, tiny_vqgan
+from tests.helpers.training import tiny_layout, tiny_tokenizer
 
 MEDIM = Path(__file__).resolve().parents[2] / "medim"
 
 
 @pytest.fixture(scope="module")
-def pipe() -> MeDiMPipeline:
-    torch.manual_seed(0)
-    layout = tiny_layout()
-    model = MeDiMModel(MeDiMConfig(tiny_gemma_config(vocab_size=layout.min_vocab_size), layout=layout.to_dict()))
-    return MeDiMPipeline(model, tiny_vqgan(), tiny_tokenizer())
+def pipe(native) -> MeDiMPipeline:
+    return native  # conftest's tiny native pipeline: read-only
 
 
 @pytest.fixture(scope="module")

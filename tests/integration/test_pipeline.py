@@ -10,14 +10,9 @@ import torch
 from PIL import Image
 
 from medim import MeDiMOutput, MeDiMPipeline
-from tests.helpers.pipeline import IMAGE_LEN, IMAGE_PX, TEXT_LEN, V1_LAYOUT, to_hub_cache, write_upstream
+from tests.helpers.pipeline import IMAGE_LEN, IMAGE_PX, TEXT_LEN, V1_LAYOUT, to_hub_cache
 
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory) -> dict[str, Path]:
-    return write_upstream(tmp_path_factory.mktemp("upstream"))
 
 
 def load(kind: str, paths: dict[str, Path]) -> MeDiMPipeline:

@@ -13,7 +13,7 @@ from medim.commands import score as score_command
 from medim.diffusion.loss import elbo_terms, sample_times
 from medim.layout import Segment
 from medim.pipelines.scoring import NUM_SAMPLES, PAIR_DIRECTIONS, ScoreOutput
-from tests.helpers.editing import fail_if_called, images, native_pipe, seeded, v1_pipe
+from tests.helpers.editing import fail_if_called, images, seeded
 
 SEGS = (Segment("text", 0, 3, 0, 5), Segment("image", 3, 4, 6, 4))  # mask id 5
 MASK = 5
@@ -67,16 +67,6 @@ def test_elbo_terms_skip_the_forward_and_unscored_segments():
     terms = elbo_terms(table_denoiser(calls), x0, noised, noised, torch.ones(2), torch.zeros(2, 7),
                        segments=SEGS, mask_id=MASK)
     assert calls[0][1] == ["text"] and (calls[0][0][:, 3:] == MASK).all() and (terms[:, :3] > 0).all()
-
-
-@pytest.fixture(scope="module")
-def native():
-    return native_pipe()
-
-
-@pytest.fixture(scope="module")
-def v1():
-    return v1_pipe()
 
 
 def test_score_is_reproducible_and_consistent(native):

@@ -168,6 +168,7 @@ def test_checkpoint_keep_last_and_find(tmp_path):
 
 
 # ---------------------------------------------------------------- training end to end
+@pytest.mark.usefixtures("tiny_run_copy")
 def test_one_process_training_lowers_loss_and_exports(tmp_path):
     from medim.pipelines.pipeline import MeDiMPipeline
     from medim.training import Trainer
@@ -211,6 +212,7 @@ def _run_state(trainer) -> tuple[dict, dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("tiny_run_copy")
 def test_resume_is_exact(tmp_path):
     from medim.training import Trainer
 
@@ -237,6 +239,7 @@ def test_resume_is_exact(tmp_path):
     assert strip == [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in log_b]
 
 
+@pytest.mark.usefixtures("tiny_run_copy")
 def test_gradient_checkpointing_trains_the_same(tmp_path):
     from medim.training import Trainer
 
@@ -249,6 +252,7 @@ def test_gradient_checkpointing_trains_the_same(tmp_path):
     assert all(torch.allclose(v, after[k], atol=1e-5) for k, v in plain.model.state_dict().items())
 
 
+@pytest.mark.usefixtures("tiny_run_copy")
 def test_trainer_rejects_mismatched_cache(tmp_path):
     from medim.training import Trainer
 
@@ -264,6 +268,7 @@ def test_trainer_rejects_mismatched_cache(tmp_path):
         Trainer(tiny_config(tmp_path, "x", "data.val_size=24"))
 
 
+@pytest.mark.usefixtures("tiny_run_copy")
 def test_cli_cache_and_train_config(tmp_path, capsys):
     from medim.cli import main
     from medim.data.cache import TokenCacheDataset
@@ -296,6 +301,7 @@ def _host_side_outside(trainer) -> None:
     trainer._next_batch = outside
 
 
+@pytest.mark.usefixtures("tiny_run_copy")
 def test_training_steps_do_not_sync_with_the_host(tmp_path):
     from medim.training import Trainer
 
@@ -314,6 +320,7 @@ def test_training_steps_do_not_sync_with_the_host(tmp_path):
         assert window.calls == ["tolist"]
 
 
+@pytest.mark.usefixtures("tiny_run_copy")
 def test_fused_adamw_trains_like_the_unfused_kernel(tmp_path, monkeypatch):
     from medim.training import Trainer
 
@@ -336,6 +343,7 @@ def test_fused_adamw_trains_like_the_unfused_kernel(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("tiny_run_copy")
 def test_compiled_blocks_train_like_eager(tmp_path):
     from medim.training import Trainer
 
@@ -352,6 +360,7 @@ def test_compiled_blocks_train_like_eager(tmp_path):
     assert [r["loss"] for r in compiled.history] == pytest.approx([r["loss"] for r in eager.history], rel=1e-5)
 
 
+@pytest.mark.usefixtures("tiny_run_copy")
 def test_fsdp_mixed_precision_trains_like_autocast(tmp_path):
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -36,6 +36,7 @@ def _weights(trainer) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- non-finite steps (issue 16, item 1)
+@pytest.mark.usefixtures("tiny_run_copy")
 def test_non_finite_step_is_skipped_and_never_saved(tmp_path, caplog):
     trainer = _trainer(tmp_path, "run", "train.max_steps=6", "checkpoint.every=3", "checkpoint.keep_last=0",
                        "optim.ema_decay=0.9")
@@ -67,6 +68,7 @@ def test_non_finite_step_is_skipped_and_never_saved(tmp_path, caplog):
     assert (saved["step"], saved["updates"], saved["skipped"]) == (6, 5, 1)
 
 
+@pytest.mark.usefixtures("tiny_run_copy")
 def test_diverging_run_stops_non_zero_and_keeps_its_last_finite_checkpoint(tmp_path):
     base, cache = tiny_run(tmp_path)
     out = tmp_path / "run"
@@ -90,6 +92,7 @@ def test_diverging_run_stops_non_zero_and_keeps_its_last_finite_checkpoint(tmp_p
 
 
 # ---------------------------------------------------------------- resume settings (item 6)
+@pytest.mark.usefixtures("tiny_run_copy")
 def test_resume_refuses_changed_settings_unless_allowed(tmp_path, caplog):
     common = ("train.max_steps=4", "checkpoint.every=2", "optim.scheduler=constant_with_warmup", "optim.warmup_steps=0")
     _trainer(tmp_path, "run", *common).fit(until_step=2)
@@ -120,6 +123,7 @@ def test_resume_refuses_changed_settings_unless_allowed(tmp_path, caplog):
 
 
 # ---------------------------------------------------------------- damaged checkpoints and logs (item 7)
+@pytest.mark.usefixtures("tiny_run_copy")
 def test_truncated_latest_checkpoint_resumes_from_the_previous_one(tmp_path, caplog):
     common = ("train.max_steps=4", "checkpoint.every=2", "checkpoint.keep_last=0")
     straight = _trainer(tmp_path, "run", *common)
@@ -243,6 +247,7 @@ DRIVER = textwrap.dedent('''
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("tiny_run_copy")
 def test_sigkill_at_every_stage_resumes_to_the_same_bits(tmp_path):
     base, cache = tiny_run(tmp_path)
     driver = tmp_path / "driver.py"

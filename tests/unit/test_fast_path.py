@@ -98,13 +98,13 @@ def test_compiled_model_static_shapes_same_tokens():
     assert compiled > 0 and len(graphs) == compiled
 
 
-def test_pipeline_asks_for_logits_and_its_tokens_are_unchanged(tmp_path, monkeypatch):
+def test_pipeline_asks_for_logits_and_its_tokens_are_unchanged(upstream, monkeypatch):
     """The pipeline's denoiser skips the model's log-softmax (raw logits); forcing the log-prob
     path back on gives the same tokens for every task."""
     from medim import MeDiMPipeline
-    from tests.helpers.pipeline import V1_LAYOUT, write_upstream
+    from tests.helpers.pipeline import V1_LAYOUT
 
-    paths = write_upstream(tmp_path)
+    paths = upstream
     pipe = MeDiMPipeline.from_original(paths["release"], backbone=paths["liquid"], tokenizer=paths["llama_tokenizer"],
                                        vqgan=paths["space"], num_layers=2, layout=V1_LAYOUT)
     pipe.set_progress_bar_config(disable=True)

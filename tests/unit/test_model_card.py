@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from medim import MeDiMPipeline
 from medim.pipelines.model_card import CARD_NAME, PIPELINE_TAG, TAGS, CardInfo, card_info, hub_repo_id
-from tests.helpers.pipeline import IMAGE_LEN, TEXT_LEN, to_hub_cache, write_upstream
+from tests.helpers.pipeline import IMAGE_LEN, TEXT_LEN, to_hub_cache
 
 # What `medim train` knows at the end of a run (the trainer's last log record + its cache).
 TRAINING = {"steps": 4, "samples_seen": 32, "data_cache": "phantom-cache", "data_size": 60, "val_size": 4,
@@ -143,8 +143,8 @@ def test_hub_repo_id_and_base_model(tmp_path):
     assert card_info({"base_model": "org/base"}).base_model == "org/base"
 
 
-def test_base_model_of_a_pipeline_made_from_a_hub_backbone(tmp_path):
-    paths = write_upstream(tmp_path / "upstream")
+def test_base_model_of_a_pipeline_made_from_a_hub_backbone(upstream, tmp_path):
+    paths = upstream
     to_hub_cache(tmp_path / "hub", "Junfeng5/Liquid_V1_7B", paths["liquid"])
     pipe = MeDiMPipeline.from_base_models("Junfeng5/Liquid_V1_7B", vqgan=paths["space"], num_layers=2,
                                           text_len=TEXT_LEN, image_len=IMAGE_LEN, image_offset=200,

@@ -26,7 +26,8 @@ TINY_IMAGE_VOCAB = 64
 TINY_BASE_VOCAB = 120
 
 
-def tiny_gemma_config(vocab_size: int = TINY_TEXT_VOCAB + TINY_IMAGE_VOCAB, num_layers: int = 2, **overrides) -> GemmaConfig:
+def tiny_gemma_config(vocab_size: int = TINY_TEXT_VOCAB + TINY_IMAGE_VOCAB, num_layers: int = 2,
+                      **overrides) -> GemmaConfig:
     params = dict(
         vocab_size=vocab_size,
         hidden_size=32,
@@ -154,7 +155,8 @@ def write_tiny_release_checkpoint(
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     for s, tensors in ((step // 2, release_state_dict(**{**shape_kwargs, "seed": 1})), (step, state)):
         (directory / f"checkpoint_{s}").mkdir(parents=True, exist_ok=True)
-        save_file({k: v.clone().contiguous() for k, v in tensors.items()}, str(directory / f"checkpoint_{s}" / "model.safetensors"))
+        save_file({k: v.clone().contiguous() for k, v in tensors.items()},
+                  str(directory / f"checkpoint_{s}" / "model.safetensors"))
     (directory / f"checkpoint_{step * 2}").mkdir()
     (directory / f"checkpoint_{step * 2}" / "optimizer.bin").write_bytes(b"")
     return state
@@ -168,7 +170,8 @@ def tiny_tokenizer(vocab_size: int = TINY_BASE_VOCAB, bos_id: int = 1, eos_id: i
 
     words = ["<unk>", "<s>", "</s>"]
     words[bos_id], words[eos_id] = "<s>", "</s>"
-    words += list("0123456789") + "Image Size : Width is tensor ( [ ] ) Height . , the a chest lung heart no normal".split()
+    words += list("0123456789")
+    words += "Image Size : Width is tensor ( [ ] ) Height . , the a chest lung heart no normal".split()
     words += ["z" + a + b for a in "abcdefghij" for b in "abcdefghij"][: vocab_size - len(words)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(

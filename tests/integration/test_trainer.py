@@ -32,7 +32,8 @@ from tests.helpers.training import (
 # ---------------------------------------------------------------- schedules, EMA, sampler
 def test_schedule_matches_transformers():
     cfg = load_config(REPO / "configs/medim_paper.yaml",
-                      ["model.init=m", "data.cache=c", "train.max_steps=100", "optim.warmup_steps=10", "optim.num_cycles=2"])
+                      ["model.init=m", "data.cache=c", "train.max_steps=100", "optim.warmup_steps=10",
+                       "optim.num_cycles=2"])
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
     ref_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
     sched = build_scheduler(opt, cfg)

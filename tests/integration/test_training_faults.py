@@ -256,7 +256,8 @@ def test_sigkill_at_every_stage_resumes_to_the_same_bits(tmp_path):
 
     def train(out: str, point: str = "none", at: int = 0, resume: bool = True) -> int:
         args = ["--config", str(REPO / "configs/tiny.yaml"), f"model.init={base}", f"data.cache={cache}",
-                f"train.output_dir={tmp_path / out}", "train.max_steps=8", "checkpoint.every=2", "checkpoint.keep_last=1",
+                f"train.output_dir={tmp_path / out}", "train.max_steps=8", "checkpoint.every=2",
+                "checkpoint.keep_last=1",
                 "log.every=1", "eval.every=0", "optim.ema_decay=0.9", *(["checkpoint.resume=latest"] if resume else [])]
         run = subprocess.run([sys.executable, str(driver), point, str(at), *args], env=env, capture_output=True,
                              text=True, timeout=600)

@@ -28,7 +28,8 @@ def test_config_presets_and_overrides():
     o = cfg.optim
     assert (o.lr, o.betas, o.weight_decay, o.grad_clip) == (1e-5, (0.9, 0.999), 0.0, 1.0)
     assert (o.scheduler, o.warmup_steps) == ("cosine_with_restarts", 10_000)
-    assert (cfg.train.global_batch_size, cfg.diffusion.schedule, cfg.diffusion.keep_prefix_prob) == (512, "loglinear", 0.1)
+    assert (cfg.train.global_batch_size, cfg.diffusion.schedule,
+            cfg.diffusion.keep_prefix_prob) == (512, "loglinear", 0.1)
     assert (cfg.train.parallel, cfg.checkpoint.resume, cfg.optim.ema_decay) == ("fsdp", "latest", None)
     assert cfg.accumulation_steps(8) == 8
     cfg = load_config(REPO / "configs/tiny.yaml", [*REQUIRED, "optim.lr=1e-4", "eval.prompts=[a, b]"])

@@ -84,7 +84,10 @@ def started(config: SamplerConfig, task: tasks.TaskInputs, layout: SequenceLayou
 
 def load_mask(mask: MaskInput, name: str = "mask") -> np.ndarray:
     """A pixel mask as a bool array [H, W] (True = regenerate). PIL images and uint8 arrays: white
-    (> 127) is True; bool arrays as they are; other numbers: > 0.5. Paths are read with PIL.
+    (> 127) is True; bool arrays as they are; other numbers: > 0.5. Paths are read with PIL. An
+    image with transparency (some pixel not fully opaque) is read by its alpha, as the app reads a
+    painted layer: painted (alpha > 0) is True, whatever its colour; a fully transparent mask
+    selects nothing.
 
     Example:
         >>> load_mask(np.eye(4, dtype=bool)).sum()
@@ -93,6 +96,10 @@ def load_mask(mask: MaskInput, name: str = "mask") -> np.ndarray:
     if isinstance(mask, (str, os.PathLike)):
         return read_image_file(mask, lambda opened: load_mask(opened, name), kind="mask", prefix=f"{name}: ")
     if isinstance(mask, Image.Image):
+        if mask.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in mask.info:
+            alpha = np.asarray(mask.convert("RGBA"))[..., 3]
+            if (alpha < 255).any():
+                return alpha > 0
         return np.asarray(mask, dtype=bool) if mask.mode == "1" else np.asarray(mask.convert("L")) > 127
     if isinstance(mask, torch.Tensor):
         mask = mask.detach().cpu()

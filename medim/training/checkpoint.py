@@ -135,6 +135,21 @@ def _write_manifest(directory: Path, step: int) -> None:
     (directory / MANIFEST).write_text(json.dumps({"step": step, "files": entries}, indent=2))
 
 
+def _check_listed(path: Path, files: object) -> None:
+    """A manifest's "files": {plain name: {"bytes": int, "sha256": str}}, every name a file of the
+    checkpoint folder itself (never "../..", a subfolder, or a symlink leading out of it)."""
+    if not isinstance(files, dict):
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is damaged (\"files\" is a {type(files).__name__}, "
+                              "not an object of file names)")
+    for name, entry in files.items():
+        plain = name not in ("", ".", "..") and "/" not in name and "\\" not in name
+        if not plain or (path / name).resolve().parent != path.resolve():
+            raise CheckpointError(f"checkpoint {path}: {MANIFEST} lists {name!r}, not a file of the checkpoint "
+                                  "folder; refused")
+        if not (isinstance(entry, dict) and type(entry.get("bytes")) is int and isinstance(entry.get("sha256"), str)):
+            raise CheckpointError(f"checkpoint {path}: {MANIFEST} is damaged (the entry of {name!r})")
+
+
 def verify_checkpoint(path: str | os.PathLike) -> None:
     """Check every file of a checkpoint against the sizes and sha256 sums in its manifest.json.
 
@@ -150,6 +165,7 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
                               "its files cannot be verified") from None
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} is damaged ({e})") from None
+    _check_listed(path, files)
     missing = [n for n in REQUIRED if n not in files]
     if missing:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} lists no {missing}")

@@ -115,3 +115,63 @@ def test_rgba_masks_follow_the_apps_rule(tmp_path):
     assert (np.asarray(app_mask) > 127).sum() == load_mask(painted).sum()
     with pytest.raises(ValueError, match="a painted layer is 4x4 but the image is 8x8"):
         mask_from_editor({"background": background, "layers": [painted.resize((4, 4))]})
+
+
+# ------------------------------------------------- nothing outside a model or checkpoint folder is read
+
+
+def _demo_copy(tmp_path):
+    folder = tmp_path / "demo"
+    shutil.copytree(bundled_model_path("medim-demo"), folder)
+    return folder
+
+
+def test_a_pipeline_part_linked_outside_its_folder_is_refused(tmp_path):
+    other = _demo_copy(tmp_path / "other")
+    folder = _demo_copy(tmp_path)
+    shutil.rmtree(folder / "model")
+    (folder / "model").symlink_to(other / "model", target_is_directory=True)
+    with pytest.raises(ValueError, match="model resolves outside the pipeline folder"):
+        MeDiMPipeline.from_pretrained(folder)
+    (folder / "model").unlink()
+    shutil.copytree(other / "model", folder / "model")
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"private_key_name": 1}))
+    (folder / "vqgan" / "config.json").unlink()
+    (folder / "vqgan" / "config.json").symlink_to(secret)
+    with pytest.raises(ValueError, match="vqgan/config.json resolves outside") as refused:
+        MeDiMPipeline.from_pretrained(folder)
+    assert "private_key_name" not in str(refused.value)
+    (folder / "vqgan" / "config.json").unlink()
+    (folder / "vqgan" / "config.json").symlink_to(other / "vqgan" / "config.json")
+    with pytest.raises(ValueError, match="resolves outside"):
+        MeDiMPipeline.from_pretrained(folder)
+    (folder / "vqgan" / "config.json").unlink()
+    shutil.copy(other / "vqgan" / "config.json", folder / "vqgan" / "inner.json")
+    (folder / "vqgan" / "config.json").symlink_to("inner.json")  # a link inside the folder is fine
+    MeDiMPipeline.from_pretrained(folder)
+
+
+OUTSIDE = {"bytes": 1, "sha256": "0" * 64}
+
+
+@pytest.mark.parametrize("tamper, match", [
+    (lambda files: {"../../../etc/hostname": OUTSIDE, **files}, "not a file of the checkpoint"),
+    (lambda files: {"/etc/hostname": OUTSIDE, **files}, "not a file of the checkpoint"),
+    (lambda files: list(files), '"files" is a list'),
+    (lambda files: {**files, "config.yaml": {"bytes": "5", "sha256": "x"}}, "the entry of 'config.yaml'"),
+])
+def test_a_checkpoint_manifest_lists_only_its_own_files(tamper, match, tmp_path):
+    import torch
+
+    from medim.training import checkpoint as ckpt
+
+    model = torch.nn.Linear(3, 2)
+    path = ckpt.save_checkpoint(tmp_path, 1, model_state=model.state_dict(),
+                                optim_state={"state": {}, "param_groups": []}, trainer_state={"step": 1},
+                                rng_states=[ckpt.capture_rng()], config_yaml="a: 1\n")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"] = tamper(manifest["files"])
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ckpt.CheckpointError, match=match):
+        ckpt.verify_checkpoint(path)

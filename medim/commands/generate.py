@@ -137,9 +137,13 @@ def _inpaint_inputs(args: argparse.Namespace, images: list[str]) -> list[list]:
     for i, (image, mask) in enumerate(zip(images, masks)):
         try:
             width, height = read_image_file(image, lambda opened: opened.size)  # DICOM too
-            shape = load_mask(mask, f"--masks[{i}]").shape
+            pixels = load_mask(mask, f"--masks {mask}")
         except (OSError, ValueError) as e:
             raise SystemExit(f"--masks[{i}] / --images[{i}]: {e}") from None
+        shape = pixels.shape
+        if not pixels.any():
+            raise SystemExit(f"--masks: {mask} selects nothing (no white or painted pixel), so its image {image} "
+                             "would come back unchanged")
         if shape != (height, width):
             raise SystemExit(f"--masks[{i}]: {mask} is {shape[1]}x{shape[0]} but its image {image} is {width}x{height}")
     return [list(t) for t in zip(images, masks, prompts)]

@@ -337,6 +337,9 @@ def load_checkpoint(path: str | os.PathLike, rank: int = 0, verify: bool = True)
             rng_meta = json.loads(f.metadata()["ranks"])
     with reading(path / "trainer_state.json"):
         trainer_state = json.loads((path / "trainer_state.json").read_text())
+        step = trainer_state.get("step") if isinstance(trainer_state, dict) else None
+        if type(step) is not int or step < 0:
+            raise ValueError(f'"step" must be an integer >= 0, got {step!r}')
     rng = None
     if rank < len(rng_meta):
         prefix = f"rank{rank}."

@@ -318,7 +318,7 @@ def test_cli_reports(tmp_path, capsys):
 def test_cli_rejects_bad_manifest(tmp_path):
     bad = tmp_path / "m.jsonl"
     bad.write_text('{"text": "no report key"}\n')
-    with pytest.raises(ValueError, match="'report'"):
+    with pytest.raises(SystemExit, match="medim evaluate: .*'report'"):
         main(["evaluate", "reports", "--pred", str(bad), "--ref", str(bad), "--wordnet", "none"])
 
 

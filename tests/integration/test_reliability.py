@@ -175,3 +175,19 @@ def test_a_checkpoint_manifest_lists_only_its_own_files(tamper, match, tmp_path)
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ckpt.CheckpointError, match=match):
         ckpt.verify_checkpoint(path)
+
+
+@pytest.mark.parametrize("strategy", ["threshold", "ddpm"])
+def test_halton_order_is_refused_where_it_would_be_ignored(strategy, tmp_path):
+    with pytest.raises(ValueError, match=f"order='halton' is maskgit's image commit order; strategy='{strategy}'"):
+        SamplerConfig(strategy=strategy, order="halton")
+    pipe = native_pipe()
+    with pytest.raises(ValueError, match="order='halton'"):
+        pipe.text_to_image(["no"], strategy=strategy, order="halton", num_inference_steps=2)
+    from medim.cli import main
+
+    (tmp_path / "p.txt").write_text("no\n")
+    with pytest.raises(SystemExit, match="order='halton'"):
+        main(["generate", "image", "--prompts", str(tmp_path / "p.txt"), "--strategy", strategy, "--order", "halton",
+              "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()

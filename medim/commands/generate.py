@@ -141,11 +141,11 @@ def _inpaint_inputs(args: argparse.Namespace, images: list[str]) -> list[list]:
         except (OSError, ValueError) as e:
             raise SystemExit(f"--masks[{i}] / --images[{i}]: {e}") from None
         shape = pixels.shape
+        if shape != (height, width):
+            raise SystemExit(f"--masks[{i}]: {mask} is {shape[1]}x{shape[0]} but its image {image} is {width}x{height}")
         if not pixels.any():
             raise SystemExit(f"--masks: {mask} selects nothing (no white or painted pixel), so its image {image} "
                              "would come back unchanged")
-        if shape != (height, width):
-            raise SystemExit(f"--masks[{i}]: {mask} is {shape[1]}x{shape[0]} but its image {image} is {width}x{height}")
     return [list(t) for t in zip(images, masks, prompts)]
 
 

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from medim.commands.common import add_hub_arguments, hub_options
+from medim.commands.manifest import is_header
 
 HELP = "score generated reports (BLEU/ROUGE/METEOR/CIDEr-D) or images (FID, IS, VLM-judged pair match)"
 
@@ -118,7 +119,7 @@ def read_reports(source: str | Path) -> dict[str, str]:
         raise FileNotFoundError(f"{path} is not a folder or a manifest.jsonl")
     reports = {}
     for n, row in iter_jsonl(path):
-        if isinstance(row, dict) and row.get("error"):
+        if is_header(row) or isinstance(row, dict) and row.get("error"):
             continue  # a sample `medim generate` skipped (e.g. an unreadable image): nothing to score
         report = row.get("report") if isinstance(row, dict) else None
         sample_file = path.parent / report if isinstance(report, str) and report.endswith(".txt") else None
@@ -152,8 +153,8 @@ def read_pairs(folder: str | Path) -> tuple[list[Path], list[str], list[str]]:
     images, texts, names = [], [], []
     manifest = folder / "manifest.jsonl"
     if manifest.is_file():
-        rows = sorted(((row.get("index", n), n, row) for n, row in iter_jsonl(manifest) if isinstance(row, dict)),
-                      key=lambda r: r[:2])
+        rows = sorted(((row.get("index", n), n, row) for n, row in iter_jsonl(manifest)
+                       if isinstance(row, dict) and not is_header(row)), key=lambda r: r[:2])
         for _, n, row in rows:
             if row.get("error"):
                 continue  # a sample `medim generate` skipped: nothing to judge

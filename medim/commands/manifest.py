@@ -34,6 +34,11 @@ SETTING_KEYS = (
 LEFTOVER = temporary_names(r"\d{6,}\.(?:png|txt)|manifest(?:\.rank\d+)?\.jsonl")
 
 
+def is_header(row: object) -> bool:
+    """Whether a parsed manifest line is the header (not a sample): readers of the folder skip it."""
+    return isinstance(row, dict) and row.get("medim") == MARK["medim"] and "index" not in row
+
+
 def part_path(out: Path, rank: int, world_size: int) -> Path:
     """Where a rank lists the samples it finished: manifest.jsonl itself when it is alone."""
     return out / (MANIFEST if world_size == 1 else f"manifest.rank{rank}.jsonl")
@@ -75,7 +80,7 @@ def read(out: Path) -> tuple[dict | None, dict[int, dict], bool]:
         rows, cut = _lines(path)
         dirty |= cut
         for row in rows:
-            if "index" not in row:
+            if is_header(row):
                 header = header or row
                 continue
             dirty |= row["index"] <= last  # a duplicate (a merge stopped before removing a part) or out of order

@@ -332,3 +332,7 @@ def test_reads_a_medim_generate_folder(tmp_path):
     rows.append({"index": 2, "seed": 2, "source_image": "in/2.png", "error": "in/2.png could not be decoded"})
     (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert read_reports(tmp_path) == {"000000": "the heart is normal.", "000001": "no effusion."}
+    header = {"medim": "generate", "inputs": {}}  # the signed header medim writes first
+    rows = [header, *({"medim": "generate", **r} for r in rows)]
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_reports(tmp_path) == {"000000": "the heart is normal.", "000001": "no effusion."}

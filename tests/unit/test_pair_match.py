@@ -207,9 +207,10 @@ def _generate_layout(folder, images, reports):
     for i, (image, report) in enumerate(zip(images, reports)):
         image.save(folder / f"{i:06d}.png")
         (folder / f"{i:06d}.txt").write_text(report + "\n")
-        lines.append({"index": i, "seed": i, "prompt": "p", "image": f"{i:06d}.png", "report": f"{i:06d}.txt",
-                      "settings": {"task": "pairs"}})
-    (folder / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines[::-1]))
+        lines.append({"medim": "generate", "index": i, "seed": i, "prompt": "p", "image": f"{i:06d}.png",
+                      "report": f"{i:06d}.txt", "settings": {"task": "pairs"}})
+    header = {"medim": "generate", "inputs": {}}  # the signed header medim writes first
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [header, *lines[::-1]]))
     return folder
 
 

@@ -185,7 +185,21 @@ def inpaint(rt: Runtime, rgb: list[Image.Image], regions: torch.Tensor, prompts:
     condition = layout.condition(rt.tokenizer, sizes)
     tokens, nfe = run_chunks(rt, task, condition, settings)
     reports = prompts if prompts is not None else layout.decode_reports(rt.tokenizer, tokens)
-    return MeDiMOutput(decode_images(rt, tokens, settings.output_type), list(reports), tokens, nfe)
+    images = decode_images(rt, tokens, settings.output_type)
+    if settings.output_type == "pil":
+        images = [input_size(image, size) for image, size in zip(images, sizes)]
+    return MeDiMOutput(images, list(reports), tokens, nfe)
+
+
+def input_size(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """An edited image at its input's (width, height): the square padding that preprocessing added
+    cut away and the rest resized (LANCZOS). An input of the model's square size comes back as it is."""
+    width, height = size
+    side = max(width, height)
+    scale = image.width / side
+    left, top = (side - width) // 2 * scale, (side - height) // 2 * scale  # where preprocess pasted it
+    return image.resize((width, height), Image.Resampling.LANCZOS,
+                        box=(left, top, left + width * scale, top + height * scale))
 
 
 def infill_rows(layout: SequenceLayout, tokenizer: PreTrainedTokenizerBase, templates: list[str],

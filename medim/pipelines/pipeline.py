@@ -554,6 +554,8 @@ class MeDiMPipeline:
 
         Returns a `MeDiMOutput` whose images are decoded from the full code grid: the codes outside
         the mask are the input's VQ codes exactly (the pixels there are the VQGAN's reconstruction).
+        PIL images come back at each input's size (the square padding cut away, e.g. 64x32 for a
+        64x32 input); "pt" and "tokens" outputs are the model's square grid.
 
         Example:
             >>> mask = np.zeros((64, 64), dtype=bool); mask[:32, :32] = True   # the image's upper left

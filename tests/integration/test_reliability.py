@@ -191,3 +191,17 @@ def test_halton_order_is_refused_where_it_would_be_ignored(strategy, tmp_path):
         main(["generate", "image", "--prompts", str(tmp_path / "p.txt"), "--strategy", strategy, "--order", "halton",
               "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_inpainting_returns_the_inputs_size():
+    pipe = native_pipe()
+    side = pipe.image_resolution
+    wide = images(1, size=(side, side // 2))[0]
+    mask = np.zeros((side // 2, side), dtype=bool)
+    mask[:, : side // 2] = True
+    out = pipe.inpaint([wide, images(1)[0]], [mask, np.ones((side, side), dtype=bool)], ["no", "no"],
+                       generator=seeded(0), num_inference_steps=2)
+    assert [im.size for im in out.images] == [(side, side // 2), (side, side)]
+    square = pipe.inpaint([images(1)[0]], [np.ones((side, side), dtype=bool)], ["no"], generator=seeded(0),
+                          num_inference_steps=2, output_type="pt")
+    assert square.images.shape[-2:] == (side, side)

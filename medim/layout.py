@@ -158,7 +158,8 @@ class SequenceLayout(ABC):
     def encode_reports(self, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> torch.LongTensor:
         """Tokenise reports into the text part of the state, right-padded with `pad_id` to
         `text_len` (too-long reports are truncated with a warning). `texts`: a non-empty list of
-        str (checked by the caller: the pipeline's input checks)."""
+        str (checked by the caller: the pipeline's input checks). The tokenizer's special-token
+        strings in a text ("</s>", "<pad>") are read as plain text, never as control tokens."""
         assert texts and not isinstance(texts, str) and all(isinstance(t, str) for t in texts), texts
         out = torch.full((len(texts), self.text_len), self.pad_id, dtype=torch.long)
         for row, text in enumerate(texts):
@@ -243,7 +244,7 @@ class MeDiMV1Layout(SequenceLayout):
 
     def _report_ids(self, tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
         # The release tokenised reports with the tokenizer's own specials (Llama-2: BOS, no EOS).
-        return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+        return list(tokenizer(text, add_special_tokens=True, split_special_tokens=True)["input_ids"])
 
     @staticmethod
     def size_string(width: int, height: int) -> str:
@@ -361,7 +362,7 @@ class NativeLayout(SequenceLayout):
 
     def _report_ids(self, tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
         # BOS is added by backbone_inputs, so the report is the bare text plus its end-of-report id.
-        return [*tokenizer(text, add_special_tokens=False)["input_ids"], self.eos_id]
+        return [*tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"], self.eos_id]
 
     def _truncate(self, ids: list[int]) -> list[int]:
         # A truncated report still ends with eos, so the model learns where reports stop.

@@ -118,8 +118,11 @@ def mask_from_editor(value: Any) -> tuple[Image.Image, Image.Image]:
         if layer is None:
             continue
         alpha = np.asarray(layer.convert("RGBA") if isinstance(layer, Image.Image) else layer)
-        if alpha.ndim == 3 and alpha.shape[2] == 4 and alpha.shape[:2] == painted.shape:
-            painted |= alpha[:, :, 3] > 0
+        if alpha.ndim == 3 and alpha.shape[2] == 4 and alpha.shape[:2] != painted.shape:
+            raise ValueError(f"a painted layer is {alpha.shape[1]}x{alpha.shape[0]} but the image is "
+                             f"{painted.shape[1]}x{painted.shape[0]}: paint on the image itself")
+        if alpha.ndim == 3 and alpha.shape[2] == 4:
+            painted |= alpha[:, :, 3] > 0  # the rule of medim.pipelines.editing.load_mask for masks with alpha
     if not painted.any():
         raise ValueError("nothing painted: paint the region of the image to redraw")
     return background.convert("RGB"), Image.fromarray(painted.astype(np.uint8) * 255, mode="L")

@@ -214,6 +214,9 @@ def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
             SamplerConfig(**{field: value})
         except ValueError as e:
             raise SystemExit(f"--{field.replace('_', '-')}: {e}") from None
+    if "order" in options and "strategy" in options:
+        with usage_errors():
+            SamplerConfig(order=options["order"], strategy=options["strategy"])
     return options
 
 

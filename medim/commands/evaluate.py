@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from medim.commands.common import add_hub_arguments, hub_options
+from medim.commands.manifest import is_header
 
 HELP = "score generated reports (BLEU/ROUGE/METEOR/CIDEr-D) or images (FID, IS, VLM-judged pair match)"
 
@@ -152,6 +153,14 @@ def _clinical_options(args) -> tuple[list[str] | None, dict]:
     return metrics, {k: v for k, v in clinical.items() if metrics and k in metrics}
 
 
+def _text(path: Path) -> str:
+    """A UTF-8 text file's contents; an error names the file."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8") from None
+
+
 def read_reports(source: str | Path) -> dict[str, str]:
     """id -> report text from a folder of .txt files, a manifest.jsonl, or a folder holding one
     (including `medim generate`'s, whose "report" field names each sample's .txt file)."""
@@ -161,7 +170,7 @@ def read_reports(source: str | Path) -> dict[str, str]:
     if path.is_dir() and (path / "manifest.jsonl").is_file():
         path = path / "manifest.jsonl"
     if path.is_dir():
-        reports = {p.stem: p.read_text(encoding="utf-8").strip() for p in sorted(path.glob("*.txt"))}
+        reports = {p.stem: _text(p).strip() for p in sorted(path.glob("*.txt"))}
         if not reports:
             raise ValueError(f"{path} holds no .txt reports and no manifest.jsonl")
         return reports
@@ -169,13 +178,13 @@ def read_reports(source: str | Path) -> dict[str, str]:
         raise FileNotFoundError(f"{path} is not a folder or a manifest.jsonl")
     reports = {}
     for n, row in iter_jsonl(path):
-        if isinstance(row, dict) and row.get("error"):
+        if is_header(row) or isinstance(row, dict) and row.get("error"):
             continue  # a sample `medim generate` skipped (e.g. an unreadable image): nothing to score
         report = row.get("report") if isinstance(row, dict) else None
         sample_file = path.parent / report if isinstance(report, str) and report.endswith(".txt") else None
         if sample_file is not None and sample_file.is_file():
             # A `medim generate` manifest: "report" names the sample's file; its stem is the id.
-            key, text = str(row.get("id", sample_file.stem)), sample_file.read_text(encoding="utf-8")
+            key, text = str(row.get("id", sample_file.stem)), _text(sample_file)
         else:
             name = next((k for k in _NAME_KEYS if isinstance(row, dict) and row.get(k) is not None), None)
             if name is None or not isinstance(report, str):
@@ -203,8 +212,8 @@ def read_pairs(folder: str | Path) -> tuple[list[Path], list[str], list[str]]:
     images, texts, names = [], [], []
     manifest = folder / "manifest.jsonl"
     if manifest.is_file():
-        rows = sorted(((row.get("index", n), n, row) for n, row in iter_jsonl(manifest) if isinstance(row, dict)),
-                      key=lambda r: r[:2])
+        rows = sorted(((row.get("index", n), n, row) for n, row in iter_jsonl(manifest)
+                       if isinstance(row, dict) and not is_header(row)), key=lambda r: r[:2])
         for _, n, row in rows:
             if row.get("error"):
                 continue  # a sample `medim generate` skipped: nothing to judge
@@ -212,7 +221,7 @@ def read_pairs(folder: str | Path) -> tuple[list[Path], list[str], list[str]]:
             if not image or not Path(image).is_file():
                 raise FileNotFoundError(f"{manifest}:{n}: image {image!r} not found")
             if row.get("report"):
-                text = (folder / row["report"]).read_text(encoding="utf-8")
+                text = _text(folder / row["report"])
             elif isinstance(row.get("prompt"), str):
                 text = row["prompt"]
             else:
@@ -233,7 +242,7 @@ def read_pairs(folder: str | Path) -> tuple[list[Path], list[str], list[str]]:
         for i in sorted(set(found) - set(missing)):
             image, text = found[i]
             images.append(image)
-            texts.append(text.read_text(encoding="utf-8").strip())
+            texts.append(_text(text).strip())
             names.append(image.name)
     if not images:
         raise ValueError(f"--dir: {folder} holds no pairs (neither manifest.jsonl nor image_<i>.png + text_<i>.txt)")
@@ -351,6 +360,10 @@ def _run_pairs(args) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    for option in ("output", "csv"):  # checked before any compute
+        path = getattr(args, option, None)
+        if path and Path(path).expanduser().is_dir():
+            raise ValueError(f"--{option}: {path} is a folder; name the file to write")
     runners = {
         "reports": _run_reports, "fid": _run_fid, "diversity": _run_diversity, "is": _run_is, "pairs": _run_pairs,
     }

@@ -8,7 +8,9 @@ processes, produces exactly the samples of one uninterrupted run. Finished sampl
 `manifest.jsonl` (one JSON object a line, written after the sample's files); a rerun skips them and
 never rewrites their files. Under torchrun the k-th unfinished sample (in index order) goes to rank
 k % world_size (`medim.utils.sharding.shard`); each rank appends to its own `manifest.rank<r>.jsonl`, and
-when all are done rank 0 merges them into `manifest.jsonl` in index order.
+when all are done rank 0 merges them into `manifest.jsonl` in index order. A folder that is not
+empty and holds no manifest medim wrote is refused, a resume compares the input files' contents, and
+finished samples whose files are gone or empty are made again (`medim.commands.manifest`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from medim.commands.common import (
     sampler_options,
     usage_errors,
 )
-from medim.commands.manifest import MANIFEST, collect, merge, part_path, prepare
+from medim.commands.manifest import MANIFEST, MARK, merge, part_path, prepare, read
 from medim.utils.task_names import TASKS
 
 HELP = "generate images, reports or image-report pairs in batch (resumable; torchrun for several processes)"
@@ -135,11 +137,15 @@ def _inpaint_inputs(args: argparse.Namespace, images: list[str]) -> list[list]:
     for i, (image, mask) in enumerate(zip(images, masks)):
         try:
             width, height = read_image_file(image, lambda opened: opened.size)  # DICOM too
-            shape = load_mask(mask, f"--masks[{i}]").shape
+            pixels = load_mask(mask, f"--masks {mask}")
         except (OSError, ValueError) as e:
             raise SystemExit(f"--masks[{i}] / --images[{i}]: {e}") from None
+        shape = pixels.shape
         if shape != (height, width):
             raise SystemExit(f"--masks[{i}]: {mask} is {shape[1]}x{shape[0]} but its image {image} is {width}x{height}")
+        if not pixels.any():
+            raise SystemExit(f"--masks: {mask} selects nothing (no white or painted pixel), so its image {image} "
+                             "would come back unchanged")
     return [list(t) for t in zip(images, masks, prompts)]
 
 
@@ -162,6 +168,13 @@ def _check_options(args: argparse.Namespace, total: int) -> None:
     if args.seed < 0 or args.seed + total - 1 > MAX_SEED:
         raise SystemExit(f"--seed: sample i uses seed + i, which must stay in [0, {MAX_SEED}]; with {total} samples "
                          f"--seed {args.seed} gives [{args.seed}, {args.seed + total - 1}]")
+
+
+def _input_files(task: str, inputs: list) -> list[str]:
+    """The files a run reads (images, masks): a resume compares their contents."""
+    if task == "inpaint":
+        return [path for image, mask, _ in inputs for path in (image, mask)]
+    return list(inputs) if task == "report" else []
 
 
 # ----------------------------------------------------------------------------------- running
@@ -284,9 +297,9 @@ def run(args: argparse.Namespace) -> int:
     )
     with _stop_on_sigterm(), _process_group(where.world_size) as barrier:
         if where.rank == 0:
-            prepare(args.out, settings, inputs, args.num_per_prompt)
+            prepare(args.out, settings, inputs, args.num_per_prompt, files=_input_files(args.task, inputs))
         barrier()
-        done = set(collect(args.out)[0])
+        done = set(read(args.out)[1])
         # Planned lazily: memory does not grow with the number of samples asked for.
         mine = shard((i for i in range(total) if i not in done), where.rank, where.world_size)
         count = len(range(where.rank, total - len(done), where.world_size))
@@ -297,12 +310,12 @@ def run(args: argparse.Namespace) -> int:
                   sampling=sampling, common=dict(loader=spec.loader, settings=settings), where=where)
         barrier()
         if where.rank == 0:
-            lines, dirty = collect(args.out)
+            header, entries, dirty = read(args.out)
             if dirty:
-                merge(args.out, lines)
-            skipped = sum("error" in json.loads(line) for line in lines.values())
+                merge(args.out, header, entries)
+            skipped = sum("error" in entry for entry in entries.values())
             note = f"; {skipped} skipped (unreadable images, see 'error' in the manifest)" if skipped else ""
-            print(f"{len(lines)} samples in {args.out} (manifest: {args.out / MANIFEST}){note}")
+            print(f"{len(entries)} samples in {args.out} (manifest: {args.out / MANIFEST}){note}")
     return 0
 
 
@@ -317,7 +330,7 @@ def _make(args: argparse.Namespace, pipe, mine: Iterator[int], *, count: int, in
     who = f"rank {where.rank} of {where.world_size}" if where.world_size > 1 else "medim generate"
     with tqdm(total=count, desc=f"medim generate {args.task}", unit="sample", disable=where.rank != 0) as bar:
         while chunk := list(itertools.islice(mine, args.batch_size)):
-            entries = [dict(index=i, seed=args.seed + i, **common) for i in chunk]
+            entries = [dict(**MARK, index=i, seed=args.seed + i, **common) for i in chunk]
             try:
                 _generate(args, pipe, chunk, entries, inputs=inputs, image_size=image_size, sampling=sampling)
             except Exception:

@@ -19,6 +19,7 @@ from medim.commands.common import (
     load_pipeline,
     pipeline_spec,
     read_lines,
+    usage_errors,
 )
 
 HELP = "score image-report pairs by likelihood (log p(report | image) bounds), or rank all of them"
@@ -48,13 +49,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from medim.data.images import read_image_file
+    from medim.pipelines.scoring import MAX_NUM_SAMPLES
+    from medim.utils.checks import check_int
     from medim.utils.hub import atomic_file
 
     # Everything that can be checked is checked before the (slow) model load.
-    for name in ("num_samples", "batch_size"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    with usage_errors():
+        check_int(args.num_samples, "--num-samples", minimum=1, maximum=MAX_NUM_SAMPLES)
+        check_int(args.batch_size, "--batch-size", minimum=1)
+        check_int(args.seed, "--seed", minimum=0, maximum=2**64 - 1)  # what torch.Generator.manual_seed takes
     images, reports = expand_globs(args.images, "--images"), read_lines(args.reports, "--reports", "report")
+    for path in images:
+        try:
+            read_image_file(path, lambda opened: opened.size)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--images: {e}" if path in str(e) else f"--images: {path}: {e}") from None
     if not args.rank and len(images) != len(reports):
         raise SystemExit(f"{len(images)} images but {len(reports)} reports: pairs need as many of each "
                          "(or use --rank to score every image with every report)")

@@ -82,14 +82,18 @@ def _load_image(path: Path) -> Image.Image:
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) for each non-blank line of a JSONL file; a line that is not JSON
     raises ValueError naming the file and line."""
+    lineno = 0
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+        try:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not valid UTF-8 after line {lineno} ({e.reason}); save it as UTF-8") from None
 
 
 class PairedDataset(torch.utils.data.Dataset):

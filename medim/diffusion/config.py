@@ -102,6 +102,9 @@ class SamplerConfig:
         if not (_number(self.time_eps) and 0 < self.time_eps < 1):
             raise ValueError(f"time_eps must be a number in (0, 1), got {self.time_eps!r}")
         check_int(self.cache_interval, "cache_interval", minimum=1, maximum=MAX_STEPS, allow_none=True)
+        if self.order == "halton" and self.strategy != "maskgit":  # the others commit by their own rule
+            raise ValueError(f"order='halton' is maskgit's image commit order; strategy={self.strategy!r} does not "
+                             "use it: set order='confidence' (the default) or strategy='maskgit'")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -19,14 +19,21 @@ from medim.utils.checks import check_choice
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
-from medim.utils.checks import check_choice
+from medim.utils.checks import check_choice, check_number
 
 __all__ = ["NoiseSchedule", "LogLinearSchedule", "LinearSchedule", "CosineSchedule", "SCHEDULES", "get_schedule"]
+
+
+def _check_eps(eps: float) -> None:
+    # eps outside (0, 1) turns the move chance negative or above 1: every likelihood would be nonsense.
+    if check_number(eps, "eps") <= 0 or eps >= 1:
+        raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
 
 
 class NoiseSchedule(abc.ABC):
@@ -59,6 +66,9 @@ class LogLinearSchedule(NoiseSchedule):
 
     eps: float = 1e-3
 
+    def __post_init__(self) -> None:
+        _check_eps(self.eps)
+
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return -torch.log1p(-(1 - self.eps) * t)
 
@@ -77,6 +87,12 @@ class LinearSchedule(NoiseSchedule):
     sigma_min: float = 1e-4
     sigma_max: float = 20.0
 
+    def __post_init__(self) -> None:
+        check_number(self.sigma_min, "sigma_min", minimum=0)
+        check_number(self.sigma_max, "sigma_max", minimum=0)
+        if self.sigma_max <= self.sigma_min:
+            raise ValueError(f"sigma_max must be above sigma_min, got {self.sigma_max!r} <= {self.sigma_min!r}")
+
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return self.sigma_min + t * (self.sigma_max - self.sigma_min)
 
@@ -89,6 +105,9 @@ class CosineSchedule(NoiseSchedule):
     """alpha(t) = eps + (1 - eps) cos(pi t / 2): the clean fraction falls like a quarter cosine."""
 
     eps: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _check_eps(self.eps)
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return -torch.log(self.eps + (1 - self.eps) * torch.cos(t * math.pi / 2))
@@ -119,4 +138,8 @@ def get_schedule(schedule: str | NoiseSchedule = "loglinear", **kwargs) -> Noise
             raise ValueError(f"schedule: options {sorted(kwargs)} only apply when passing a name")
         return schedule
     check_choice(schedule, "schedule", sorted(SCHEDULES))
+    accepted = [f.name for f in dataclasses.fields(SCHEDULES[schedule])]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"schedule {schedule!r} takes the options {accepted}, got unknown {unknown}")
     return SCHEDULES[schedule](**kwargs)

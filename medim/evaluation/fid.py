@@ -104,10 +104,20 @@ def load_images(source: ImageSource, extensions: Sequence[str] = IMAGE_EXTENSION
     return list(source)
 
 
+def read_image(item: Any) -> Image.Image:
+    """`load_image(item)` as RGB; an image that cannot be read stops the metric with a ValueError
+    naming its file (a score over the other images would not be the score of the folder)."""
+    try:
+        return load_image(item)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        name = "" if isinstance(item, Image.Image) or str(item) in str(e) else f"{item}: "
+        raise ValueError(f"{name}{e} (remove or replace it to compute the metric)") from e
+
+
 def _to_tensor(item: Any) -> torch.Tensor:
     # load_image gives RGB like pytorch-fid's convert("RGB"), but rescales 16-bit X-rays by their
     # range instead of saturating them.
-    x = torch.from_numpy(np.asarray(load_image(item), dtype=np.float32) / 255.0).permute(2, 0, 1)
+    x = torch.from_numpy(np.asarray(read_image(item), dtype=np.float32) / 255.0).permute(2, 0, 1)
     # Resizing each image alone is what pytorch-fid's in-network resize does per image; it lets
     # folders of mixed sizes share a batch (and is the identity at 299x299).
     return F.interpolate(

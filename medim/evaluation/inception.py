@@ -193,14 +193,20 @@ class _InceptionBody(nn.Module):
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(path))
+            try:
+                state = load_file(str(path))
+            except Exception as e:
+                raise ValueError(f"weights={str(path)!r} is not a readable safetensors file: {e}") from e
         else:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:
-                raise ValueError(f"weights={str(path)!r} is not a readable PyTorch state dict: {e}") from e
-        if not isinstance(state, dict):
-            raise ValueError(f"weights={str(path)!r} does not hold a state dict")
+                # Not torch's advice (it suggests weights_only=False, which would run the file's code).
+                raise ValueError(f"weights={str(path)!r} is not a readable PyTorch state dict of tensors "
+                                 f"({type(e).__name__}); medim reads weights with weights_only=True and never runs "
+                                 f"code from a file: give {self._weights_name} state dict") from e
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"weights={str(path)!r} does not hold a state dict of tensors")
         if ignore_prefix:
             state = {k: v for k, v in state.items() if not k.startswith(ignore_prefix)}
         own = self.state_dict()

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from medim.data.images import load_image
-from medim.evaluation.fid import ImageSource, load_images
+from medim.evaluation.fid import ImageSource, load_images, read_image
 from medim.evaluation.inception import INCEPTION_SIZE, InceptionV3
 from medim.utils.checks import check_int
 
@@ -84,7 +83,7 @@ def inception_score_from_probs(probs: np.ndarray | torch.Tensor, splits: int = 1
 
 def _to_tensor(item: Any) -> torch.Tensor:
     # load_image gives RGB (the release's convert("RGB") for RGB, L and P images).
-    image = load_image(item).resize((RESIZE, RESIZE), Image.Resampling.BICUBIC)
+    image = read_image(item).resize((RESIZE, RESIZE), Image.Resampling.BICUBIC)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return (x - 0.5) / 0.5
 

@@ -84,7 +84,10 @@ def started(config: SamplerConfig, task: tasks.TaskInputs, layout: SequenceLayou
 
 def load_mask(mask: MaskInput, name: str = "mask") -> np.ndarray:
     """A pixel mask as a bool array [H, W] (True = regenerate). PIL images and uint8 arrays: white
-    (> 127) is True; bool arrays as they are; other numbers: > 0.5. Paths are read with PIL.
+    (> 127) is True; bool arrays as they are; other numbers: > 0.5. Paths are read with PIL. An
+    image with transparency (some pixel not fully opaque) is read by its alpha, as the app reads a
+    painted layer: painted (alpha > 0) is True, whatever its colour; a fully transparent mask
+    selects nothing.
 
     Example:
         >>> load_mask(np.eye(4, dtype=bool)).sum()
@@ -93,6 +96,10 @@ def load_mask(mask: MaskInput, name: str = "mask") -> np.ndarray:
     if isinstance(mask, (str, os.PathLike)):
         return read_image_file(mask, lambda opened: load_mask(opened, name), kind="mask", prefix=f"{name}: ")
     if isinstance(mask, Image.Image):
+        if mask.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in mask.info:
+            alpha = np.asarray(mask.convert("RGBA"))[..., 3]
+            if (alpha < 255).any():
+                return alpha > 0
         return np.asarray(mask, dtype=bool) if mask.mode == "1" else np.asarray(mask.convert("L")) > 127
     if isinstance(mask, torch.Tensor):
         mask = mask.detach().cpu()
@@ -178,7 +185,21 @@ def inpaint(rt: Runtime, rgb: list[Image.Image], regions: torch.Tensor, prompts:
     condition = layout.condition(rt.tokenizer, sizes)
     tokens, nfe = run_chunks(rt, task, condition, settings)
     reports = prompts if prompts is not None else layout.decode_reports(rt.tokenizer, tokens)
-    return MeDiMOutput(decode_images(rt, tokens, settings.output_type), list(reports), tokens, nfe)
+    images = decode_images(rt, tokens, settings.output_type)
+    if settings.output_type == "pil":
+        images = [input_size(image, size) for image, size in zip(images, sizes)]
+    return MeDiMOutput(images, list(reports), tokens, nfe)
+
+
+def input_size(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """An edited image at its input's (width, height): the square padding that preprocessing added
+    cut away and the rest resized (LANCZOS). An input of the model's square size comes back as it is."""
+    width, height = size
+    side = max(width, height)
+    scale = image.width / side
+    left, top = (side - width) // 2 * scale, (side - height) // 2 * scale  # where preprocess pasted it
+    return image.resize((width, height), Image.Resampling.LANCZOS,
+                        box=(left, top, left + width * scale, top + height * scale))
 
 
 def infill_rows(layout: SequenceLayout, tokenizer: PreTrainedTokenizerBase, templates: list[str],

@@ -191,6 +191,24 @@ def detect_loader(model: str | os.PathLike, *, loader: str = "auto", hub: HubOpt
     return "pretrained"
 
 
+def check_inside(root: Path) -> None:
+    """Refuse a local pipeline folder in which model_index.json or anything under model/, vqgan/ or
+    tokenizer/ resolves outside the folder (a symlink to another model, to a system file): nothing
+    outside a model folder is read, and no outside content reaches an error message. (A Hub
+    snapshot is not checked: the cache links its files to blobs, and huggingface_hub fills it.)"""
+    top = root.resolve()
+    for name in (MODEL_INDEX, *PARTS):
+        start = root / name
+        paths = [start]
+        if start.is_dir() and start.resolve().is_relative_to(top):
+            for folder, dirs, files in os.walk(start):
+                paths += [Path(folder) / entry for entry in (*dirs, *files)]
+        for path in paths:
+            if (path.exists() or path.is_symlink()) and not path.resolve().is_relative_to(top):
+                raise ValueError(f"{root}: {path.relative_to(root)} resolves outside the pipeline folder; "
+                                 "refused (a saved pipeline reads only its own files)")
+
+
 def saved_pipeline_index(repo_or_dir: str | os.PathLike, hub: HubOptions,
                          patterns: tuple[str, ...] = PIPELINE_PATTERNS) -> tuple[Path, dict[str, Any]]:
     """The local folder of a saved pipeline (a folder, a Hub repo fetched with `patterns`, or a
@@ -203,6 +221,7 @@ def saved_pipeline_index(repo_or_dir: str | os.PathLike, hub: HubOptions,
         root = bundled
     elif path.is_dir():
         root = path
+        check_inside(root)
     elif path.exists():
         raise NotADirectoryError(f"{name} is a file, not a folder holding a saved MeDiMPipeline")
     elif _looks_like_a_path(name):

@@ -105,10 +105,7 @@ class MeDiMPipeline:
             raise ValueError(f"image_len={image.length} is not a square grid of codes")
         # Pixels per image side: the VQGAN turns image_size x image_size pixels into image_len codes.
         self.image_resolution = side * vqgan.downsample_factor
-        if sampler_config is None or isinstance(sampler_config, SamplerConfig):
-            self.sampler_config = sampler_config or RELEASE_SAMPLER
-        else:  # a dict, e.g. model_index.json's "sampler": the release's settings under it
-            self.sampler_config = RELEASE_SAMPLER.replace(**sampler_config)
+        self.sampler_config = sampler_config or RELEASE_SAMPLER
         self._progress_bar_config: dict[str, Any] = {}
         # The denoiser `compile()` made (None: each call samples with an eager one).
         self.compiled_denoiser: ModelDenoiser | None = None
@@ -117,6 +114,22 @@ class MeDiMPipeline:
         self.base_model: str | None = None
         # The LoRA adapter injected into `model` by `load_lora_weights` (one at a time), or None.
         self.lora_adapter: lora_adapters.LoadedAdapter | None = None
+
+    @property
+    def sampler_config(self) -> SamplerConfig:
+        """The sampler settings a call uses when it does not set them. Assign a SamplerConfig, or a
+        dict of options (checked now, the release's settings under it), e.g.
+        `pipe.sampler_config = {"num_inference_steps": 32}`."""
+        return self._sampler_config
+
+    @sampler_config.setter
+    def sampler_config(self, value: SamplerConfig | Mapping[str, Any]) -> None:
+        if isinstance(value, Mapping):  # e.g. model_index.json's "sampler": the release's settings under it
+            value = SamplerConfig.from_dict({**RELEASE_SAMPLER.to_dict(), **value})
+        if not isinstance(value, SamplerConfig):
+            raise TypeError(f"sampler_config must be a SamplerConfig or a dict of its options, "
+                            f"got {type(value).__name__}")
+        self._sampler_config = value
 
     @property
     def sampler_defaults(self) -> Mapping[str, Any]:
@@ -189,7 +202,11 @@ class MeDiMPipeline:
         if index.get("_class_name") != cls.__name__:
             raise ValueError(f"{repo_or_dir}: {loading.MODEL_INDEX} describes a {index.get('_class_name')!r}, "
                              f"not a {cls.__name__}")
-        return cls(*parts, sampler_config=SamplerConfig.from_dict(index.get("sampler") or {}))
+        try:
+            sampler = SamplerConfig.from_dict(index.get("sampler") or {})
+        except (TypeError, ValueError) as e:  # a tampered or hand-edited file: blame it, not the weights
+            raise ValueError(f"{repo_or_dir}: {loading.MODEL_INDEX} \"sampler\": {e}") from None
+        return cls(*parts, sampler_config=sampler)
 
     @classmethod
     def from_original(
@@ -540,6 +557,8 @@ class MeDiMPipeline:
 
         Returns a `MeDiMOutput` whose images are decoded from the full code grid: the codes outside
         the mask are the input's VQ codes exactly (the pixels there are the VQGAN's reconstruction).
+        PIL images come back at each input's size (the square padding cut away, e.g. 64x32 for a
+        64x32 input); "pt" and "tokens" outputs are the model's square grid.
 
         Example:
             >>> mask = np.zeros((64, 64), dtype=bool); mask[:32, :32] = True   # the image's upper left
@@ -608,7 +627,7 @@ class MeDiMPipeline:
             rgb = image_list(images)
             if len(rgb) != len(templates):
                 raise ValueError(f"images: give one per template ({len(templates)}), got {len(rgb)}")
-        check_int(num_samples, "num_samples", minimum=1)
+        check_int(num_samples, "num_samples", minimum=1, maximum=scoring.MAX_NUM_SAMPLES)
         settings = self._run_settings(len(templates), num_inference_steps=num_inference_steps,
                                       guidance_scale=guidance_scale, generator=generator, batch_size=batch_size,
                                       output_type=output_type, callback_on_step_end=callback_on_step_end,

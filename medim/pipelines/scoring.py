@@ -41,6 +41,9 @@ _ROLES: dict[str, tuple[tuple[str, ...], str | None]] = {
 DIRECTIONS = tuple(_ROLES)
 PAIR_DIRECTIONS = ("report|image", "image|report", "joint")
 NUM_SAMPLES = 16  # time points per pair by default (the spread this gives: docs/pipeline.md)
+# At most this many: the mask draws of one group of pairs are held at once ([num_samples, state_len]),
+# and past it the spread is far below any difference between reports (docs/pipeline.md).
+MAX_NUM_SAMPLES = 4096
 TIME_EPS = 1e-3  # times lie in [TIME_EPS, 1], as in training (diffusion_loss)
 ROWS_PER_FORWARD = 256  # default batch_size: pair x time-point rows per model forward
 
@@ -72,7 +75,7 @@ class ScoreOutput:
 def check_options(direction: Any, num_samples: Any, batch_size: Any, generator: Any, allowed: Sequence[str]) -> None:
     """The options `score` and `rank` share (`allowed`: the directions the method takes)."""
     check_choice(direction, "direction", allowed)
-    check_int(num_samples, "num_samples", minimum=1)
+    check_int(num_samples, "num_samples", minimum=1, maximum=MAX_NUM_SAMPLES)
     check_int(batch_size, "batch_size", minimum=1, allow_none=True)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be None or one torch.Generator (all pairs share its draws), "

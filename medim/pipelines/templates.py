@@ -91,7 +91,7 @@ def candidates(layout: SequenceLayout, tokenizer: PreTrainedTokenizerBase, templ
     Raises, before any compute, when the template does not fit the text slots or a gap splits a token."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("report templates need a fast (Rust) tokenizer: gaps are placed by its character offsets")
-    plain = tokenizer(template.text, add_special_tokens=False, return_offsets_mapping=True)
+    plain = tokenizer(template.text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
     ids, offsets = plain["input_ids"], plain["offset_mapping"]
     if len(ids) + sum(g.size for g in template.gaps) > layout.text_len:
         raise ValueError(f"{name} needs {len(ids)} text + {sum(g.size for g in template.gaps)} gap tokens, more "

@@ -137,6 +137,21 @@ def _write_manifest(directory: Path, step: int) -> None:
     (directory / MANIFEST).write_text(json.dumps({"step": step, "files": entries}, indent=2))
 
 
+def _check_listed(path: Path, files: object) -> None:
+    """A manifest's "files": {plain name: {"bytes": int, "sha256": str}}, every name a file of the
+    checkpoint folder itself (never "../..", a subfolder, or a symlink leading out of it)."""
+    if not isinstance(files, dict):
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is damaged (\"files\" is a {type(files).__name__}, "
+                              "not an object of file names)")
+    for name, entry in files.items():
+        plain = name not in ("", ".", "..") and "/" not in name and "\\" not in name
+        if not plain or (path / name).resolve().parent != path.resolve():
+            raise CheckpointError(f"checkpoint {path}: {MANIFEST} lists {name!r}, not a file of the checkpoint "
+                                  "folder; refused")
+        if not (isinstance(entry, dict) and type(entry.get("bytes")) is int and isinstance(entry.get("sha256"), str)):
+            raise CheckpointError(f"checkpoint {path}: {MANIFEST} is damaged (the entry of {name!r})")
+
+
 def verify_checkpoint(path: str | os.PathLike) -> None:
     """Check every file of a checkpoint against the sizes and sha256 sums in its manifest.json.
 
@@ -152,6 +167,7 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
                               "its files cannot be verified") from None
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} is damaged ({e})") from None
+    _check_listed(path, files)
     missing = [n for n in REQUIRED if n not in files]
     if missing:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} lists no {missing}")
@@ -323,6 +339,9 @@ def load_checkpoint(path: str | os.PathLike, rank: int = 0, verify: bool = True)
             rng_meta = json.loads(f.metadata()["ranks"])
     with reading(path / "trainer_state.json"):
         trainer_state = json.loads((path / "trainer_state.json").read_text())
+        step = trainer_state.get("step") if isinstance(trainer_state, dict) else None
+        if type(step) is not int or step < 0:
+            raise ValueError(f'"step" must be an integer >= 0, got {step!r}')
     rng = None
     if rank < len(rng_meta):
         prefix = f"rank{rank}."

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from collections.abc import Iterator
@@ -150,7 +151,7 @@ class TrainConfig:
         _check(bool(self.model.init), "model.init", "a MeDiMPipeline directory or Hub repo id")
         _check(bool(self.data.cache), "data.cache", "a token cache directory (see `medim cache`)")
         _check(self.data.val_size >= 0, "data.val_size", "an integer >= 0")
-        _check(self.optim.lr > 0, "optim.lr", "a float > 0")
+        _check(self.optim.lr > 0 and math.isfinite(self.optim.lr), "optim.lr", "a finite float > 0")
         # Item types are checked here too: OmegaConf lets a nested list or mapping into a typed list.
         _check(len(self.optim.betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in self.optim.betas),
                "optim.betas", "two floats in [0, 1)")
@@ -179,6 +180,8 @@ class TrainConfig:
         _check(self.eval.num_inference_steps >= 1, "eval.num_inference_steps", "an integer >= 1")
         _check(self.checkpoint.every >= 0, "checkpoint.every", "an integer >= 0")
         _check(self.checkpoint.keep_last >= 0, "checkpoint.keep_last", "an integer >= 0")
+        _check(all(isinstance(k, str) for k in self.checkpoint.allow_changed), "checkpoint.allow_changed",
+               "a list of option names (strings)")
         self._validate_lora()
         unknown = [k for k in self.checkpoint.allow_changed if k != "world_size" and _option_type(k) is None]
         _check(not unknown, "checkpoint.allow_changed",

@@ -25,15 +25,18 @@ class RunLog:
         self.path = out_dir / "log.jsonl"
         self.history: list[dict] = []
         self._writers: list = []
+        if self.path.exists() and not self.path.is_file():
+            raise ValueError(f"{self.path} is not a file: the run's log cannot be written there")
         if self.path.is_file():
             kept = []
-            for number, line in enumerate(self.path.read_text().splitlines(), 1):
+            for number, line in enumerate(self.path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
                 try:
                     record = json.loads(line) if line.strip() else None
                 except ValueError:
                     logger.warning("%s line %d is not JSON (a write cut short?): dropped", self.path, number)
                     continue
-                if isinstance(record, dict) and record.get("step", 0) <= step:
+                at = record.get("step", 0) if isinstance(record, dict) else None
+                if isinstance(at, int) and at <= step:
                     kept.append(line)
             with atomic_file(self.path) as f:
                 f.write("".join(line + "\n" for line in kept))

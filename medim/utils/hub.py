@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +30,7 @@ __all__ = [
     "resolve_snapshot",
     "atomic_directory",
     "atomic_file",
+    "temporary_names",
 ]
 
 # Models that ship inside the package, by the name users load them with -> folder under medim/.
@@ -137,6 +139,22 @@ def resolve_snapshot(
             **(hub or HubOptions()).kwargs(),
         )
     )
+
+
+# The temporary sibling of `name` is exactly ".<name>.tmp-<8 lowercase hex digits>".
+_TEMPORARY = r"\.(?:{})\.tmp-[0-9a-f]{{8}}"
+
+
+def temporary_names(names: str) -> re.Pattern:
+    r"""The exact names of the temporary siblings `atomic_file`/`atomic_directory` create for targets
+    whose names match the regular expression `names`: a cleanup that removes only what matches
+    (`fullmatch`) never removes a user's file.
+
+    Example:
+        >>> bool(temporary_names(r"a\.png").fullmatch(".a.png.tmp-0123abcd"))
+        True
+    """
+    return re.compile(_TEMPORARY.format(names))
 
 
 def _temporary_sibling(target: Path, create: Callable[[Path], Any]) -> tuple[Path, Any]:

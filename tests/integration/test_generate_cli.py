@@ -34,7 +34,11 @@ def generate(task, model_dir, out, *extra):
 
 
 def manifest(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    """The sample entries, after the header line medim signs its manifests with."""
+    header, *entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert header["medim"] == "generate" and "index" not in header
+    assert all(e["medim"] == "generate" for e in entries)
+    return entries
 
 
 def test_pairs_interrupted_run_resumes_identically(model_dir, prompts, tmp_path, monkeypatch):
@@ -178,7 +182,7 @@ def test_auto_loader_reads_a_release_folder_as_the_original_checkpoint(prompts, 
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(MeDiMPipeline, "from_original", from_original)
-    with pytest.raises(RuntimeError, match="stop here"):
+    with pytest.raises(SystemExit, match="unexpected RuntimeError: stop here"):  # not the user's fault: a bug
         main(["generate", "pairs", "--prompts", str(prompts), "--model", str(release), "--out", str(tmp_path / "o")])
     assert calls == [str(release)]
 
@@ -263,6 +267,7 @@ def test_huge_request_is_planned_lazily(prompts, tmp_path, monkeypatch):
         raise RuntimeError(f"reached the model load; peak {tracemalloc.get_traced_memory()[1]} bytes")
 
     monkeypatch.setattr(generate_command, "load_pipeline", load)
+    monkeypatch.setenv("MEDIM_DEBUG", "1")  # the exception itself, not the command line's message
     tracemalloc.start()
     try:
         with pytest.raises(RuntimeError, match="reached the model load") as reached:
@@ -341,3 +346,88 @@ def test_inpaint_task(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="for 'inpaint'"):
         main(["generate", "image", "--model", "medim-demo", "--prompts", str(reports), "--out", str(tmp_path / "y"),
               "--masks", str(masks[0])])
+
+
+# ------------------------------------------------- the user's files: never overwritten, never deleted
+
+
+def test_folder_without_a_medim_manifest_is_refused(model_dir, prompts, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "000000.png").write_bytes(b"mine")
+    (out / "000001.txt").write_text("my notes")
+    with pytest.raises(SystemExit, match="not empty and holds no manifest of medim generate"):
+        generate("pairs", model_dir, out, "--prompts", prompts)
+    (out / "manifest.jsonl").write_text("my list\n")
+    with pytest.raises(SystemExit, match="manifest.jsonl was not written by medim generate"):
+        generate("pairs", model_dir, out, "--prompts", prompts)
+    assert (out / "000000.png").read_bytes() == b"mine" and (out / "000001.txt").read_text() == "my notes"
+    assert (out / "manifest.jsonl").read_text() == "my list\n"
+
+
+def test_cleanup_removes_only_the_atomic_writers_temporary_names(model_dir, prompts, tmp_path):
+    out = tmp_path / "o"
+    assert generate("image", model_dir, out, "--prompts", prompts) == 0
+    mine = [".manifest.jsonl.bak", ".000001.png.orig", ".manifest.rank3.jsonl.old", ".000000.png.tmp-notahex1",
+            ".000000.png.tmp-0123abcd.keep"]
+    for name in mine:
+        (out / name).write_text("mine")
+    leftovers = [".000000.png.tmp-0123abcd", ".manifest.jsonl.tmp-89abcdef", ".manifest.rank2.jsonl.tmp-00000000"]
+    for name in leftovers:
+        (out / name).write_text("half")
+    assert generate("image", model_dir, out, "--prompts", prompts) == 0
+    assert all((out / name).read_text() == "mine" for name in mine)
+    assert not any((out / name).exists() for name in leftovers)
+
+
+def test_a_manifest_line_medim_did_not_write_is_refused(model_dir, prompts, tmp_path):
+    out = tmp_path / "o"
+    assert generate("image", model_dir, out, "--prompts", prompts) == 0
+    with open(out / "manifest.jsonl", "a") as f:
+        f.write('{"index": 9}\n')
+    with pytest.raises(SystemExit, match="line 4 was not written by medim generate"):
+        generate("image", model_dir, out, "--prompts", prompts)
+
+
+@pytest.mark.parametrize("out_kind", ["file", "read-only"])
+def test_an_unusable_out_is_refused_before_the_model_loads(out_kind, prompts, tmp_path, monkeypatch):
+    import os
+
+    if out_kind == "read-only" and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    out = tmp_path / "o"
+    if out_kind == "file":
+        out.write_text("x")
+    else:
+        out.mkdir(mode=0o555)
+    monkeypatch.setattr(MeDiMPipeline, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit, match="is not a folder" if out_kind == "file" else "is not writable"):
+        generate("image", "medim-demo", out, "--prompts", prompts)
+
+
+# ------------------------------------------------- resumes: inputs by contents, outputs checked
+
+
+def test_resume_refuses_changed_input_contents_and_accepts_another_spelling(model_dir, tmp_path, monkeypatch):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for name in ("a", "b"):
+        Image.effect_noise((64, 64), 60).save(images / f"{name}.png")
+    out = tmp_path / "rep"
+    monkeypatch.chdir(tmp_path)
+    assert generate("report", model_dir, out, "--images", "imgs/*.png") == 0
+    assert generate("report", model_dir, out, "--images", "./imgs/*.png") == 0  # the same files
+    Image.effect_noise((64, 64), 10).save(images / "b.png")
+    with pytest.raises(SystemExit, match=f"the input {re.escape(str((images / 'b.png').resolve()))} changed"):
+        generate("report", model_dir, out, "--images", "imgs/*.png")
+
+
+def test_missing_or_empty_outputs_of_a_finished_run_are_made_again(model_dir, prompts, tmp_path):
+    out = tmp_path / "o"
+    args = ("--prompts", prompts, "--num-per-prompt", 2)
+    assert generate("pairs", model_dir, out, *args) == 0
+    whole = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "000001.png").unlink()
+    (out / "000002.txt").write_text("")
+    assert generate("pairs", model_dir, out, *args) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == whole

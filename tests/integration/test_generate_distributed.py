@@ -53,7 +53,7 @@ def finished(folder: Path) -> set[int]:
         for line in path.read_text().splitlines():
             try:
                 done.add(json.loads(line)["index"])
-            except ValueError:
+            except (ValueError, KeyError):  # a line cut short; the header
                 pass
     return done
 
@@ -151,6 +151,7 @@ def test_more_processes_than_samples(tmp_path):
 def test_a_failing_rank_stops_the_run_cleanly(prompts, reference, tmp_path):
     out = tmp_path / "out"
     (out / "000001.png").mkdir(parents=True)  # rank 1 makes sample 1 first and cannot write it
+    (out / "manifest.jsonl").write_text('{"medim": "generate"}\n')  # a medim folder (else refused as not empty)
     run = subprocess.run(command(2, prompts, out), env=ENV, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0
     assert "rank 1 of 2 failed while making samples [1, 3, 5]" in run.stderr

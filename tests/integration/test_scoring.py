@@ -181,9 +181,15 @@ def test_cli_errors_before_loading(saved, tmp_path, monkeypatch):
         (["--reports", str(root / "two.txt")], "3 images but 2 reports"),
         (["--reports", str(root / "none.txt")], "holds no report"),
         (["--images", str(root / "nothing*.png")], "nothing matches"),
-        (["--num-samples", "0"], "--num-samples must be >= 1"),
+        (["--num-samples", "0"], r"--num-samples must be an int in \[1, 4096\], got 0"),
+        (["--num-samples", str(10**9)], r"--num-samples must be an int in \[1, 4096\]"),
+        (["--seed", str(2**64)], r"--seed must be an int in \[0, 18446744073709551615\], got 18446744073709551616"),
+        (["--seed", "-1"], "--seed must be an int in"),
         (["--out", str(tmp_path)], "is a folder"),
+        (["--images", str(tmp_path / "broken.png"), "--reports", str(root / "one.txt")], "broken.png"),
     ]
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    (root / "one.txt").write_text("one\n")
     for extra, message in cases:
         with pytest.raises(SystemExit, match=message):
             cli(root, model, tmp_path / "x.jsonl", *extra)

@@ -318,7 +318,7 @@ def test_cli_reports(tmp_path, capsys):
 def test_cli_rejects_bad_manifest(tmp_path):
     bad = tmp_path / "m.jsonl"
     bad.write_text('{"text": "no report key"}\n')
-    with pytest.raises(ValueError, match="'report'"):
+    with pytest.raises(SystemExit, match="medim evaluate: .*'report'"):
         main(["evaluate", "reports", "--pred", str(bad), "--ref", str(bad), "--wordnet", "none"])
 
 
@@ -330,5 +330,9 @@ def test_reads_a_medim_generate_folder(tmp_path):
         (tmp_path / f"{i:06d}.txt").write_text(text + "\n")
     rows = [{"index": i, "seed": i, "source_image": f"in/{i}.png", "report": f"{i:06d}.txt"} for i in range(2)]
     rows.append({"index": 2, "seed": 2, "source_image": "in/2.png", "error": "in/2.png could not be decoded"})
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_reports(tmp_path) == {"000000": "the heart is normal.", "000001": "no effusion."}
+    header = {"medim": "generate", "inputs": {}}  # the signed header medim writes first
+    rows = [header, *({"medim": "generate", **r} for r in rows)]
     (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert read_reports(tmp_path) == {"000000": "the heart is normal.", "000001": "no effusion."}

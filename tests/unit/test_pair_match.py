@@ -207,9 +207,10 @@ def _generate_layout(folder, images, reports):
     for i, (image, report) in enumerate(zip(images, reports)):
         image.save(folder / f"{i:06d}.png")
         (folder / f"{i:06d}.txt").write_text(report + "\n")
-        lines.append({"index": i, "seed": i, "prompt": "p", "image": f"{i:06d}.png", "report": f"{i:06d}.txt",
-                      "settings": {"task": "pairs"}})
-    (folder / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines[::-1]))
+        lines.append({"medim": "generate", "index": i, "seed": i, "prompt": "p", "image": f"{i:06d}.png",
+                      "report": f"{i:06d}.txt", "settings": {"task": "pairs"}})
+    header = {"medim": "generate", "inputs": {}}  # the signed header medim writes first
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [header, *lines[::-1]]))
     return folder
 
 
@@ -251,16 +252,16 @@ def test_cli_pairs_text_to_image_manifest_uses_prompts(judge, judge_dir, tmp_pat
 
 def test_cli_pairs_bad_folders(tmp_path, judge_dir):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="holds no pairs"):
+    with pytest.raises(SystemExit, match="medim evaluate: .*holds no pairs"):
         main(["evaluate", "pairs", "--dir", str(tmp_path / "empty"), "--judge", str(judge_dir)])
-    with pytest.raises(FileNotFoundError, match="not a folder"):
+    with pytest.raises(SystemExit, match="medim evaluate: .*not a folder"):
         main(["evaluate", "pairs", "--dir", str(tmp_path / "nope"), "--judge", str(judge_dir)])
     (tmp_path / "empty" / "manifest.jsonl").write_text(json.dumps({"index": 0, "image": "000000.png"}) + "\n")
-    with pytest.raises(FileNotFoundError, match="000000.png"):
+    with pytest.raises(SystemExit, match="medim evaluate: .*000000.png"):
         main(["evaluate", "pairs", "--dir", str(tmp_path / "empty"), "--judge", str(judge_dir)])
     _release_layout(tmp_path / "rel", _images(1), ["a"])
     # Checked before the judge loads: "nowhere" is no model.
-    with pytest.raises(ValueError, match=r"\{report\}"):
+    with pytest.raises(SystemExit, match=r"medim evaluate: .*\{report\}"):
         main(["evaluate", "pairs", "--dir", str(tmp_path / "rel"), "--judge", "./nowhere", "--prompt", "x"])
 
 

@@ -46,7 +46,7 @@ def test_defaults_without_a_file():
     (["optim.lrr=1"], r"unknown config key 'optim.lrr' \(did you mean optim.lr\?\); accepted: \['lr', 'betas'"),
     (["trian.seed=1"], r"unknown config key 'trian' \(did you mean train\?\)"),
     (["eval.prompts.x=1"], "config option eval.prompts: takes no sub-key 'x'"),
-    (["optim.lr=-1"], "optim.lr: expected a float > 0"),
+    (["optim.lr=-1"], "optim.lr: expected a finite float > 0"),
     (["optim.lr=fast"], "optim.lr: expected a float, got 'fast'"),
     (["optim.scheduler=step"], "optim.scheduler: expected one of"),
     (["train.max_steps=1.5"], "train.max_steps: expected an integer, got '1.5'"),

@@ -1,0 +1,207 @@
+"""Issue 27's API cases: control-token strings in user text, schedule values checked (and blamed on
+the file), `sampler_config` checked at assignment, `num_samples` bounded, one rule for RGBA masks."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medim.diffusion import SamplerConfig, get_schedule
+from medim.layout import MeDiMV1Layout
+from medim.pipelines.editing import load_mask
+from medim.pipelines.pipeline import MeDiMPipeline
+from medim.utils.hub import bundled_model_path
+from tests.helpers.editing import images, native_pipe, seeded, v1_pipe
+
+
+@pytest.mark.parametrize("make", [native_pipe, v1_pipe])
+def test_control_token_strings_in_user_text_are_plain_text(make):
+    pipe = make()
+    tok, layout = pipe.tokenizer, pipe.layout
+    plain = layout.encode_reports(tok, ["the chest", "no normal"])
+    ids = tok(["the chest", "no normal"], add_special_tokens=False)["input_ids"]
+    for row, expected in zip(plain.tolist(), ids):  # texts without control strings: the tokens as before
+        assert all(i in row for i in expected)
+    specials = {tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens} - {tok.unk_token_id}
+    added = len(layout._report_ids(tok, "")) - len(tok("", add_special_tokens=False)["input_ids"])
+    for text in ("</s>", "the chest </s> no normal", "<pad>", "<s> the"):
+        ids = layout._report_ids(tok, text)
+        own = ids[1:] if isinstance(pipe.layout, MeDiMV1Layout) else ids[:-1]  # the layout's BOS / EOS
+        assert len(own) == len(ids) - added and not set(own) & specials, (text, ids)
+        assert len(own) > 1  # the control string's characters, not one token
+    tail = layout._report_ids(tok, "no normal")
+    tail = tail[1:] if isinstance(pipe.layout, MeDiMV1Layout) else tail[:-1]
+    ids = layout._report_ids(tok, "the chest </s> no normal")
+    assert any(ids[i:i + len(tail)] == tail for i in range(len(ids)))  # nothing after "</s>" dropped
+
+
+def test_score_of_a_control_token_string_scores_its_characters():
+    pipe = native_pipe()
+    image = images(1)
+    a = pipe.score(image, ["</s>"], generator=seeded(0), num_samples=4).scores
+    b = pipe.score(image, ["no"], generator=seeded(0), num_samples=4).scores
+    assert math.isfinite(float(a[0])) and float(a[0]) != float(b[0])
+
+
+@pytest.mark.parametrize("name, options, match", [
+    ("loglinear", {"eps": 5.0}, r"eps must be a number in \(0, 1\), got 5.0"),
+    ("loglinear", {"eps": float("nan")}, "eps must be a finite number"),
+    ("cosine", {"eps": -1}, r"eps must be a number in \(0, 1\)"),
+    ("loglinear", {"eps": "x"}, "eps must be a finite number, got 'x'"),
+    ("loglinear", {"epsilon": 0.1}, r"takes the options \['eps'\], got unknown \['epsilon'\]"),
+    ("linear", {"sigma_min": 2.0, "sigma_max": 1.0}, "sigma_max must be above sigma_min"),
+])
+def test_schedule_values_are_checked(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        get_schedule(name, **options)
+
+
+@pytest.mark.parametrize("schedule, match", [
+    ({"name": "loglinear", "eps": 5.0}, "eps must be a number in"),
+    ({"name": "loglinear", "eps": "x"}, "eps must be a finite number"),
+    ({"name": "loglinear", "rate": 1}, "got unknown"),
+])
+def test_a_tampered_schedule_is_blamed_on_model_index(schedule, match, tmp_path):
+    folder = tmp_path / "demo"
+    shutil.copytree(bundled_model_path("medim-demo"), folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["sampler"]["noise_schedule"] = schedule
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f'{folder}: model_index.json "sampler": .*{match}'):
+        MeDiMPipeline.from_pretrained(folder)
+
+
+def test_sampler_config_is_checked_at_assignment():
+    pipe = native_pipe()
+    pipe.sampler_config = {"num_inference_steps": 3}
+    assert isinstance(pipe.sampler_config, SamplerConfig) and pipe.sampler_config.num_inference_steps == 3
+    pipe.sampler_config = SamplerConfig(num_inference_steps=2)
+    assert pipe.sampler_config.num_inference_steps == 2
+    with pytest.raises(ValueError, match="num_inference_steps must be an int"):
+        pipe.sampler_config = {"num_inference_steps": 0}
+    with pytest.raises(ValueError, match="unknown sampler options"):
+        pipe.sampler_config = {"steps": 3}
+    with pytest.raises(TypeError, match="sampler_config must be a SamplerConfig or a dict"):
+        pipe.sampler_config = 3
+    assert pipe.sampler_config.num_inference_steps == 2  # a refused value changes nothing
+
+
+def test_num_samples_is_bounded_before_any_compute():
+    pipe = native_pipe()
+    with pytest.raises(ValueError, match=r"num_samples must be an int in \[1, 4096\], got 1000000000"):
+        pipe.score(images(1), ["no"], num_samples=10**9)
+    with pytest.raises(ValueError, match=r"num_samples must be an int in \[1, 4096\]"):
+        pipe.rank(images(1), ["no"], num_samples=10**9)
+
+
+def test_rgba_masks_follow_the_apps_rule(tmp_path):
+    from medim.app.tasks import mask_from_editor
+
+    clear = Image.new("RGBA", (8, 8), (255, 255, 255, 0))  # white but fully transparent: nothing painted
+    assert not load_mask(clear).any()
+    painted = clear.copy()
+    painted.paste((0, 0, 0, 255), (0, 0, 4, 4))  # painted in black: still painted
+    assert load_mask(painted).sum() == 16
+    painted.save(tmp_path / "painted.png")
+    assert load_mask(tmp_path / "painted.png").sum() == 16
+    opaque = Image.new("RGBA", (8, 8), (0, 0, 0, 255))  # no transparency: read by whiteness
+    opaque.paste((255, 255, 255, 255), (0, 0, 2, 2))
+    assert load_mask(opaque).sum() == 4
+    background = Image.new("RGB", (8, 8))
+    _, app_mask = mask_from_editor({"background": background, "layers": [painted]})
+    assert (np.asarray(app_mask) > 127).sum() == load_mask(painted).sum()
+    with pytest.raises(ValueError, match="a painted layer is 4x4 but the image is 8x8"):
+        mask_from_editor({"background": background, "layers": [painted.resize((4, 4))]})
+
+
+# ------------------------------------------------- nothing outside a model or checkpoint folder is read
+
+
+def _demo_copy(tmp_path):
+    folder = tmp_path / "demo"
+    shutil.copytree(bundled_model_path("medim-demo"), folder)
+    return folder
+
+
+def test_a_pipeline_part_linked_outside_its_folder_is_refused(tmp_path):
+    other = _demo_copy(tmp_path / "other")
+    folder = _demo_copy(tmp_path)
+    shutil.rmtree(folder / "model")
+    (folder / "model").symlink_to(other / "model", target_is_directory=True)
+    with pytest.raises(ValueError, match="model resolves outside the pipeline folder"):
+        MeDiMPipeline.from_pretrained(folder)
+    (folder / "model").unlink()
+    shutil.copytree(other / "model", folder / "model")
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"private_key_name": 1}))
+    (folder / "vqgan" / "config.json").unlink()
+    (folder / "vqgan" / "config.json").symlink_to(secret)
+    with pytest.raises(ValueError, match="vqgan/config.json resolves outside") as refused:
+        MeDiMPipeline.from_pretrained(folder)
+    assert "private_key_name" not in str(refused.value)
+    (folder / "vqgan" / "config.json").unlink()
+    (folder / "vqgan" / "config.json").symlink_to(other / "vqgan" / "config.json")
+    with pytest.raises(ValueError, match="resolves outside"):
+        MeDiMPipeline.from_pretrained(folder)
+    (folder / "vqgan" / "config.json").unlink()
+    shutil.copy(other / "vqgan" / "config.json", folder / "vqgan" / "inner.json")
+    (folder / "vqgan" / "config.json").symlink_to("inner.json")  # a link inside the folder is fine
+    MeDiMPipeline.from_pretrained(folder)
+
+
+OUTSIDE = {"bytes": 1, "sha256": "0" * 64}
+
+
+@pytest.mark.parametrize("tamper, match", [
+    (lambda files: {"../../../etc/hostname": OUTSIDE, **files}, "not a file of the checkpoint"),
+    (lambda files: {"/etc/hostname": OUTSIDE, **files}, "not a file of the checkpoint"),
+    (lambda files: list(files), '"files" is a list'),
+    (lambda files: {**files, "config.yaml": {"bytes": "5", "sha256": "x"}}, "the entry of 'config.yaml'"),
+])
+def test_a_checkpoint_manifest_lists_only_its_own_files(tamper, match, tmp_path):
+    import torch
+
+    from medim.training import checkpoint as ckpt
+
+    model = torch.nn.Linear(3, 2)
+    path = ckpt.save_checkpoint(tmp_path, 1, model_state=model.state_dict(),
+                                optim_state={"state": {}, "param_groups": []}, trainer_state={"step": 1},
+                                rng_states=[ckpt.capture_rng()], config_yaml="a: 1\n")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"] = tamper(manifest["files"])
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ckpt.CheckpointError, match=match):
+        ckpt.verify_checkpoint(path)
+
+
+@pytest.mark.parametrize("strategy", ["threshold", "ddpm"])
+def test_halton_order_is_refused_where_it_would_be_ignored(strategy, tmp_path):
+    with pytest.raises(ValueError, match=f"order='halton' is maskgit's image commit order; strategy='{strategy}'"):
+        SamplerConfig(strategy=strategy, order="halton")
+    pipe = native_pipe()
+    with pytest.raises(ValueError, match="order='halton'"):
+        pipe.text_to_image(["no"], strategy=strategy, order="halton", num_inference_steps=2)
+    from medim.cli import main
+
+    (tmp_path / "p.txt").write_text("no\n")
+    with pytest.raises(SystemExit, match="order='halton'"):
+        main(["generate", "image", "--prompts", str(tmp_path / "p.txt"), "--strategy", strategy, "--order", "halton",
+              "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_inpainting_returns_the_inputs_size():
+    pipe = native_pipe()
+    side = pipe.image_resolution
+    wide = images(1, size=(side, side // 2))[0]
+    mask = np.zeros((side // 2, side), dtype=bool)
+    mask[:, : side // 2] = True
+    out = pipe.inpaint([wide, images(1)[0]], [mask, np.ones((side, side), dtype=bool)], ["no", "no"],
+                       generator=seeded(0), num_inference_steps=2)
+    assert [im.size for im in out.images] == [(side, side // 2), (side, side)]
+    square = pipe.inpaint([images(1)[0]], [np.ones((side, side), dtype=bool)], ["no"], generator=seeded(0),
+                          num_inference_steps=2, output_type="pt")
+    assert square.images.shape[-2:] == (side, side)

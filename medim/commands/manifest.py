@@ -26,8 +26,8 @@ MARK = {"medim": "generate"}
 SIGNATURE = json.dumps(MARK)[:-1]
 # Settings that change what a sample looks like: a resumed run must use the same ones.
 SETTING_KEYS = (
-    "task", "model", "loader", "revision", "num_inference_steps", "guidance_scale", "strategy", "temperature",
-    "top_k", "top_p", "cache_interval", "order", "image_size", "prompt", "dtype", "seed", "num_per_prompt",
+    "task", "model", "loader", "revision", "lora", "fuse_lora", "num_inference_steps", "guidance_scale", "strategy",
+    "temperature", "top_k", "top_p", "cache_interval", "order", "image_size", "prompt", "dtype", "seed", "num_per_prompt",
     "mask_dilation",
 )
 # What a killed run can leave in the folder: exactly the temporary files of the atomic writers.

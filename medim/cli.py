@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medim",
         description="MeDiM: unified medical image and report generation with discrete diffusion.",
     )
-    parser.add_argument("--version", action="version", version=f"medim {_version()}")
+    parser.add_argument("--version", action="version", version=_version())
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)"
     )
@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from medim import __version__
+    from medim import DISTRIBUTION, __version__
 
-    return __version__
+    return f"{DISTRIBUTION} {__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,7 +93,7 @@ def _rouge_package():
         import rouge
     except ImportError as e:
         raise ImportError(
-            "the paper's ROUGE needs the `rouge` package: `pip install 'medim[eval]'` "
+            "the paper's ROUGE needs the `rouge` package: `pip install 'medim-diffusion[eval]'` "
             "(or `pip install rouge==1.0.1`)"
         ) from e
     return rouge
@@ -317,7 +317,7 @@ def _coco_fallback(hyps: list[list[str]], refs: list[list[str]]) -> tuple[dict, 
     scores["cider_d"] = cider_d(hyps, [[r] for r in refs])[0]
     impl["cider_d"] = "medim cider_d (CIDEr-D, sigma 6, x10)"
     notes = [
-        "pycocoevalcap is not installed (`pip install 'medim[coco]'`): BLEU from NLTK's corpus_bleu, "
+        "pycocoevalcap is not installed (`pip install 'medim-diffusion[coco]'`): BLEU from NLTK's corpus_bleu, "
         "ROUGE-L and CIDEr-D from medim (equal to pycocoevalcap's on the same tokens), METEOR 1.5 skipped"
     ]
     return scores, impl, notes

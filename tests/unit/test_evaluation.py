@@ -113,7 +113,7 @@ def test_rouge_long_sentence():
 
 def test_rouge_missing_package_explains(monkeypatch):
     monkeypatch.setitem(sys.modules, "rouge", None)  # as if `rouge` were not installed
-    with pytest.raises(ImportError, match=r"pip install 'medim\[eval\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'medim-diffusion\[eval\]'"):
         rouge_paper("heart", "heart")
     with pytest.raises(ImportError, match="rouge"):
         report_metrics(["heart"], ["heart"], wordnet=False, progress=False)

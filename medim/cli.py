@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # huggingface_hub's logger has a handler of its own; passed on to the root's too, it says everything twice.
+    logging.getLogger("huggingface_hub").propagate = False
     if not hasattr(args, "_run"):
         parser.print_help()
         return 0

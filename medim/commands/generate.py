@@ -31,6 +31,7 @@ from medim.commands.common import (
     add_sampler_arguments,
     expand_globs,
     load_pipeline,
+    model_hub_options,
     pipeline_spec,
     read_lines,
     sampler_options,
@@ -268,6 +269,7 @@ def run(args: argparse.Namespace) -> int:
     from medim.utils.sharding import current_shard, shard
 
     # Check everything that can be checked before the (slow) model load; every rank does the same.
+    model_hub_options(args, "medim generate")  # offline, a Hub model fails here in seconds, before torch loads
     image_size = _image_size(args.image_size)
     inputs = _inputs(args)
     total = len(inputs) * max(args.num_per_prompt, 1)

@@ -243,7 +243,8 @@ def _medim(predictions, references, wordnet, progress) -> tuple[dict, dict, list
     smoothing = SmoothingFunction().method1
     names = ["bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL"] + (["meteor"] if wn else [])
     totals = dict.fromkeys(names, 0.0)
-    for pred, ref in tqdm(zip(predictions, references), total=len(predictions), disable=not progress):
+    bar = progress and len(predictions) > 1  # a bar for one report says nothing
+    for pred, ref in tqdm(zip(predictions, references), total=len(predictions), disable=not bar):
         hyp_tokens = tokenize_medim(pred.strip())
         if not hyp_tokens:
             continue  # an empty report scores zero on every metric
@@ -275,8 +276,9 @@ def _medim(predictions, references, wordnet, progress) -> tuple[dict, dict, list
     return scores, impl, notes
 
 
-def _coco_pycocoevalcap(gts: dict, res: dict) -> tuple[dict, dict, list[str]] | None:
-    """BLEU, ROUGE-L, CIDEr-D (and METEOR 1.5 where Java is) from pycocoevalcap; None without it."""
+def _coco_pycocoevalcap(gts: dict, res: dict, meteor: bool) -> tuple[dict, dict, list[str]] | None:
+    """BLEU, ROUGE-L, CIDEr-D (and METEOR 1.5 where Java is, unless `meteor` is False) from
+    pycocoevalcap; None without it."""
     try:
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
@@ -289,7 +291,9 @@ def _coco_pycocoevalcap(gts: dict, res: dict) -> tuple[dict, dict, list[str]] | 
     scores = {f"bleu{k}": float(bleu[k - 1]) for k in range(1, 5)}
     impl = dict.fromkeys(scores, f"{where} Bleu (corpus, 'closest' reference length)")
     notes = []
-    if shutil.which("java"):
+    if not meteor:
+        notes.append("METEOR skipped (wordnet=False)")
+    elif shutil.which("java"):
         scores["meteor"] = float(Meteor().compute_score(gts, res)[0])  # the Java process ends with it
         impl["meteor"] = f"{where} Meteor (Java METEOR 1.5)"
     else:
@@ -323,12 +327,12 @@ def _coco_fallback(hyps: list[list[str]], refs: list[list[str]]) -> tuple[dict, 
     return scores, impl, notes
 
 
-def _coco(predictions, references) -> tuple[dict, dict, list[str]]:
+def _coco(predictions, references, meteor: bool) -> tuple[dict, dict, list[str]]:
     hyps = [tokenize_coco(p) for p in predictions]
     refs = [tokenize_coco(r) for r in references]
     gts = {i: [" ".join(r)] for i, r in enumerate(refs)}
     res = {i: [" ".join(h)] for i, h in enumerate(hyps)}
-    scores, impl, notes = _coco_pycocoevalcap(gts, res) or _coco_fallback(hyps, refs)
+    scores, impl, notes = _coco_pycocoevalcap(gts, res, meteor) or _coco_fallback(hyps, refs)
     notes.append("tokens: lower-case, punctuation removed (approximates the Java PTBTokenizer)")
     return scores, impl, notes
 
@@ -348,7 +352,8 @@ def report_metrics(
         protocol: "medim" (the paper: per-report NLTK BLEU-1..4, ROUGE-1/2/L, NLTK METEOR) or
             "coco" (corpus BLEU-1..4, METEOR 1.5, ROUGE-L, CIDEr-D).
         wordnet: for "medim" METEOR: None finds a local WordNet 3.0 (see `load_wordnet`), a path
-            names one, False skips METEOR. Never downloads.
+            names one. False skips METEOR under either protocol (under "coco" it is Java's). Never
+            downloads.
         progress: show a tqdm bar.
 
     Returns:
@@ -364,7 +369,7 @@ def report_metrics(
     if protocol == "medim":
         scores, impl, notes = _medim(predictions, references, wordnet, progress)
     else:
-        scores, impl, notes = _coco(predictions, references)
+        scores, impl, notes = _coco(predictions, references, meteor=wordnet is not False)
     if num_empty:
         notes.append(f"{num_empty} empty prediction(s) scored zero (the release skipped them)")
         logger.warning("%d of %d predictions are empty; they score zero", num_empty, len(predictions))

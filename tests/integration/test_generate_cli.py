@@ -93,6 +93,9 @@ def test_image_and_report_tasks(model_dir, prompts, tmp_path):
     assert entries[0]["settings"]["image_size"] == [640, 480]
     paths = [tmp_path / "img" / e["image"] for e in entries]
 
+    assert generate("image", model_dir, tmp_path / "img2", "--prompts", prompts) == 0
+    assert manifest(tmp_path / "img2")[0]["settings"]["image_size"] is None  # not given: not claimed
+
     assert generate("report", model_dir, tmp_path / "rep", "--images", str(tmp_path / "img" / "*.png"),
                     "--prompt", "the") == 0
     entries = manifest(tmp_path / "rep")

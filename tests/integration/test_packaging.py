@@ -64,3 +64,17 @@ def test_a_cached_repo_loads_from_the_cache_when_the_hub_cannot_be_reached(tmp_p
         hub.hub_fetch_options("org/model", options, repo_type="dataset")
     monkeypatch.setattr(hub, "_unreachable", lambda endpoint: None)  # the Hub answers: the options as given
     assert hub.hub_fetch_options("org/other", options) == options
+
+
+def test_train_says_where_final_is_and_the_last_losses(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    import medim.training
+    from medim.cli import main
+
+    history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "loss_text": 1.25}, {"step": 2, "val_loss": 1.75}]
+    out = SimpleNamespace(step=2, final_dir=tmp_path / "final", history=history)
+    monkeypatch.setattr(medim.training, "train", lambda config: out)
+    assert main(["train", "train.max_steps=2"]) == 0
+    assert capsys.readouterr().out == (f"medim train: finished at step 2; trained pipeline in {tmp_path / 'final'} "
+                                       "(last logged: loss 1.5, loss_text 1.25, val_loss 1.75)\n")

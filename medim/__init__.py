@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
+# The name on the Python package index (`pip install medim-diffusion`); `medim` there is another project.
+DISTRIBUTION = "medim-diffusion"
 
 # Public names, imported lazily so `import medim` stays cheap: name -> module that defines it.
 _EXPORTS: dict[str, str] = {
@@ -47,4 +49,4 @@ def __dir__() -> list[str]:
     return sorted(list(globals()) + list(_EXPORTS))
 
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["__version__", "DISTRIBUTION", *_EXPORTS]

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medim",
         description="MeDiM: unified medical image and report generation with discrete diffusion.",
     )
-    parser.add_argument("--version", action="version", version=f"medim {_version()}")
+    parser.add_argument("--version", action="version", version=_version())
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)"
     )
@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from medim import __version__
+    from medim import DISTRIBUTION, __version__
 
-    return __version__
+    return f"{DISTRIBUTION} {__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # huggingface_hub's logger has a handler of its own; passed on to the root's too, it says everything twice.
+    logging.getLogger("huggingface_hub").propagate = False
     if not hasattr(args, "_run"):
         parser.print_help()
         return 0

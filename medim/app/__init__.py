@@ -1,5 +1,5 @@
 """`medim app`: a web app (Gradio) on a `MeDiMPipeline`: text to image, image to report, image-report
-pairs, and inpainting when the pipeline has it. `pip install 'medim[app]'` brings Gradio.
+pairs, and inpainting when the pipeline has it. `pip install 'medim-diffusion[app]'` brings Gradio.
 
 - `tasks`: what the buttons run, as plain functions of the widgets' values (no Gradio);
 - `ui`: the page (`build_app`), its queue and its messages;

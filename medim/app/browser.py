@@ -58,7 +58,7 @@ def chromium(width: int = 1280, height: int = 900) -> Iterator[Any]:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
     except ImportError as e:
-        raise ImportError("driving the app in a browser needs selenium: pip install 'medim[dev]'") from e
+        raise ImportError("driving the app in a browser needs selenium: pip install 'medim-diffusion[dev]'") from e
     found = find_chromium()
     if found is None:
         raise FileNotFoundError("no chromium + chromedriver on PATH (Debian: apt-get install chromium chromium-driver)")

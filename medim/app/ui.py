@@ -32,7 +32,7 @@ def require_gradio():
     try:
         import gradio
     except ImportError as e:
-        raise ImportError("the medim app needs gradio: pip install 'medim[app]'") from e
+        raise ImportError("the medim app needs gradio: pip install 'medim-diffusion[app]'") from e
     return gradio
 
 

@@ -11,7 +11,7 @@ import argparse
 
 from medim.commands.common import HelpFormatter, add_pipeline_arguments, load_pipeline, pipeline_spec, usage_errors
 
-HELP = "serve a web app for text to image, image to report and pairs (needs `pip install 'medim[app]'`)"
+HELP = "serve a web app for text to image, image to report and pairs (needs `pip install 'medim-diffusion[app]'`)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -133,22 +133,48 @@ def _device(text: str | None, *, local_rank: int, world_size: int) -> torch.devi
     return device
 
 
+# Said after an error that means the Hub was needed and could not help (unreachable, or offline and not cached).
+WITHOUT_HUB = ("Without the Hub, give --model medim-demo (the bundled model) or a folder; HF_HUB_OFFLINE=1 reads "
+               "a cached repo without trying the Hub")
+
+
 def _cannot_load(command: str, model: str, err: Exception) -> str:
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from medim.utils.hub import HubUnreachableError
+
     # detect_loader's folder errors begin with the folder's name; it is said once.
-    return f"{command}: cannot load --model {model}: {str(err).removeprefix(f'{model}: ')}"
+    message = f"{command}: cannot load --model {model}: {str(err).removeprefix(f'{model}: ')}"
+    if isinstance(err, (HubUnreachableError, LocalEntryNotFoundError)):
+        message = f"{message.rstrip('.')}. {WITHOUT_HUB}."
+    return message
+
+
+def model_hub_options(args: argparse.Namespace, command: str) -> HubOptions:
+    """The Hub options to load --model with: as given, or local files only when the Hub cannot be
+    reached but its cache holds the model. Offline, a Hub model that is not cached stops the command
+    here in seconds (`medim.utils.hub.hub_fetch_options`); call it before torch loads."""
+    from medim.utils.hub import hub_fetch_options, is_hub_repo_name
+
+    hub = hub_options(args)
+    try:
+        return hub_fetch_options(args.model, hub) if is_hub_repo_name(args.model) else hub
+    except OSError as e:
+        raise SystemExit(_cannot_load(command, args.model, e)) from None
 
 
 def pipeline_spec(args: argparse.Namespace, command: str, *, local_rank: int = 0, world_size: int = 1) -> PipelineSpec:
     """`add_pipeline_arguments`' options, checked before any weights load: --device first, then
     --model through `medim.pipelines.loading.detect_loader` (a missing folder, or a Hub that cannot
-    be reached, stops here with the real error)."""
+    be reached, stops here with the real error; `model_hub_options` first)."""
+    hub = model_hub_options(args, command)
+
     import torch
 
     from medim.pipelines.loading import detect_loader
 
     device = _device(args.device, local_rank=local_rank, world_size=world_size)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    hub = hub_options(args)
     try:
         loader = detect_loader(args.model, loader=args.loader, hub=hub)
     except (OSError, ValueError) as e:  # every Hub error is one of these

@@ -1,4 +1,4 @@
-"""`medim demo`: the shipped phantom model, offline, in seconds; or its evaluation, or a retraining."""
+"""`medim demo`: the shipped phantom model, offline, on a CPU; or its evaluation, or a retraining."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 from medim.demo.settings import DEMO_NAME, BuildSettings  # torch-free: the parser reads the defaults
 
-HELP = "Run the tiny phantom MeDiM that ships with medim (no download, no GPU needed)."
+HELP = "run the tiny phantom MeDiM that ships with medim (no download, no GPU needed)"
 
 # The `--retrain` sizes that have an option: BuildSettings field -> what it sets.
 RETRAIN_SIZES = {

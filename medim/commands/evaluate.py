@@ -31,9 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rep.add_argument("--pred", required=True, help="folder of .txt reports, or manifest.jsonl")
     rep.add_argument("--ref", required=True, help="folder of .txt reports, or manifest.jsonl")
     rep.add_argument(
-        "--protocol", choices=("medim", "coco"), default="medim", help="default: medim (the paper's)"
+        "--protocol", choices=("medim", "coco"), default="medim",
+        help="medim: the paper's per-report NLTK metrics; coco: the COCO toolkit's corpus metrics (default: medim)"
     )
-    rep.add_argument("--wordnet", default=None, help="WordNet folder for METEOR, or 'none' to skip METEOR")
+    rep.add_argument("--wordnet", default=None,
+                     help="WordNet folder for the medim protocol's METEOR (default: a local WordNet 3.0, see "
+                          "docs/evaluation.md), or 'none' to skip METEOR under either protocol")
     rep.add_argument("--output", default=None, help="write the result as JSON here")
     _add_clinical_arguments(rep)
 

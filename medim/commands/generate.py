@@ -33,6 +33,7 @@ from medim.commands.common import (
     add_sampler_arguments,
     expand_globs,
     load_pipeline,
+    model_hub_options,
     pipeline_spec,
     read_lines,
     sampler_options,
@@ -41,7 +42,7 @@ from medim.commands.common import (
 from medim.commands.manifest import MANIFEST, MARK, merge, part_path, prepare, read
 from medim.utils.task_names import TASKS
 
-HELP = "generate images, reports or image-report pairs in batch (resumable; torchrun for several processes)"
+HELP = "generate images, reports, image-report pairs or inpainted images in batch (resumable; torchrun for many)"
 
 logger = logging.getLogger(__name__)
 
@@ -90,13 +91,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8,
                         help="samples per forward batch (per process); outputs do not depend on it")
     parser.add_argument(
-        "--image-size", default="512x512",
-        help="WIDTHxHEIGHT given to the model as the image size condition when generating images",
+        "--image-size", default=None,
+        help="WIDTHxHEIGHT the released (medim-v1) model is told the image has when generating images "
+        "(default: the pipeline's, 512x512; other models have no size condition and ignore it)",
     )
     add_sampler_arguments(parser)
 
 
-def _image_size(text: str) -> tuple[int, int]:
+def _image_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
     try:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -235,7 +239,7 @@ def _load_images(paths: list[str], entries: list[dict]) -> list:
 
 
 def _generate(args: argparse.Namespace, pipe, chunk: list[int], entries: list[dict], *, inputs: list,
-              image_size: tuple[int, int], sampling: dict) -> None:
+              image_size: tuple[int, int] | None, sampling: dict) -> None:
     """Make the samples of `chunk` and write their files; fills in their manifest entries."""
     import torch
 
@@ -264,7 +268,8 @@ def _generate(args: argparse.Namespace, pipe, chunk: list[int], entries: list[di
         out = method(sources, [m for _, m, _ in given], None if prompts[0] is None else prompts,
                      mask_dilation=args.mask_dilation, generator=generators, **sampling)
     else:
-        out = method(sources, generator=generators, image_size=image_size, **sampling)
+        size = {} if image_size is None else {"image_size": image_size}  # None: the pipeline's default
+        out = method(sources, generator=generators, **size, **sampling)
     for k, n in enumerate(keep):
         entry, i = entries[n], chunk[n]
         if args.task != "report":
@@ -281,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
     from medim.utils.sharding import current_shard, shard
 
     # Check everything that can be checked before the (slow) model load; every rank does the same.
+    model_hub_options(args, "medim generate")  # offline, a Hub model fails here in seconds, before torch loads
     image_size = _image_size(args.image_size)
     inputs = _inputs(args)
     total = len(inputs) * max(args.num_per_prompt, 1)
@@ -290,8 +296,8 @@ def run(args: argparse.Namespace) -> int:
     spec = pipeline_spec(args, "medim generate", local_rank=where.local_rank, world_size=where.world_size)
     settings = dict(
         task=args.task, model=args.model, loader=args.loader, revision=args.revision, lora=args.lora,
-        fuse_lora=args.fuse_lora,
-        **{field: sampling.get(field) for field in SAMPLER_FIELDS}, image_size=list(image_size), prompt=args.prompt,
+        fuse_lora=args.fuse_lora, **{field: sampling.get(field) for field in SAMPLER_FIELDS}, prompt=args.prompt,
+        image_size=None if image_size is None else list(image_size),  # None: the pipeline's default
         dtype=str(spec.dtype).removeprefix("torch."), seed=args.seed, num_per_prompt=args.num_per_prompt,
         mask_dilation=args.mask_dilation if args.task == "inpaint" else None,
     )
@@ -320,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _make(args: argparse.Namespace, pipe, mine: Iterator[int], *, count: int, inputs: list,
-          image_size: tuple[int, int], sampling: dict, common: dict, where) -> None:
+          image_size: tuple[int, int] | None, sampling: dict, common: dict, where) -> None:
     """Make this rank's `count` samples (`mine`) in chunks of --batch-size; each one's manifest line
     (with `common`) goes to the rank's part after its files."""
     from tqdm.auto import tqdm

@@ -1,7 +1,7 @@
 """`medim score`: how well reports fit images, as likelihood bounds (`MeDiMPipeline.score` / `rank`).
 
 Pairs: image i with report i, one JSON line each in `--out`. `--rank`: every image with every
-report, the matrix written as one JSON object (rows = images). The same `--seed` gives the same
+report, written as one JSON object whose "matrix" holds the scores (rows = images). The same `--seed` gives the same
 numbers; the output is written whole or not at all.
 """
 
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.rank:
         matrix = pipe.rank(images, reports, **options)
         with atomic_file(args.out) as f:
-            json.dump({**settings, "images": images, "reports": reports, "scores": matrix.tolist()}, f)
+            json.dump({**settings, "images": images, "reports": reports, "matrix": matrix.tolist()}, f)
             f.write("\n")
         print(f"{len(images)} x {len(reports)} scores in {args.out}")
         return 0

@@ -8,11 +8,8 @@ overrides use dotted keys, e.g. `optim.lr=1e-4 train.max_steps=500`.
 from __future__ import annotations
 
 import argparse
-import logging
 
 HELP = "train MeDiM on a token cache (one process, or torchrun for DDP / FSDP)"
-
-logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +36,16 @@ def run(args: argparse.Namespace) -> int:
         out = train(config)
     except (TrainingDiverged, ResumeRefused, CheckpointError) as e:  # expected stops: the message, no traceback
         raise SystemExit(f"medim train: {e}") from None
-    if out.final_dir is not None:
-        logger.info("finished at step %d; pipeline saved to %s", out.step, out.final_dir)
+    if out.final_dir is not None:  # the main process: say where the result is and how the run ended
+        print(f"medim train: finished at step {out.step}; trained pipeline in {out.final_dir}{_last_losses(out)}")
     return 0
+
+
+def _last_losses(out) -> str:
+    """The last logged training losses and validation loss, as " (loss 0.41, ...)", or ""."""
+    last = next((r for r in reversed(out.history) if "loss" in r), {})
+    val = next((r for r in reversed(out.history) if "val_loss" in r), {})
+    values = {k: last[k] for k in ("loss", "loss_text", "loss_image") if k in last}
+    if "val_loss" in val:
+        values["val_loss"] = val["val_loss"]
+    return f" (last logged: {', '.join(f'{k} {v:.4g}' for k, v in values.items())})" if values else ""

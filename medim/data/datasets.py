@@ -17,7 +17,7 @@ Sources (by `build_dataset` kind):
 - "phantom": synthetic phantom pairs (`medim.data.synthetic`), generated on the fly; `variant`
   picks an opt-in variant (e.g. "effusion").
 - "hf": a Hugging Face `datasets` dataset: Hub id, `save_to_disk` folder or data files, optionally
-  streamed, with a column mapping (`medim.data.hf_dataset`; needs `pip install 'medim[hf]'`).
+  streamed, with a column mapping (`medim.data.hf_dataset`; needs `pip install 'medim-diffusion[hf]'`).
 
 A streamed source is a torch `IterableDataset` without a length; `item_loaders` reads either kind
 in order, from any item on (how `iter_pairs` and the token cache walk a dataset).

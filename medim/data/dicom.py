@@ -1,7 +1,7 @@
 """DICOM files as images: the pixels a radiology viewer shows, computed by pydicom.
 
 `read_dicom` decodes one single-frame DICOM image (pydicom, the `dicom` extra:
-`pip install 'medim[dicom]'`) and applies the standard display chain with pydicom's own functions:
+`pip install 'medim-diffusion[dicom]'`) and applies the standard display chain with pydicom's own functions:
 pixel values as Bits Stored defines them (pydicom masks the unused bits and sign-extends signed
 data), the Modality LUT (rescale slope/intercept or a LUT), then the VOI LUT or the window
 centre/width, mapped onto [0, 1] over the VOI's output range (without a VOI, the image's own
@@ -64,7 +64,7 @@ def _pydicom():
         import pydicom
         import pydicom.pixels
     except ImportError as e:
-        raise ImportError("reading DICOM files needs pydicom: pip install 'medim[dicom]'") from e
+        raise ImportError("reading DICOM files needs pydicom: pip install 'medim-diffusion[dicom]'") from e
     return pydicom
 
 
@@ -148,7 +148,7 @@ def read_dicom(path: str | os.PathLike) -> np.ndarray:
 
     Multi-frame files, objects without pixel data (reports, DICOMDIRs) and compressed pixel data
     without its pydicom plugin raise ValueError naming the file and the problem (and the plugin);
-    no error or log line ever holds a header value. Needs pydicom (`pip install 'medim[dicom]'`).
+    no error or log line ever holds a header value. Needs pydicom (`pip install 'medim-diffusion[dicom]'`).
 
     Example:
         >>> pixels = read_dicom("cxr.dcm")

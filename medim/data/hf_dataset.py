@@ -51,7 +51,7 @@ def import_datasets():
     try:
         import datasets
     except ImportError as e:
-        raise ImportError("the 'hf' dataset kind needs the datasets library: pip install 'medim[hf]'") from e
+        raise ImportError("the 'hf' dataset kind needs the datasets library: pip install 'medim-diffusion[hf]'") from e
     return datasets
 
 

@@ -111,5 +111,7 @@ def scores_table(scores: DemoScores) -> str:
         lines.append("effusion (none, or side and size) acc.: "
                      + ", ".join(f"{name} {scores.effusion[k]:.3f}" for (name, _, _), k in zip(rows, TASKS)))
     held_out = f"held-out {scores.variant} phantoms" if scores.variant else "held-out phantoms"
-    lines.append(f"n={scores.n} {held_out}, {scores.num_inference_steps} steps, nfe={scores.nfe}")
+    lines.append(f"n={scores.n} {held_out}, {scores.num_inference_steps} steps")
+    lines.append("network evaluations (backbone forward passes, all batches) and seconds: " + ", ".join(
+        f"{name} {scores.nfe[k]} in {scores.seconds[k]:.1f} s" for (name, _, _), k in zip(rows, TASKS)))
     return "\n".join(lines)

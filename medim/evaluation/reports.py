@@ -105,7 +105,7 @@ def _rouge_package():
         import rouge
     except ImportError as e:
         raise ImportError(
-            "the paper's ROUGE needs the `rouge` package: `pip install 'medim[eval]'` "
+            "the paper's ROUGE needs the `rouge` package: `pip install 'medim-diffusion[eval]'` "
             "(or `pip install rouge==1.0.1`)"
         ) from e
     return rouge
@@ -255,7 +255,8 @@ def _medim(predictions, references, wordnet, progress) -> tuple[dict, dict, list
     smoothing = SmoothingFunction().method1
     names = ["bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL"] + (["meteor"] if wn else [])
     totals = dict.fromkeys(names, 0.0)
-    for pred, ref in tqdm(zip(predictions, references), total=len(predictions), disable=not progress):
+    bar = progress and len(predictions) > 1  # a bar for one report says nothing
+    for pred, ref in tqdm(zip(predictions, references), total=len(predictions), disable=not bar):
         hyp_tokens = tokenize_medim(pred.strip())
         if not hyp_tokens:
             continue  # an empty report scores zero on every metric
@@ -287,8 +288,9 @@ def _medim(predictions, references, wordnet, progress) -> tuple[dict, dict, list
     return scores, impl, notes
 
 
-def _coco_pycocoevalcap(gts: dict, res: dict) -> tuple[dict, dict, list[str]] | None:
-    """BLEU, ROUGE-L, CIDEr-D (and METEOR 1.5 where Java is) from pycocoevalcap; None without it."""
+def _coco_pycocoevalcap(gts: dict, res: dict, meteor: bool) -> tuple[dict, dict, list[str]] | None:
+    """BLEU, ROUGE-L, CIDEr-D (and METEOR 1.5 where Java is, unless `meteor` is False) from
+    pycocoevalcap; None without it."""
     try:
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
@@ -301,7 +303,9 @@ def _coco_pycocoevalcap(gts: dict, res: dict) -> tuple[dict, dict, list[str]] | 
     scores = {f"bleu{k}": float(bleu[k - 1]) for k in range(1, 5)}
     impl = dict.fromkeys(scores, f"{where} Bleu (corpus, 'closest' reference length)")
     notes = []
-    if shutil.which("java"):
+    if not meteor:
+        notes.append("METEOR skipped (wordnet=False)")
+    elif shutil.which("java"):
         scores["meteor"] = float(Meteor().compute_score(gts, res)[0])  # the Java process ends with it
         impl["meteor"] = f"{where} Meteor (Java METEOR 1.5)"
     else:
@@ -329,18 +333,18 @@ def _coco_fallback(hyps: list[list[str]], refs: list[list[str]]) -> tuple[dict, 
     scores["cider_d"] = cider_d(hyps, [[r] for r in refs])[0]
     impl["cider_d"] = "medim cider_d (CIDEr-D, sigma 6, x10)"
     notes = [
-        "pycocoevalcap is not installed (`pip install 'medim[coco]'`): BLEU from NLTK's corpus_bleu, "
+        "pycocoevalcap is not installed (`pip install 'medim-diffusion[coco]'`): BLEU from NLTK's corpus_bleu, "
         "ROUGE-L and CIDEr-D from medim (equal to pycocoevalcap's on the same tokens), METEOR 1.5 skipped"
     ]
     return scores, impl, notes
 
 
-def _coco(predictions, references) -> tuple[dict, dict, list[str]]:
+def _coco(predictions, references, meteor: bool) -> tuple[dict, dict, list[str]]:
     hyps = [tokenize_coco(p) for p in predictions]
     refs = [tokenize_coco(r) for r in references]
     gts = {i: [" ".join(r)] for i, r in enumerate(refs)}
     res = {i: [" ".join(h)] for i, h in enumerate(hyps)}
-    scores, impl, notes = _coco_pycocoevalcap(gts, res) or _coco_fallback(hyps, refs)
+    scores, impl, notes = _coco_pycocoevalcap(gts, res, meteor) or _coco_fallback(hyps, refs)
     notes.append("tokens: lower-case, punctuation removed (approximates the Java PTBTokenizer)")
     return scores, impl, notes
 
@@ -375,7 +379,7 @@ def _lexical(predictions, references, protocol, wordnet, progress, metrics) -> t
         if "meteor" not in metrics:
             notes = [n for n in notes if not n.startswith("METEOR skipped")]
     else:
-        scores, impl, notes = _coco(predictions, references)
+        scores, impl, notes = _coco(predictions, references, meteor=wordnet is not False and "meteor" in metrics)
     keep = {name for m in metrics for name in METRICS[m]}
     return {k: v for k, v in scores.items() if k in keep}, {k: v for k, v in impl.items() if k in keep}, notes
 
@@ -398,7 +402,8 @@ def report_metrics(
         protocol: "medim" (the paper: per-report NLTK BLEU-1..4, ROUGE-1/2/L, NLTK METEOR) or
             "coco" (corpus BLEU-1..4, METEOR 1.5, ROUGE-L, CIDEr-D).
         wordnet: for "medim" METEOR: None finds a local WordNet 3.0 (see `load_wordnet`), a path
-            names one, False skips METEOR. Never downloads.
+            names one. False skips METEOR under either protocol (under "coco" it is Java's). Never
+            downloads.
         progress: show a tqdm bar.
         metrics: which to compute, from "bleu", "rouge", "meteor", "cider" (coco only) and the
             clinical "chexbert" (CheXbert F1, `chexbert_f1`) and "radgraph" (RadGraph F1,

@@ -47,7 +47,7 @@ def import_nltk():
         import nltk
     except ImportError as e:
         raise ImportError(
-            "report metrics need NLTK: `pip install 'medim[eval]'` (or `pip install nltk`)"
+            "report metrics need NLTK: `pip install 'medim-diffusion[eval]'` (or `pip install nltk`)"
         ) from e
     return nltk
 

@@ -48,7 +48,7 @@ MODEL_CARD = """---
 ---
 
 A taming-transformers VQGAN image tokenizer (Chameleon layout) saved by medim as config.json +
-model.safetensors. Load it with
+model.safetensors. Install medim with `pip install medim-diffusion` and load it with
 `medim.models.vqgan.VQGAN.from_pretrained("{{ repo_id | default("path/to/folder", true) }}")`;
 `encode` maps pixels in [-1, 1] to codes, `decode` maps codes back to pixels.
 """

@@ -280,7 +280,8 @@ def _choose_lengths(rt: Runtime, tokens: torch.Tensor, owner: torch.Tensor, code
     t, u = zip(*(draws(num_samples, rt.layout.state_len, torch.Generator(rt.device).manual_seed(seeds[i]), rt.device)
                  for i in several))
     bounds = estimate_elbo(rt, lambda r: (x0[r], noised[r], counted[r], {k: v[r] for k, v in cond.items()}),
-                           t=torch.stack(t), u=torch.stack(u), group=group, batch_size=batch_size, keep_tokens=False)
+                           t=torch.stack(t), u=torch.stack(u), group=group, batch_size=batch_size, keep_tokens=False,
+                           desc="MeDiM infill")
     for g, i in enumerate(several):
         best[i] = scored[torch.where(group == g, bounds.scores, -torch.inf).argmax()]
     return best, bounds.nfe

@@ -25,7 +25,14 @@ from medim.models.backbone import backbone_config_from_dict, fix_liquid_activati
 from medim.models.medim import MeDiMConfig, MeDiMModel
 from medim.models.vqgan import VQGAN
 from medim.utils.checks import check_state_shapes
-from medim.utils.hub import HubOptions, atomic_directory, bundled_model_path, resolve_file, resolve_snapshot
+from medim.utils.hub import (
+    HubOptions,
+    atomic_directory,
+    bundled_model_path,
+    looks_like_a_path,
+    resolve_file,
+    resolve_snapshot,
+)
 
 __all__ = [
     "MODEL_INDEX",
@@ -131,11 +138,6 @@ def load_vqgan(source: Any, hub: HubOptions, *, dtype: torch.dtype | None = None
                              dtype=dtype, device=device, **hub.kwargs())
 
 
-def _looks_like_a_path(name: str) -> bool:
-    # A Hub repo id is "name" or "owner/name"; anything else can only be meant as a local path.
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
-
-
 LOADERS = ("auto", "pretrained", "original")
 
 
@@ -166,7 +168,7 @@ def detect_loader(model: str | os.PathLike, *, loader: str = "auto", hub: HubOpt
     if bundled_model_path(name) is not None:
         return "pretrained" if loader == "auto" else loader
     path = Path(name).expanduser()
-    if path.exists() or _looks_like_a_path(name):
+    if path.exists() or looks_like_a_path(name):
         if not path.exists():
             raise FileNotFoundError(f"{name}: no such folder")
         if not path.is_dir():
@@ -224,7 +226,7 @@ def saved_pipeline_index(repo_or_dir: str | os.PathLike, hub: HubOptions,
         check_inside(root)
     elif path.exists():
         raise NotADirectoryError(f"{name} is a file, not a folder holding a saved MeDiMPipeline")
-    elif _looks_like_a_path(name):
+    elif looks_like_a_path(name):
         raise FileNotFoundError(f"{name}: no such folder")
     else:
         try:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from medim import DISTRIBUTION
 from medim.utils.checks import check_int
 
 if TYPE_CHECKING:  # the pipeline imports this module to write its card
@@ -162,6 +163,7 @@ def build_card(pipe: MeDiMPipeline, info: CardInfo) -> ModelCard:
         "diffusion with a multimodal LLM backbone that generates medical images from reports, reports "
         "from images, and image-report pairs, with one model and one sampler.",
         "## Usage",
+        f"Install the library with `pip install {DISTRIBUTION}` (it imports as `medim`), then:",
         "```python\nimport torch\nfrom medim import MeDiMPipeline\n\n"
         f"pipe = MeDiMPipeline.from_pretrained({json.dumps(repo)})\n"
         f"out = pipe.text_to_image([{json.dumps(EXAMPLE_REPORT)}], generator=torch.Generator().manual_seed(0))\n"

@@ -94,11 +94,12 @@ Rows = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
 
 
 def estimate_elbo(rt: Runtime, rows: Rows, *, t: torch.Tensor, u: torch.Tensor, group: torch.Tensor,
-                  batch_size: int | None, keep_tokens: bool = True) -> ScoreOutput:
+                  batch_size: int | None, keep_tokens: bool = True, desc: str = "MeDiM score") -> ScoreOutput:
     """The Monte-Carlo estimate for the pairs of `group` [P]. `rows(pair_index [R])` returns their
     `(x0, noised, counted, condition)`; pair p uses the time points `t[group[p]]` [K] and mask
     uniforms `u[group[p]]` [K, N]. Runs `batch_size` pair x time-point rows per forward (None:
-    `ROWS_PER_FORWARD`); `keep_tokens=False` skips the per-position shares."""
+    `ROWS_PER_FORWARD`); `keep_tokens=False` skips the per-position shares; `desc` labels the
+    progress bar (the task the user called)."""
     num_pairs, K = len(group), t.shape[1]
     layout, device = rt.layout, rt.device
     schedule = rt.sampler_config.noise_schedule
@@ -113,7 +114,7 @@ def estimate_elbo(rt: Runtime, rows: Rows, *, t: torch.Tensor, u: torch.Tensor, 
         return rt.model(x, sigma, positions=positions, **kwargs).logprobs
 
     size = batch_size or ROWS_PER_FORWARD
-    bar = tqdm(total=num_pairs * K, desc="MeDiM score", unit="draw", **rt.progress)
+    bar = tqdm(total=num_pairs * K, desc=desc, unit="draw", **rt.progress)
     with torch.inference_mode(), bar:
         for start in range(0, num_pairs * K, size):
             r = torch.arange(start, min(start + size, num_pairs * K), device=device)

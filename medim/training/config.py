@@ -282,7 +282,7 @@ def load_config(
         from omegaconf import DictConfig, OmegaConf
         from omegaconf.errors import OmegaConfBaseException
     except ImportError as e:
-        raise ImportError("medim train needs omegaconf: pip install 'medim[train]'") from e
+        raise ImportError("medim train needs omegaconf: pip install 'medim-diffusion[train]'") from e
 
     pieces: list[tuple[str, object, object]] = []  # (option key, value as written, config setting it)
     if path is not None:

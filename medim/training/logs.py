@@ -44,7 +44,7 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise ImportError("log.tensorboard=true needs `pip install tensorboard`") from e
+                raise ImportError("log.tensorboard=true needs tensorboard: pip install 'medim-diffusion[train]'") from e
             self._writers.append(("tb", SummaryWriter(str(out_dir / "tensorboard"))))
         if cfg.log.wandb_project:
             try:

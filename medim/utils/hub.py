@@ -11,6 +11,7 @@ half-written artefact behind.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import secrets
@@ -28,6 +29,10 @@ __all__ = [
     "bundled_model_path",
     "resolve_file",
     "resolve_snapshot",
+    "HubUnreachableError",
+    "is_hub_repo_name",
+    "looks_like_a_path",
+    "hub_fetch_options",
     "atomic_directory",
     "atomic_file",
     "temporary_names",
@@ -35,6 +40,13 @@ __all__ = [
 
 # Models that ship inside the package, by the name users load them with -> folder under medim/.
 BUNDLED_MODELS = {"medim-demo": "demo_model"}
+# Seconds the one reachability probe of the Hub may take. Without it, a machine with no route to the
+# Hub spends about a minute in huggingface_hub's retries of its first request before failing.
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+class HubUnreachableError(ConnectionError):
+    """A Hub repo was asked for, the Hub cannot be reached, and the local cache holds no copy of it."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,55 @@ def bundled_model_path(name: str | os.PathLike) -> Path | None:
     return path
 
 
+def looks_like_a_path(name: str) -> bool:
+    """Whether `name` can only be meant as a local path: a Hub repo id is "name" or "owner/name"."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def is_hub_repo_name(name: str | os.PathLike) -> bool:
+    """Whether loading `name` asks the Hub: not a bundled model, not an existing path, not path-like."""
+    text = str(name)
+    return bundled_model_path(text) is None and not Path(text).expanduser().exists() and not looks_like_a_path(text)
+
+
+@functools.cache
+def _unreachable(endpoint: str) -> str | None:
+    """Why nothing can be downloaded from `endpoint`, or None when it answers (one request, once per process)."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as e:  # httpx's or requests' network errors, as the huggingface_hub version has it
+        return f"the Hub cannot be reached ({endpoint}: {type(e).__name__})"
+    return None
+
+
+def hub_fetch_options(repo_id: str, hub: HubOptions | None = None, *, repo_type: str | None = None) -> HubOptions:
+    """The options to fetch `repo_id` with: `hub` when it says `local_files_only` or the Hub answers
+    a short probe; local files only when the Hub cannot be reached (or `HF_HUB_OFFLINE=1`) but the
+    cache holds the repo. Otherwise HubUnreachableError, in seconds rather than the minute of
+    retries huggingface_hub would spend, with a message that says what is missing.
+
+    Example:
+        >>> hub_fetch_options("JiaMao/medim_ckpts")  # doctest: +SKIP
+        HubOptions(revision=None, cache_dir=None, local_files_only=False, token=None)
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    hub = hub or HubOptions()
+    if hub.local_files_only:
+        return hub
+    reason = "HF_HUB_OFFLINE=1 forbids downloading it" if constants.HF_HUB_OFFLINE else _unreachable(constants.ENDPOINT)
+    if reason is None:
+        return hub
+    cache = Path(hub.cache_dir or constants.HF_HUB_CACHE).expanduser()
+    snapshots = cache / repo_folder_name(repo_id=repo_id, repo_type=repo_type or "model") / "snapshots"
+    if snapshots.is_dir() and any(snapshots.iterdir()):
+        return replace(hub, local_files_only=True)
+    raise HubUnreachableError(f"{repo_id}: not in the local Hugging Face cache ({cache}), and {reason}")
+
+
 def resolve_file(
     repo_or_path: str | os.PathLike,
     filename: str | None = None,
@@ -112,7 +173,7 @@ def resolve_file(
             filename,
             subfolder=subfolder,
             repo_type=repo_type,
-            **(hub or HubOptions()).kwargs(),
+            **hub_fetch_options(str(repo_or_path), hub, repo_type=repo_type).kwargs(),
         )
     )
 
@@ -136,7 +197,7 @@ def resolve_snapshot(
             str(repo_or_path),
             allow_patterns=list(allow_patterns) if allow_patterns is not None else None,
             repo_type=repo_type,
-            **(hub or HubOptions()).kwargs(),
+            **hub_fetch_options(str(repo_or_path), hub, repo_type=repo_type).kwargs(),
         )
     )
 

@@ -158,7 +158,7 @@ def test_inpaint_redraws_the_painted_region(pipe):
 
 # ---- the page ---------------------------------------------------------------------------------
 needs_gradio = pytest.mark.skipif(importlib.util.find_spec("gradio") is None,
-                                  reason="the app's page needs gradio: pip install 'medim[app]'")
+                                  reason="the app's page needs gradio: pip install 'medim-diffusion[app]'")
 
 
 def events(app) -> dict:
@@ -210,9 +210,9 @@ def test_missing_gradio_says_how_to_install(monkeypatch):
     from medim.app import require_gradio
 
     monkeypatch.setitem(sys.modules, "gradio", None)
-    with pytest.raises(ImportError, match=r"pip install 'medim\[app\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'medim-diffusion\[app\]'"):
         require_gradio()
-    with pytest.raises(SystemExit, match=r"pip install 'medim\[app\]'"):
+    with pytest.raises(SystemExit, match=r"pip install 'medim-diffusion\[app\]'"):
         main(["app"])
 
 

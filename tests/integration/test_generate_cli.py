@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from medim.cli import build_parser, main
+from medim.commands.common import WITHOUT_HUB
 from medim.pipelines.pipeline import MeDiMPipeline
 from tests.helpers.pipeline import IMAGE_PX, V1_LAYOUT
 
@@ -95,6 +96,9 @@ def test_image_and_report_tasks(model_dir, prompts, tmp_path):
     assert len(entries) == 2 and all("report" not in e for e in entries)
     assert entries[0]["settings"]["image_size"] == [640, 480]
     paths = [tmp_path / "img" / e["image"] for e in entries]
+
+    assert generate("image", model_dir, tmp_path / "img2", "--prompts", prompts) == 0
+    assert manifest(tmp_path / "img2")[0]["settings"]["image_size"] is None  # not given: not claimed
 
     assert generate("report", model_dir, tmp_path / "rep", "--images", str(tmp_path / "img" / "*.png"),
                     "--prompt", "the") == 0
@@ -199,10 +203,13 @@ def test_hub_errors_are_reported_as_they_are(prompts, tmp_path, monkeypatch):
         raise AssertionError("a loader ran after the Hub failed")
 
     monkeypatch.setattr("medim.pipelines.loading.resolve_file", unreachable)
+    # the Hub "answers" the probe; the download then fails
+    monkeypatch.setattr("medim.utils.hub.hub_fetch_options", lambda repo_id, hub=None, **kwargs: hub)
     monkeypatch.setattr(MeDiMPipeline, "from_original", must_not_load)
     monkeypatch.setattr(MeDiMPipeline, "from_pretrained", must_not_load)
     assert bad(tmp_path, "pairs", "--prompts", prompts, "--model", "org/medim-cxr") == (
-        "medim generate: cannot load --model org/medim-cxr: cannot reach the Hub for org/medim-cxr/model_index.json")
+        "medim generate: cannot load --model org/medim-cxr: cannot reach the Hub for org/medim-cxr/model_index.json. "
+        + WITHOUT_HUB + ".")
     assert not (tmp_path / "o").exists()
 
 

@@ -168,7 +168,8 @@ def test_cli_pairs_and_rank(native, saved, tmp_path):
 
     assert cli(root, model, tmp_path / "m.json", "--rank", "--direction", "image|report") == 0
     result = json.loads((tmp_path / "m.json").read_text())
-    assert len(result["scores"]) == 3 and len(result["scores"][0]) == 3 and result["reports"] == REPORTS
+    assert len(result["matrix"]) == 3 and len(result["matrix"][0]) == 3 and "scores" not in result
+    assert result["reports"] == REPORTS
     assert result["direction"] == "image|report" and result["images"][0].endswith("im0.png")
 
 

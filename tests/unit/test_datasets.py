@@ -446,5 +446,5 @@ def test_hf_bad_options_name_the_option(tmp_path):
 
 def test_hf_without_the_library_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
-    with pytest.raises(ImportError, match=re.escape("pip install 'medim[hf]'")):
+    with pytest.raises(ImportError, match=re.escape("pip install 'medim-diffusion[hf]'")):
         build_dataset("hf", path=tmp_path)

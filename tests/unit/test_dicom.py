@@ -146,7 +146,7 @@ def test_not_a_dicom_file(tmp_path):
 
 def test_missing_pydicom_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "pydicom", None)
-    with pytest.raises(ImportError, match=r"pip install 'medim\[dicom\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'medim-diffusion\[dicom\]'"):
         read_dicom(get_testdata_file("MR_small.dcm"))
 
 

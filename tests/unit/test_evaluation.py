@@ -113,7 +113,7 @@ def test_rouge_long_sentence():
 
 def test_rouge_missing_package_explains(monkeypatch):
     monkeypatch.setitem(sys.modules, "rouge", None)  # as if `rouge` were not installed
-    with pytest.raises(ImportError, match=r"pip install 'medim\[eval\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'medim-diffusion\[eval\]'"):
         rouge_paper("heart", "heart")
     with pytest.raises(ImportError, match="rouge"):
         report_metrics(["heart"], ["heart"], wordnet=False, progress=False)
@@ -209,6 +209,24 @@ def test_coco_protocol_pycocoevalcap_equals_fallback(monkeypatch, tmp_path):
     assert out.scores["cider_d"] == pytest.approx(cider_d(hyps, [[r] for r in refs])[0], abs=1e-12)
     assert out.scores["cider_d"] > 0 and out.scores["rougeL"] > 0
 
+
+
+def test_coco_protocol_wordnet_false_skips_java_meteor(monkeypatch):
+    """wordnet=False (`--wordnet none`) skips METEOR under "coco" too: Java never starts."""
+    meteor = pytest.importorskip("pycocoevalcap.meteor.meteor")
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/" + name)  # as if Java were there
+
+    def no_java(*args, **kwargs):
+        raise AssertionError("METEOR ran although wordnet=False")
+
+    monkeypatch.setattr(meteor.Meteor, "__init__", no_java)
+    out = report_metrics(COCO_PREDICTIONS, COCO_REFERENCES, protocol="coco", wordnet=False)
+    assert "meteor" not in out.scores and "METEOR skipped (wordnet=False)" in out.notes
+
+
+def test_one_report_shows_no_progress_bar(capsys):
+    report_metrics(["the heart"], ["the heart"], wordnet=False)
+    assert "it/s" not in capsys.readouterr().err
 
 def test_coco_rejects_reference_without_words():
     with pytest.raises(ValueError, match=r"references\[1\] = '\.\.\.' has no words"):

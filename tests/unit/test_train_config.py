@@ -144,7 +144,7 @@ def test_direct_construction_validates():
 
 def test_missing_omegaconf_message(monkeypatch):
     monkeypatch.setitem(sys.modules, "omegaconf", None)  # makes `import omegaconf` raise ImportError
-    with pytest.raises(ImportError, match=r"medim train needs omegaconf: pip install 'medim\[train\]'"):
+    with pytest.raises(ImportError, match=r"medim train needs omegaconf: pip install 'medim-diffusion\[train\]'"):
         load_config(REPO / "configs/tiny.yaml", REQUIRED)
     assert TrainConfig(model=ModelConfig(init="m"), data=DataConfig(cache="c")).train.max_steps == 1000
 

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import medim
 from medim.models.vqgan import VQGAN, VQGANConfig
+from medim.utils.hub import HubOptions
 from tests.helpers.pipeline import to_hub_cache
 from tests.helpers.vqgan import tiny_model, write_medim_folder, write_taming
 
@@ -155,6 +156,7 @@ def test_from_taming_hub_id_goes_through_huggingface_hub(tmp_path: Path, monkeyp
         return str(tmp_path / "space" / subfolder / filename)
 
     monkeypatch.setattr("medim.utils.hub.hf_hub_download", fake_hf_hub_download)
+    monkeypatch.setattr("medim.utils.hub.hub_fetch_options", lambda repo_id, hub=None, **kwargs: hub or HubOptions())
     loaded = VQGAN.from_taming("Junfeng5/Liquid_demo", repo_type="space", subfolder="chameleon", revision="main")
     assert sorted(calls) == [("Junfeng5/Liquid_demo", "chameleon", name, "space", "main")
                              for name in ("vqgan.ckpt", "vqgan.yaml")]

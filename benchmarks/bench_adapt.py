@@ -6,9 +6,10 @@
 Steps, all medim's own code paths: two token caches built with the demo (`medim cache`: effusion
 phantoms, and original phantoms replayed against forgetting), a LoRA run of `medim.training` from
 configs/lora.yaml with CPU overrides on their mix, then `evaluate_demo` of the shipped demo and of
-the demo with the adapter, on held-out effusion phantoms and on the original ones. `--work` keeps
-the caches, the run and the scores (scores.json): a re-run reuses what is there, so the same
-command resumes. The adapter is written under `--work`, never into the repository.
+the demo with the adapter, on held-out effusion phantoms and on the original ones, and the VQGAN
+round trip of the effusion phantoms (what any adapter's text -> image is capped at). `--work`
+keeps the caches, the run and the scores (scores.json): a re-run reuses what is there, so the
+same command resumes. The adapter is written under `--work`, never into the repository.
 """
 
 from __future__ import annotations
@@ -111,13 +112,13 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("runs/adapt"), help="caches, run and scores.json")
     p.add_argument("--n-effusion", type=int, default=8192, help="effusion phantoms to fine-tune on")
     p.add_argument("--n-original", type=int, default=4096, help="original phantoms mixed in (0: none)")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--n-eval", type=int, default=100, help="held-out phantoms per evaluation")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (2 wait on each other on a shared machine)")
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     a = p.parse_args()
     torch.set_num_threads(a.threads)

@@ -27,6 +27,14 @@ _DEVICE_HELP = "default: cuda if available, else cpu"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
+    _add_reports_parser(sub)
+    _add_fid_parser(sub)
+    _add_diversity_parser(sub)
+    _add_is_parser(sub)
+    _add_pairs_parser(sub)
+
+
+def _add_reports_parser(sub) -> None:
     rep = sub.add_parser("reports", help="report metrics", description="report metrics")
     rep.add_argument("--pred", required=True, help="folder of .txt reports, or manifest.jsonl")
     rep.add_argument("--ref", required=True, help="folder of .txt reports, or manifest.jsonl")
@@ -40,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rep.add_argument("--output", default=None, help="write the result as JSON here")
     _add_clinical_arguments(rep)
 
+
+def _add_fid_parser(sub) -> None:
     img = sub.add_parser(
         "fid", help="FID between two image folders", description="FID (pytorch-fid defaults)"
     )
@@ -58,8 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     img.add_argument("--device", default=None, help=_DEVICE_HELP)
     img.add_argument("--output", default=None, help="write the result as JSON here")
 
-    _add_diversity_parser(sub)
 
+def _add_is_parser(sub) -> None:
     is_ = sub.add_parser(
         "is", help="Inception Score of an image folder",
         description="Inception Score the release's way (is_score.py): the folder's PNGs in name order, "
@@ -77,6 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     is_.add_argument("--device", default=None, help=_DEVICE_HELP)
     is_.add_argument("--output", default=None, help="write the result as JSON here")
 
+
+def _add_pairs_parser(sub) -> None:
     pairs = sub.add_parser(
         "pairs", help="image-report match judged by a vision-language model (Qwen2-VL)",
         description="Asks a Qwen2-VL judge, for each image-report pair, for a matching score from 0 to 1 "

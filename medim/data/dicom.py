@@ -109,7 +109,7 @@ def _check_image(ds, path: Path) -> None:
         return  # pydicom's decoding says what is missing
     try:
         decoder = get_decoder(syntax)
-    except NotImplementedError:
+    except Exception:  # pydicom raises for a transfer syntax it has no decoder class for
         raise ValueError(f"{path}: DICOM transfer syntax has no pixel-data decoder in pydicom") from None
     if not decoder.is_available:
         plugins = "; ".join(decoder.missing_dependencies)

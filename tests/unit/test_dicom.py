@@ -18,6 +18,7 @@ from pydicom.data import get_testdata_file  # noqa: E402
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder  # noqa: E402
 from pydicom.uid import RLELossless  # noqa: E402
 
+from medim.commands.manifest import is_header  # noqa: E402
 from medim.data.datasets import build_dataset, iter_pairs  # noqa: E402
 from medim.data.dicom import is_dicom, read_dicom  # noqa: E402
 from medim.data.images import load_image, read_image_file  # noqa: E402
@@ -227,7 +228,8 @@ def test_no_header_value_reaches_what_medim_writes(tmp_path, caplog, capsys):
             (folder / name).with_suffix(".txt").write_text("No focal lesion.")
         assert main(["cache", "--dataset", "folder", "--data-root", str(folder), "--model", "medim-demo",
                      "--device", "cpu", "--out", str(tmp_path / "cache")]) == 0
-    entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    entries = [e for e in lines if not is_header(e)]
     assert ["report" in e for e in entries] == [True, False, False, True]
     assert "multi-frame DICOM (15 frames)" in entries[1]["error"]
     assert "could not be applied" in entries[2]["error"]

@@ -84,7 +84,7 @@ def _message(error: BaseException) -> str:
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
         return f"{error.filename}: {error.strerror}"
     if isinstance(error, ModuleNotFoundError) and "pip install" not in str(error):
-        return f"{error}; install the extra that needs it, e.g. pip install 'medim[app]'"
+        return f"{error}; install the extra that needs it, e.g. pip install 'medim-diffusion[app]'"
     return str(error) or type(error).__name__
 
 

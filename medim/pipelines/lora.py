@@ -59,7 +59,7 @@ def _peft():
     try:
         import peft
     except ImportError as e:
-        raise ImportError("LoRA adapters need peft: pip install 'medim[train]' (or pip install peft)") from e
+        raise ImportError("LoRA adapters need peft: pip install 'medim-diffusion[train]' (or pip install peft)") from e
     return peft
 
 

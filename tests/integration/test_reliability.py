@@ -188,8 +188,8 @@ def test_halton_order_is_refused_where_it_would_be_ignored(strategy, tmp_path):
 
     (tmp_path / "p.txt").write_text("no\n")
     with pytest.raises(SystemExit, match="order='halton'"):
-        main(["generate", "image", "--prompts", str(tmp_path / "p.txt"), "--strategy", strategy, "--order", "halton",
-              "--out", str(tmp_path / "o")])
+        main(["generate", "image", "--model", "medim-demo", "--prompts", str(tmp_path / "p.txt"),
+              "--strategy", strategy, "--order", "halton", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
 
 

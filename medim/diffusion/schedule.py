@@ -90,8 +90,8 @@ class LinearSchedule(NoiseSchedule):
     def __post_init__(self) -> None:
         check_number(self.sigma_min, "sigma_min", minimum=0)
         check_number(self.sigma_max, "sigma_max", minimum=0)
-        if self.sigma_max <= self.sigma_min:
-            raise ValueError(f"sigma_max must be above sigma_min, got {self.sigma_max!r} <= {self.sigma_min!r}")
+        if self.sigma_max < self.sigma_min:  # equal is a constant schedule (tests use one)
+            raise ValueError(f"sigma_max must be at least sigma_min, got {self.sigma_max!r} < {self.sigma_min!r}")
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return self.sigma_min + t * (self.sigma_max - self.sigma_min)

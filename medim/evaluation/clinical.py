@@ -110,7 +110,7 @@ def load_chexbert(
     options = (hub or HubOptions()).kwargs()
     try:
         path = resolve_file(weights, None if os.path.isfile(weights) else CHEXBERT_FILE, hub=hub)
-        config = AutoConfig.from_pretrained(str(tokenizer), **options)
+        config = AutoConfig.from_pretrained(str(tokenizer), trust_remote_code=False, **options)
         tok = BertTokenizer.from_pretrained(str(tokenizer), **options)
     except (OSError, ValueError) as e:
         detail = " ".join(str(e).split())  # one line, whatever the loader wrote

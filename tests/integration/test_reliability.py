@@ -52,7 +52,7 @@ def test_score_of_a_control_token_string_scores_its_characters():
     ("cosine", {"eps": -1}, r"eps must be a number in \(0, 1\)"),
     ("loglinear", {"eps": "x"}, "eps must be a finite number, got 'x'"),
     ("loglinear", {"epsilon": 0.1}, r"takes the options \['eps'\], got unknown \['epsilon'\]"),
-    ("linear", {"sigma_min": 2.0, "sigma_max": 1.0}, "sigma_max must be above sigma_min"),
+    ("linear", {"sigma_min": 2.0, "sigma_max": 1.0}, "sigma_max must be at least sigma_min"),
 ])
 def test_schedule_values_are_checked(name, options, match):
     with pytest.raises(ValueError, match=match):

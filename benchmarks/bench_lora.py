@@ -76,13 +76,13 @@ def run_row(config: str, layers: int, device: torch.device, batch: int, steps: i
 def counts_at_10_layers() -> dict[str, tuple[int, int]]:
     """Exact (trainable, total) weights of the 10-layer medim-v1 shape, full and LoRA r=16."""
     from medim.training.config import LoraSection
-    from medim.training.lora import apply_lora
+    from medim.training.lora import apply_lora, peft_config
 
     with torch.device("meta"):
         model = medim_v1_model("liquid", device="meta")
     total = sum(p.numel() for p in model.parameters())
     adaln = sum(p.numel() for layer in model.layers for p in layer.adaLN_modulation.parameters())
-    trainable = apply_lora(model, LoraSection(r=16, alpha=16))
+    trainable = apply_lora(model, peft_config(LoraSection(r=16, alpha=16), tokenizer=None))  # no token rows
     with_adapters = sum(p.numel() for p in model.parameters())
     return {"full": (total, total), "lora": (trainable, with_adapters), "adaln": (adaln, total)}
 

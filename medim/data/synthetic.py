@@ -22,6 +22,18 @@ variant every draw, image and report is what it always was, seed for seed; `read
 variant="effusion")` reads the effusion back (the default reader does not look for one),
 `parse_report` always reads effusion sentences.
 
+The opt-in `variant="multiple"` draws 3 or 4 lesions, more than any base phantom holds, reported
+in one list sentence ("Multiple nodules: right upper small dense, left lower big lucent, left upper
+tiny dark."); the demo's VQGAN draws them like any lesion, so an adapter can learn it in both
+directions. Both readers read it as they read any phantom.
+
+The opt-in `variant="structured"` draws phantoms as the base does (0-2 lesions; seed for seed the
+same specs, drawn alike) and writes their reports as another site would, in a structured form with
+lobe abbreviations the demo has never seen: "Findings: RUL small dense nodule; LLL big lucent
+focus." or "Findings: none.". `parse_report` reads the abbreviations in any report;
+`parse_report(..., variant="structured")` reads only them, so a report in the base phantoms' prose
+reads as describing no lesion (what a structured-report reader makes of it).
+
 Example:
     >>> from medim.data.synthetic import make_pair, read_image, parse_report
     >>> image, report, spec = make_pair(0)
@@ -82,7 +94,7 @@ _LARGE_FRACTION = 0.33
 
 _MIN_SIZE, _MAX_SIZE = 32, 2048
 
-VARIANTS = ("effusion",)  # opt-in phantom variants (`variant=` of random_spec, make_pair, ...)
+VARIANTS = ("effusion", "multiple", "structured")  # opt-in phantom variants (`variant=` of random_spec, make_pair, ...)
 # An effusion fills its hemithorax below a surface at `top` (by size) medially that rises by
 # _MENISCUS at the chest wall. A small one stays below every lesion but the obscured lower one; a
 # large one reaches the middle of the lung, still clear of the upper zone's detector window.
@@ -199,15 +211,19 @@ def random_spec(rng: np.random.Generator, variant: str | None = None) -> Phantom
     """Draw 0, 1 or 2 lesions (equally likely) in distinct quadrants with random attributes.
 
     `variant="effusion"` first draws an effusion (none, right or left, equally likely; small or
-    large) and then the lesions among the quadrants it leaves visible; without it the draws are
-    exactly the base phantoms'. With an effusion, 0 or 1 lesion.
+    large) and then the lesions among the quadrants it leaves visible; with an effusion, 0 or 1
+    lesion. `variant="multiple"` draws 3 or 4 lesions (equally likely). Without a variant the draws
+    are exactly the base phantoms'.
     """
     _check_variant(variant)
     effusion = None
     if variant == "effusion":
         side = (None, *SIDES)[rng.integers(3)]
         effusion = Effusion(side, SIZES[rng.integers(2)]) if side is not None else None
-    count = int(rng.integers(0, 3 if effusion is None else 2))
+    if variant == "multiple":
+        count = 3 + int(rng.integers(2))
+    else:
+        count = int(rng.integers(0, 3 if effusion is None else 2))
     quadrants = [(s, lv) for s in SIDES for lv in LEVELS if effusion is None or (s, lv) != (effusion.side, "lower")]
     chosen = rng.choice(len(quadrants), size=count, replace=False)
     return PhantomSpec(
@@ -289,6 +305,12 @@ _TEMPLATES = (
     "{Size} {density} {noun} projecting over the {level} zone of the {side} lung.",
     "The {side} {level} zone shows a {size} {density} {noun}.",
 )
+# Three or four lesions ("multiple" variant) are listed in one sentence, a clause per lesion, so
+# that four fit the demo's 40 report tokens.
+_MULTIPLE_NOUNS = ("lesions", "nodules", "foci")
+# The "structured" variant's lobe abbreviations (patient's side, level).
+_LOBES = {("right", "upper"): "RUL", ("right", "lower"): "RLL", ("left", "upper"): "LUL", ("left", "lower"): "LLL"}
+_LOBE_WORDS = {abbreviation.lower(): quadrant for quadrant, abbreviation in _LOBES.items()}
 _EFFUSION_TEMPLATES = (  # short ones: with an opener and a lesion at most 39 tokens of the demo's tokenizer
     "A {size} {side} pleural effusion.",
     "There is a {size} {side} pleural effusion.",
@@ -296,17 +318,23 @@ _EFFUSION_TEMPLATES = (  # short ones: with an opener and a lesion at most 39 to
 )
 
 
-def write_report(spec: PhantomSpec, rng: np.random.Generator) -> str:
-    """A short report stating exactly the lesions of `spec`, then its effusion (sides are the patient's)."""
+def write_report(spec: PhantomSpec, rng: np.random.Generator, *, variant: str | None = None) -> str:
+    """A short report stating exactly the lesions of `spec`, then its effusion (sides are the patient's);
+    `variant="structured"` writes the structured form (see the module docstring)."""
+    if variant == "structured":
+        return _structured_report(spec, rng)
     sentences = [_OPENERS[rng.integers(len(_OPENERS))]] if rng.random() < 0.5 else []
     if not spec.lesions and spec.effusion is None:
         sentences.append(_NORMAL[rng.integers(len(_NORMAL))])
-    # Findings in a fixed reading order (right before left, upper before lower), as a systematic
-    # report would list them: a small generative model then only has to bind each sentence to
-    # its quadrant, not also guess the order.
     for lesion in spec.lesions:
         if lesion.size is None or lesion.density is None:
             raise ValueError(f"spec: lesion {lesion} has no size or density to report")
+    if len(spec.lesions) > 2:
+        sentences.append(_multiple_sentence(spec.lesions, rng))
+    # Findings in a fixed reading order (right before left, upper before lower), as a systematic
+    # report would list them: a small generative model then only has to bind each sentence to
+    # its quadrant, not also guess the order.
+    for lesion in spec.lesions if len(spec.lesions) <= 2 else ():
         size = _SIZE_WORDS[lesion.size][rng.integers(2)]
         template = _TEMPLATES[rng.integers(len(_TEMPLATES))]
         sentences.append(
@@ -329,6 +357,26 @@ def write_report(spec: PhantomSpec, rng: np.random.Generator) -> str:
     return " ".join(sentences)
 
 
+def _structured_report(spec: PhantomSpec, rng: np.random.Generator) -> str:
+    """"Findings: RUL small dense nodule; LLL big lucent focus." (or "Findings: none.")."""
+    if spec.effusion is not None:
+        raise ValueError("spec: the structured report form has no effusion sentence")
+    clauses = []
+    for lesion in spec.lesions:
+        if lesion.size is None or lesion.density is None:
+            raise ValueError(f"spec: lesion {lesion} has no size or density to report")
+        clauses.append(f"{_LOBES[lesion.quadrant]} {_SIZE_WORDS[lesion.size][rng.integers(2)]} "
+                       f"{_DENSITY_WORDS[lesion.density][rng.integers(3)]} {_NOUNS[rng.integers(len(_NOUNS))]}")
+    return "Findings: " + ("; ".join(clauses) if clauses else "none") + "."
+
+
+def _multiple_sentence(lesions: Sequence[Lesion], rng: np.random.Generator) -> str:
+    """"Multiple nodules: right upper small dense, left lower big lucent, ...": one clause per lesion."""
+    clauses = [f"{lesion.side} {lesion.level} {_SIZE_WORDS[lesion.size][rng.integers(2)]} "
+               f"{_DENSITY_WORDS[lesion.density][rng.integers(3)]}" for lesion in lesions]
+    return f"Multiple {_MULTIPLE_NOUNS[rng.integers(len(_MULTIPLE_NOUNS))]}: " + ", ".join(clauses) + "."
+
+
 def make_pair(
     rng_or_seed: int | np.random.Generator, size: int = 64, spec: PhantomSpec | None = None, *,
     variant: str | None = None,
@@ -349,7 +397,7 @@ def make_pair(
         raise TypeError(f"spec must be a PhantomSpec or None, got {type(spec).__name__}")
     rng = _rng(rng_or_seed)
     spec = random_spec(rng, variant) if spec is None else spec
-    report = write_report(spec, rng)
+    report = write_report(spec, rng, variant=variant)
     return render(spec, rng, size), report, spec
 
 
@@ -378,11 +426,12 @@ def _first(words: list[str], vocabulary: dict[str, str] | Sequence[str]) -> str 
     return None
 
 
-def parse_report(text: str, strict: bool = True) -> PhantomSpec:
+def parse_report(text: str, strict: bool = True, *, variant: str | None = None) -> PhantomSpec:
     """Read the lesions (and an effusion) back from a report.
 
     A sentence naming an effusion describes the effusion (side and size); any other sentence naming
-    a side (right/left) or a level (upper/lower) describes one lesion. With `strict=True` (for
+    a side (right/left) or a level (upper/lower), or a lobe abbreviation (RUL, RLL, LUL, LLL),
+    describes one lesion. `variant="structured"` reads lesions only from lobe abbreviations. With `strict=True` (for
     reports written by `write_report`) a sentence missing any attribute, or a second lesion in one
     quadrant or a second effusion, raises ValueError. With `strict=False` (for generated text) such
     sentences keep what they can: a lesion without both side and level or an effusion without a
@@ -391,14 +440,21 @@ def parse_report(text: str, strict: bool = True) -> PhantomSpec:
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
+    _check_variant(variant)
     lesions: dict[tuple[str, str], Lesion] = {}
     effusions: list[Effusion] = []
-    for sentence in re.split(r"[.\n;]+", text.lower()):
+    for sentence in re.split(r"[.\n;,]+", text.lower()):  # a comma ends a clause of the "multiple" list
         words = re.findall(r"[a-z]+", sentence)
         if "effusion" in words:
             _parse_effusion(sentence, words, effusions, strict)
             continue
-        side, level = _first(words, SIDES), _first(words, LEVELS)
+        lobe = _first(words, _LOBE_WORDS)
+        if lobe is not None:
+            side, level = lobe
+        elif variant == "structured":
+            continue  # its reader knows the lobes by their abbreviations only
+        else:
+            side, level = _first(words, SIDES), _first(words, LEVELS)
         if side is None and level is None:
             continue
         size, density = _first(words, _WORD_TO_SIZE), _first(words, _WORD_TO_DENSITY)

@@ -48,7 +48,8 @@ def evaluate_demo(pipe=None, n: int = 200, num_inference_steps: int | None = Non
     the pipeline's saved sampler settings (`num_inference_steps` overrides their step count).
 
     `variant` (one of `synthetic.VARIANTS`) scores on that phantom variant instead, read by the
-    variant's readers; "effusion" adds each task's effusion accuracy to the three numbers.
+    variant's readers; "effusion" adds each task's effusion accuracy to the three numbers;
+    "structured" reads generated reports by their lobe abbreviations only.
 
     Example:
         >>> scores = evaluate_demo(n=50)   # the shipped model
@@ -79,10 +80,10 @@ def evaluate_demo(pipe=None, n: int = 200, num_inference_steps: int | None = Non
     drawn = timed("text_to_image", pipe.text_to_image, reports)
     pairs = timed("pairs", pipe.generate_pairs, [PAIR_PROMPTS[i % len(PAIR_PROMPTS)] for i in range(n)])
     # Generated text is read leniently: a sentence naming no quadrant describes no lesion.
-    said = [synthetic.parse_report(r, strict=False) for r in pairs.reports]
+    said = [synthetic.parse_report(r, strict=False, variant=variant) for r in pairs.reports]
     scores = {
-        "image_to_report": synthetic.compare([synthetic.parse_report(r, strict=False) for r in written.reports],
-                                             truth),
+        "image_to_report": synthetic.compare(
+            [synthetic.parse_report(r, strict=False, variant=variant) for r in written.reports], truth),
         "text_to_image": synthetic.compare([synthetic.read_image(im, variant=variant) for im in drawn.images], truth),
         "pairs": synthetic.compare([synthetic.read_image(im, variant=variant) for im in pairs.images], said),
     }

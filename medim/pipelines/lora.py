@@ -11,6 +11,11 @@ peft wraps the targeted modules in place, so the model keeps its class, its forw
 sampler's calls. `AdaLNModulation` returns its six chunks rather than a tensor; its LoRA layer adds
 the low-rank update to the plain linear map and chunks after.
 
+Trainable token rows (peft's `trainable_token_indices`, `lora.trainable_tokens` in training) retrain
+chosen rows of the token embedding, the tied output head with them: words a base tokenizer splits
+into pieces its model rarely saw (a new finding's name) need their rows, which low-rank updates
+of the layers cannot give.
+
 Example:
     >>> pipe = MeDiMPipeline.from_pretrained("org/medim-cxr")
     >>> pipe.load_lora_weights("runs/lora/final")        # or a Hub repo id
@@ -38,7 +43,8 @@ from medim.models.medim import AdaLNModulation
 from medim.utils.checks import check_int, check_number, check_state_shapes
 from medim.utils.hub import HubOptions, atomic_directory, resolve_file
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LoadedAdapter", "lora_config", "check_targets", "add_adapter",
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LoadedAdapter", "lora_config", "token_ids", "check_targets",
+           "add_adapter",
            "adapter_state_dict", "save_adapter", "read_adapter", "check_fit", "load_adapter", "fuse", "unfuse",
            "unload", "base_signature"]
 
@@ -49,7 +55,8 @@ PEFT_PREFIX = "base_model.model."
 # adapter_config.json keys that only describe the adapter; every other key must keep peft's default.
 DESCRIPTIVE_KEYS = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
                     "inference_mode"}
-USED_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "use_rslora"}
+USED_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "use_rslora",
+             "trainable_token_indices"}
 BACKBONE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
                    "num_key_value_heads", "head_dim", "vocab_size")
 CARD_TAGS = ("medim", "lora", "peft", "medical-imaging", "discrete-diffusion")
@@ -84,16 +91,42 @@ def _adaln_lora_class() -> type:
 
 
 def lora_config(*, r: int, alpha: float, dropout: float = 0.0, target_modules: list[str] | tuple[str, ...],
-                modules_to_save: list[str] | tuple[str, ...] = (), use_rslora: bool = False):
+                modules_to_save: list[str] | tuple[str, ...] = (), use_rslora: bool = False,
+                trainable_tokens: list[int] | tuple[int, ...] = ()):
     """A peft `LoraConfig` for MeDiM (AdaLN modulation layers included as LoRA targets).
+    `trainable_tokens`: embedding rows (token ids) trained in full, the tied head's with them.
 
     Example:
         >>> cfg = lora_config(r=16, alpha=16, target_modules=["q_proj", "v_proj", "adaLN_modulation"])
     """
     config = _peft().LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                                modules_to_save=list(modules_to_save) or None, use_rslora=use_rslora, bias="none")
+                                modules_to_save=list(modules_to_save) or None, use_rslora=use_rslora, bias="none",
+                                trainable_token_indices=sorted(set(trainable_tokens)) or None)
     config._register_custom_module({AdaLNModulation: _adaln_lora_class()})
     return config
+
+
+def token_ids(tokenizer, pieces: list[str] | tuple[str, ...]) -> list[int]:
+    """The token ids of `pieces` of text as reports hold them: each piece alone and after a space
+    (byte-level BPE tokenizers mark a word's leading space), special-token strings read as text.
+
+    Example:
+        >>> token_ids(pipe.tokenizer, ["pleural effusion", ","])      # doctest: +SKIP
+    """
+    ids: set[int] = set()
+    for piece in pieces:
+        for text in (piece, " " + piece):
+            ids.update(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    return sorted(ids)
+
+
+def _token_rows(config) -> list[int]:
+    return list(getattr(config, "trainable_token_indices", None) or [])
+
+
+def _embedding_name(model: nn.Module) -> str:
+    embedding = model.get_input_embeddings()
+    return next(k for k, m in model.named_modules() if m is embedding)
 
 
 def _matches(key: str, name: str) -> bool:
@@ -127,9 +160,17 @@ def add_adapter(model: nn.Module, config, adapter_name: str = "default") -> None
     """Wrap `config.target_modules` (and `modules_to_save`) of `model` in place; only the adapter and
     the modules to save stay trainable. The model keeps its train/eval mode."""
     check_targets(model, sorted(config.target_modules), list(config.modules_to_save or []))
+    _check_token_rows(model, _token_rows(config), "lora.trainable_tokens")
     training = model.training
     _peft().inject_adapter_in_model(config, model, adapter_name=adapter_name)
     model.train(training)  # the new modules start in training mode (dropout)
+
+
+def _check_token_rows(model: nn.Module, rows: list[int], what: str) -> None:
+    vocab = model.get_input_embeddings().weight.shape[0]
+    bad = [i for i in rows if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"{what}: token ids {bad[:5]} are outside the model's vocabulary of {vocab} rows")
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default",
@@ -158,6 +199,7 @@ def _card(config, *, base_model: str | None, repo_id: str, num_params: int, trai
     data = ModelCardData(library_name="medim", base_model=base_model, tags=list(CARD_TAGS), license="other")
     targets = ", ".join(f"`{t}`" for t in sorted(config.target_modules))
     saved = ", ".join(f"`{m}`" for m in config.modules_to_save or []) or "none"
+    rows = _token_rows(config)
     lines = [f"# {repo_id.rstrip('/').rpartition('/')[2] or repo_id}",
              f"A LoRA adapter for the MeDiM pipeline `{base_model or 'unknown'}` (library `medim`).",
              "## Usage",
@@ -167,7 +209,7 @@ def _card(config, *, base_model: str | None, repo_id: str, num_params: int, trai
              'out = pipe.text_to_image(["A large dense nodule in the right upper zone."])\n```',
              "## Adapter",
              f"rank {config.r}, alpha {config.lora_alpha}, dropout {config.lora_dropout}; targets {targets}; "
-             f"trained in full: {saved}; {num_params} parameters."]
+             f"trained in full: {saved}; trainable token rows: {len(rows) or 'none'}; {num_params} parameters."]
     if training:
         lines += ["## Training", "\n".join(f"- {k}: {v}" for k, v in training.items())]
     lines += ["Research use only: not a medical device, not for diagnosis."]
@@ -233,7 +275,8 @@ def _config_from_dict(data: Any, source: str):
                      and v != defaults[k] and v not in (None, [], {}, False))
     if changed:
         raise ValueError(f"{source}: {ADAPTER_CONFIG} sets {changed}, which medim does not support "
-                         "(plain LoRA only: r, lora_alpha, lora_dropout, target_modules, modules_to_save, use_rslora)")
+                         "(plain LoRA only: r, lora_alpha, lora_dropout, target_modules, modules_to_save, use_rslora, "
+                         "trainable_token_indices)")
     what = f"{source}: {ADAPTER_CONFIG}"
     check_int(data.get("r"), f"{what} r", minimum=1)
     check_number(data.get("lora_alpha"), f"{what} lora_alpha", minimum=0)
@@ -244,10 +287,13 @@ def _config_from_dict(data: Any, source: str):
             raise ValueError(f"{what} {key} must be a list of module names, got {data.get(key)!r}")
     if not data.get("target_modules"):
         raise ValueError(f"{what} names no target_modules")
+    rows = data.get("trainable_token_indices") or []
+    if not isinstance(rows, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in rows):
+        raise ValueError(f"{what} trainable_token_indices must be a list of token ids, got {rows!r}")
     targets = data["target_modules"]
     return lora_config(r=data["r"], alpha=data["lora_alpha"], dropout=data.get("lora_dropout", 0.0),
                        target_modules=targets, modules_to_save=data.get("modules_to_save") or (),
-                       use_rslora=bool(data.get("use_rslora", False)))
+                       use_rslora=bool(data.get("use_rslora", False)), trainable_tokens=rows)
 
 
 def _expected_shapes(model: nn.Module, config) -> dict[str, tuple[int, ...]]:
@@ -260,6 +306,10 @@ def _expected_shapes(model: nn.Module, config) -> dict[str, tuple[int, ...]]:
     for name in config.modules_to_save or []:
         for key, module in _modules(model, name):
             out |= {f"{PEFT_PREFIX}{key}.{p}": tuple(t.shape) for p, t in module.state_dict().items()}
+    rows = _token_rows(config)
+    if rows:
+        hidden = model.get_input_embeddings().weight.shape[1]
+        out[f"{PEFT_PREFIX}{_embedding_name(model)}.token_adapter.trainable_tokens_delta"] = (len(rows), hidden)
     return out
 
 
@@ -277,6 +327,7 @@ def check_fit(model: nn.Module, adapter: Adapter) -> None:
                                  + "; ".join(diff))
     check_targets(model, sorted(adapter.config.target_modules), list(adapter.config.modules_to_save or []),
                   what=f"LoRA adapter {adapter.source}: {ADAPTER_CONFIG}")
+    _check_token_rows(model, _token_rows(adapter.config), f"LoRA adapter {adapter.source}: trainable_token_indices")
     found = {k: tuple(v.shape) for k, v in adapter.tensors.items()}
     check_state_shapes(_expected_shapes(model, adapter.config), found, f"LoRA adapter {adapter.source}")
 
@@ -312,39 +363,50 @@ def load_adapter(model: nn.Module, source: str | os.PathLike, adapter_name: str 
     return LoadedAdapter(adapter_name, str(source), adapter.config, adapter.base_model)
 
 
-def _lora_layers(model: nn.Module) -> list:
+def _merging_layers(model: nn.Module) -> list:
+    """The layers that fuse into base weights: LoRA layers and trainable token rows (the tied head's
+    rows follow the embedding's: one weight)."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
-    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+    return [m for m in model.modules() if isinstance(m, LoraLayer)
+            or (isinstance(m, TrainableTokensLayer) and m.tied_adapter is None)]
 
 
 @torch.no_grad()
 def fuse(model: nn.Module, adapter_name: str) -> None:
     """Add the adapter's update into the base weights (generation then costs what the base costs)."""
-    for layer in _lora_layers(model):
+    for layer in _merging_layers(model):
         layer.merge(adapter_names=[adapter_name])
 
 
 @torch.no_grad()
 def unfuse(model: nn.Module) -> None:
-    """Subtract a fused update again (the base weights come back up to float rounding)."""
-    for layer in _lora_layers(model):
+    """Subtract a fused update again (the base weights come back up to float rounding; token rows
+    exactly)."""
+    for layer in _merging_layers(model):
         layer.unmerge()
 
 
 def unload(model: nn.Module, fused: bool) -> None:
     """Put the plain modules back. Unfused: the base model as it was. Fused: the fused weights stay
     (the adapter baked in), and modules trained in full keep their trained copy."""
-    from peft.utils.other import ModulesToSaveWrapper
+    from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
 
     tuner_layer = _peft().tuners.tuners_utils.BaseTunerLayer
+    replaced: list[str] = []
     for key, module in list(model.named_modules()):
+        if any(key.startswith(r + ".") for r in replaced):
+            continue  # inside a wrapper already put back
         if isinstance(module, ModulesToSaveWrapper):
             plain = module.modules_to_save[module.active_adapter] if fused else module.original_module
+        elif isinstance(module, TrainableTokensWrapper):  # fused rows are in the original's weight already
+            plain = module.original_module
         elif isinstance(module, tuner_layer):
             plain = module.get_base_layer()
         else:
             continue
+        replaced.append(key)
         parent, _, name = key.rpartition(".")
         setattr(model.get_submodule(parent), name, plain)
     if hasattr(model, "peft_config"):

@@ -99,6 +99,9 @@ class LoraSection:
     # Modules trained in full beside the adapters, e.g. [adaLN_modulation, time_embedder] when starting
     # from a base MLLM such as Liquid, where they are new (then drop adaLN_modulation from target_modules).
     modules_to_save: list[str] = field(default_factory=list)
+    # Words or pieces of text whose token rows (embedding and tied head) train in full, e.g. a new
+    # finding's name that the tokenizer splits into rarely seen pieces: [",", "pleural effusion"].
+    trainable_tokens: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -197,6 +200,10 @@ class TrainConfig:
             raise ValueError(f"config option {e}") from None
         _check(lora.alpha > 0, "lora.alpha", "a float > 0")
         _check(lora.dropout < 1, "lora.dropout", "a float in [0, 1)")
+        _check(all(isinstance(t, str) and t.strip() for t in lora.trainable_tokens), "lora.trainable_tokens",
+               "a list of words or pieces of text (e.g. [',', 'pleural effusion'])")
+        _check(len(set(lora.trainable_tokens)) == len(lora.trainable_tokens), "lora.trainable_tokens",
+               f"pieces listed once, got {list(lora.trainable_tokens)}")
         for name in ("target_modules", "modules_to_save"):
             names = getattr(lora, name)
             _check(all(isinstance(n, str) and n.strip() and n == n.strip() for n in names), f"lora.{name}",

@@ -21,25 +21,30 @@ logger = logging.getLogger(__name__)
 __all__ = ["apply_lora", "export_adapter", "peft_config"]
 
 
-def peft_config(section: LoraSection):
-    """The peft LoraConfig of the config's `lora` section."""
+def peft_config(section: LoraSection, tokenizer):
+    """The peft LoraConfig of the config's `lora` section; `lora.trainable_tokens` become token ids
+    with `tokenizer` (the one of `model.init`)."""
     return adapters.lora_config(r=section.r, alpha=section.alpha, dropout=section.dropout,
-                                target_modules=section.target_modules, modules_to_save=section.modules_to_save)
+                                target_modules=section.target_modules, modules_to_save=section.modules_to_save,
+                                trainable_tokens=adapters.token_ids(tokenizer, section.trainable_tokens))
 
 
-def apply_lora(model: torch.nn.Module, section: LoraSection) -> int:
-    """Put adapters on `model` in place and freeze the rest; returns the count of trainable weights.
-    Names in `lora.target_modules` / `lora.modules_to_save` that match no module are refused."""
-    adapters.add_adapter(model, peft_config(section))
+def apply_lora(model: torch.nn.Module, config) -> int:
+    """Put adapters (`config`: `peft_config(...)`) on `model` in place and freeze the rest; returns the
+    count of trainable weights. Names that match no module and token ids outside the vocabulary are
+    refused."""
+    adapters.add_adapter(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    logger.info("LoRA r=%d: %d of %d weights train (%.2f%%)", section.r, trainable, total, 100 * trainable / total)
+    rows = len(config.trainable_token_indices or [])
+    logger.info("LoRA r=%d, %d token rows: %d of %d weights train (%.2f%%)", config.r, rows, trainable, total,
+                100 * trainable / total)
     return trainable
 
 
-def export_adapter(directory: Path, model: torch.nn.Module, section: LoraSection, *,
+def export_adapter(directory: Path, model: torch.nn.Module, config, *,
                    state: dict[str, torch.Tensor], base_model: str, training: dict) -> Path:
     """Write `state` (the trainable weights by parameter name: gathered, or the EMA's) as a PEFT
     adapter folder with a model card whose `base_model` is `model.init`."""
-    return adapters.save_adapter(directory, model, peft_config(section), overwrite=True, training=training,
+    return adapters.save_adapter(directory, model, config, overwrite=True, training=training,
                                  state=adapters.adapter_state_dict(model, state_dict=state), base_model=base_model)

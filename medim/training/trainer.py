@@ -35,7 +35,7 @@ from medim.training.config import TrainConfig
 from medim.training.distributed import all_mean, compile_blocks, sample_indices, setup_distributed, wrap_model
 from medim.training.guard import StepGuard, TrainingDiverged
 from medim.training.logs import RunLog, training_summary
-from medim.training.lora import apply_lora, export_adapter
+from medim.training.lora import apply_lora, export_adapter, peft_config
 from medim.training.optim import EMA, apply_hyperparameters, build_optimizer, lr_table
 from medim.training.resume import check_settings, choose_checkpoint, data_identity
 from medim.utils.checks import check_state_shapes
@@ -108,8 +108,9 @@ class Trainer:
                              f"{self.layout.to_dict()}; rebuild the cache with this model")
         self.model = pipeline.model.to(info.device).train()
         self.lora = bool(cfg.lora.r)  # adapters: only they (and lora.modules_to_save) train and are saved
+        self.lora_config = peft_config(cfg.lora, pipeline.tokenizer) if self.lora else None
         if self.lora:
-            apply_lora(self.model, cfg.lora)
+            apply_lora(self.model, self.lora_config)
         self.trainable_shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters() if p.requires_grad}
         if cfg.model.gradient_checkpointing:
             self.model.set_activation_checkpointing(True)
@@ -430,8 +431,8 @@ class Trainer:
                 shutil.rmtree(leftover, ignore_errors=True)
             summary = training_summary(self.history, self.step, self.cfg, self.num_train)
             if self.lora:
-                export_adapter(directory, self.model, self.cfg.lora, state=model_state, base_model=self.cfg.model.init,
-                               training=summary)
+                export_adapter(directory, self.model, self.lora_config, state=model_state,
+                               base_model=self.cfg.model.init, training=summary)
                 logger.info("saved the trained LoRA adapter to %s", directory)
             else:
                 self._export_pipeline(directory, model_state, summary)

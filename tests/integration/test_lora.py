@@ -363,3 +363,54 @@ def test_generate_with_lora_on_the_command_line(bases, tmp_path, capsys):
     with pytest.raises(SystemExit, match="--lora .*: no such folder"):
         generate("missing", "--lora", str(tmp_path / "nope"))
     assert not (tmp_path / "missing").exists()
+
+
+# ---------------------------------------------------------------- trainable token rows
+def test_trainable_token_rows_train_save_fuse_and_unload(bases, tmp_path):
+    base, cache = bases["native"]
+    trainer = Trainer(config(base, cache, tmp_path / "run", "lora.trainable_tokens=[nodule, ',']"))
+    rows = trainer.lora_config.trainable_token_indices
+    tokenizer = trainer.pipe.tokenizer
+    assert rows and set(tokenizer(" nodule", add_special_tokens=False)["input_ids"]) <= set(rows)
+    before = trainer.model.get_input_embeddings().weight.detach().clone()
+    out = trainer.fit()
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert "embed_tokens.token_adapter.trainable_tokens_delta.default" in trainable
+    assert set(ckpt.load_checkpoint(out.checkpoint_dir)["model"]) == trainable
+    saved = load_file(out.final_dir / "adapter_model.safetensors")
+    delta = saved["base_model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    assert delta.shape == (len(rows), before.shape[1]) and not torch.equal(delta, before[rows])  # the rows moved
+    assert json.loads((out.final_dir / "adapter_config.json").read_text())["trainable_token_indices"] == rows
+
+    pipe = pipeline(base)
+    plain = tokens(pipe)
+    head = pipe.model.get_output_embeddings().weight.detach().clone()
+    pipe.load_lora_weights(out.final_dir)
+    adapted = tokens(pipe)
+    # The tied head reads the trained rows too; every other row is the base's.
+    trained_head = pipe.model.get_output_embeddings().weight.detach()
+    assert torch.equal(trained_head[rows], delta)
+    others = [i for i in range(head.shape[0]) if i not in rows]
+    assert torch.equal(trained_head[others], head[others])
+    pipe.fuse_lora()
+    assert same(tokens(pipe), adapted)
+    pipe.unfuse_lora()
+    assert same(tokens(pipe), adapted)
+    pipe.unload_lora_weights()
+    assert same(tokens(pipe), plain)
+    assert torch.equal(pipe.model.get_output_embeddings().weight, head)
+    assert pipe.model.get_output_embeddings().weight is pipe.model.get_input_embeddings().weight  # still tied
+
+
+def test_trainable_token_rows_outside_the_vocabulary_are_refused(bases, tmp_path):
+    base, cache = bases["native"]
+    final = Trainer(config(base, cache, tmp_path / "run", "checkpoint.every=0",
+                           "lora.trainable_tokens=[nodule]")).fit().final_dir
+    config_file = final / "adapter_config.json"
+    data = json.loads(config_file.read_text())
+    data["trainable_token_indices"] = [10**6]
+    config_file.write_text(json.dumps(data))
+    pipe = pipeline(base)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        pipe.load_lora_weights(final)
+    assert not any("token_adapter" in n for n, _ in pipe.model.named_modules())

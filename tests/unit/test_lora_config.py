@@ -39,6 +39,8 @@ def test_lora_is_off_by_default_and_the_preset_turns_it_on():
     ("lora.modules_to_save=[adaLN_modulation]", "config option lora.modules_to_save: expected names not in "
                                                 "lora.target_modules"),
     ("lora.rank=4", "unknown config key 'lora.rank'"),
+    ("lora.trainable_tokens=[',',',']", "config option lora.trainable_tokens: expected pieces listed once"),
+    ("lora.trainable_tokens=['  ']", "config option lora.trainable_tokens: expected a list of words"),
 ])
 def test_bad_lora_values_are_refused_naming_the_option(override, message):
     overrides = [*REQUIRED, override] if override.startswith("lora.r") else [*REQUIRED, "lora.r=4", override]

@@ -301,3 +301,75 @@ def test_phantom_dataset_variant():
         assert item["meta"]["variant"] == "effusion" and PhantomSpec.from_dict(item["meta"]["spec"]) == spec
     base = build_dataset("phantom", n=1, seed=1)[0]
     assert base["id"] == "phantom-1-0" and "variant" not in base["meta"]
+
+
+# ----------------------------------------------------------------------------- the multiple variant
+
+@pytest.fixture(scope="module")
+def multiples():
+    return make_dataset(200, seed=4321, variant="multiple")
+
+
+def test_multiple_variant_draws_three_or_four_lesions_in_one_sentence(multiples):
+    assert {len(s.lesions) for _, _, s in multiples} == {3, 4}
+    for _, report, spec in multiples:
+        assert spec.effusion is None
+        listed = report.split("Multiple ")[1]
+        assert listed.count(",") == len(spec.lesions) - 1 and listed.endswith(".")
+
+
+def test_multiple_readers_are_exact(multiples):
+    truth = [s for _, _, s in multiples]
+    for predicted in ([read_image(im) for im, _, _ in multiples], [read_image(_degrade(im)) for im, _, _ in multiples],
+                      [parse_report(r) for _, r, _ in multiples]):
+        assert compare(predicted, truth).exact == 1.0
+
+
+def test_multiple_reports_fit_the_demo_text_length():
+    from transformers import AutoTokenizer
+
+    from medim.demo.settings import TEXT_LEN, demo_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(demo_path() / "tokenizer"))
+    longest = max(len(tokenizer(r)["input_ids"]) for _, r, _ in make_dataset(2000, seed=3, variant="multiple"))
+    assert longest + 1 <= TEXT_LEN
+
+
+def test_multiple_list_parses_clause_by_clause():
+    text = "Multiple foci: right upper tiny bright, left lower big hypodense, left upper small dense."
+    assert parse_report(text) == PhantomSpec((Lesion("right", "upper", "small", "bright"),
+                                              Lesion("left", "upper", "small", "bright"),
+                                              Lesion("left", "lower", "large", "dark")))
+    with pytest.raises(ValueError, match="misses"):
+        parse_report("Multiple nodules: right upper small dense, left lower big.")
+
+
+# ----------------------------------------------------------------------------- the structured variant
+
+def test_structured_variant_draws_the_base_specs_in_another_report_form():
+    structured, base = make_dataset(300, seed=11, variant="structured"), make_dataset(300, seed=11)
+    assert [s for _, _, s in structured] == [s for _, _, s in base]
+    for image, report, spec in structured:
+        assert report.startswith("Findings: ") and report.endswith(".")
+        assert (report == "Findings: none.") == (not spec.lesions)
+        assert read_image(image) == spec == parse_report(report) == parse_report(report, variant="structured")
+
+
+def test_structured_reader_reads_lobe_abbreviations_only():
+    assert parse_report("Findings: RLL big hypodense focus; LUL tiny dense lesion.", variant="structured") == \
+        PhantomSpec((Lesion("right", "lower", "large", "dark"), Lesion("left", "upper", "small", "bright")))
+    prose = "A big dark focus in the right lower zone."
+    assert parse_report(prose) == PhantomSpec((Lesion("right", "lower", "large", "dark"),))
+    assert parse_report(prose, variant="structured") == PhantomSpec()  # what a structured-report reader sees
+    with pytest.raises(ValueError, match="variant must be"):
+        parse_report(prose, variant="german")
+
+
+def test_structured_reports_fit_the_demo_text_length():
+    from transformers import AutoTokenizer
+
+    from medim.demo.settings import TEXT_LEN, demo_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(demo_path() / "tokenizer"))
+    longest = max(len(tokenizer(r)["input_ids"]) for _, r, _ in make_dataset(2000, seed=3, variant="structured"))
+    assert longest + 1 <= TEXT_LEN

@@ -450,13 +450,23 @@ class Trainer:
                                                  dtype=torch.float32, device="cpu")
         if self.mode == "fsdp" or self.ema is not None:
             pipe.model.load_state_dict(model_state)
-        card = {"base_model": hub_repo_id(self.cfg.model.init), "training": summary}
+        card = self._model_card(pipe, {"base_model": hub_repo_id(self.cfg.model.init), "training": summary})
         pipe.save_pretrained(directory, overwrite=True, overwrite_card=True, model_card=card)
         logger.info("saved the trained pipeline to %s", directory)
 
+    def _model_card(self, pipe, card: dict) -> dict:
+        """The exported pipeline's card (`save_pretrained`'s model_card); a subclass may also set
+        what `pipe` saves with it, e.g. its sampler settings (medim.training.distill)."""
+        return card
+
 
 def train(config: TrainConfig) -> TrainOutput:
-    """Run a whole training job (what `medim train` and `python -m medim.training` call)."""
+    """Run a whole training job (what `medim train` and `python -m medim.training` call); a config
+    with `distill.teacher` set runs a distillation (`medim.training.distill.Distiller`)."""
+    if config.distill.teacher:
+        from medim.training.distill import distill
+
+        return distill(config)
     trainer = Trainer(config)
     try:
         return trainer.fit()

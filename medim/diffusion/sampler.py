@@ -488,7 +488,7 @@ def _uniforms(generator: Generator, rows: int, length: int, device: torch.device
 
 
 def _update(x: torch.Tensor, plan: _Plan, columns: _Columns, out: Mapping[str, torch.Tensor], step: int,
-            u: torch.Tensor, record: list[torch.Tensor] | None = None) -> torch.Tensor:
+            u: torch.Tensor, *, record: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Draw every requested column from the step's output and commit the strategy's choice into
     `x` (in place). Returns whether the draw met a NaN, as a device bool (no sync). `record` (a
     rollout's, one float32 [B, K_s, V_s] per requested segment): where a column is masked before
@@ -661,7 +661,7 @@ def rollout(
         if i < start or not plan.active[i]:
             continue
         out, _ = network(x, plan.sigma[i], every, guided=plan.guided[i])
-        first_nan = torch.where((first_nan < 0) & _update(x, plan, every, out, i, u, record), i, first_nan)
+        first_nan = torch.where((first_nan < 0) & _update(x, plan, every, out, i, u, record=record), i, first_nan)
     _raise_on_nan(int(first_nan), config.num_inference_steps)
     return RolloutOutput(tokens=x, positions=every.positions, sigma=plan.sigma[start],
                          logprobs={seg.name: r for (seg, _, _), r in zip(every.requested, record)})

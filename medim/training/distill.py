@@ -60,6 +60,8 @@ class Distiller(Trainer):
         4
     """
 
+    distills = True
+
     def __init__(self, config: TrainConfig, pipeline=None, dataset=None, teacher=None,
                  evaluate: Callable[..., Mapping[str, float]] | None = None):
         from medim.pipelines.pipeline import MeDiMPipeline

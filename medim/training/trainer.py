@@ -72,10 +72,15 @@ class Trainer:
         >>> MeDiMPipeline.from_pretrained(out.final_dir)
     """
 
+    distills = False  # reads the `distill` section (medim.training.distill.Distiller)
+
     def __init__(self, config: TrainConfig, pipeline=None, dataset=None):
         from medim.pipelines.pipeline import MeDiMPipeline
 
         config.validate()
+        if config.distill.teacher and not self.distills:
+            raise ValueError("config option distill.teacher is set: this is a distillation; run it with `medim "
+                             "distill` or medim.training.Distiller (Trainer would ignore the distill section)")
         self.cfg = cfg = config
         self.info = info = setup_distributed(cfg.train.device)
         self.accum = cfg.accumulation_steps(info.world_size)
@@ -461,12 +466,8 @@ class Trainer:
 
 
 def train(config: TrainConfig) -> TrainOutput:
-    """Run a whole training job (what `medim train` and `python -m medim.training` call); a config
-    with `distill.teacher` set runs a distillation (`medim.training.distill.Distiller`)."""
-    if config.distill.teacher:
-        from medim.training.distill import distill
-
-        return distill(config)
+    """Run a whole training job (what `medim train` and `python -m medim.training` call; with
+    `distill.teacher` set they call `medim.training.distill.distill` instead)."""
     trainer = Trainer(config)
     try:
         return trainer.fit()

@@ -221,3 +221,46 @@ def test_sigkill_between_steps_resumes_to_the_same_bits(tmp_path):
     strip = [[{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
               for line in (p / "log.jsonl").read_text().splitlines()] for p in (a, b)]
     assert strip[0] == strip[1] and all(math.isfinite(r["loss"]) for r in strip[0] if "loss" in r)
+
+
+# ---------------------------------------------------------------- two processes: DDP and FSDP2, bf16
+def _distill_worker(rank: int, tmp: str, port: int) -> None:
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from medim.training import Distiller
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    for mode in ("ddp", "fsdp"):
+        args = _distill_args(Path(tmp), mode, "train.max_steps=2", f"train.parallel={mode}", "train.precision=bf16",
+                             "train.micro_batch_size=2", "checkpoint.every=0")
+        config = load_config(args[1], args[2:])
+        distiller = Distiller(config)
+        out = distiller.fit()
+        full = get_model_state_dict(distiller.model, options=StateDictOptions(full_state_dict=True))
+        flat = torch.cat([v.float().flatten() for _, v in sorted(full.items())])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        result = {"same_as_rank0": bool(torch.equal(flat, ref)), "final": str(out.final_dir),
+                  "losses": [r["loss"] for r in out.history if "loss" in r]}
+        (Path(tmp) / f"{mode}-rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("tiny_run_copy")
+def test_two_process_distillation_ddp_and_fsdp_in_bf16(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.integration.test_distributed import _free_port
+
+    tiny_run(tmp_path)
+    mp.spawn(_distill_worker, args=(str(tmp_path), _free_port()), nprocs=2, join=True)
+    for mode in ("ddp", "fsdp"):
+        ranks = [json.loads((tmp_path / f"{mode}-rank{r}.json").read_text()) for r in range(2)]
+        assert all(r["same_as_rank0"] for r in ranks), mode
+        losses = ranks[0]["losses"]  # logged on the main rank (averaged over both)
+        assert len(losses) == 2 and all(math.isfinite(v) for v in losses), mode
+        assert MeDiMPipeline.from_pretrained(ranks[0]["final"]).sampler_config.num_inference_steps == 2

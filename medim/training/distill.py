@@ -7,8 +7,9 @@ resume, the token cache, final/) is the trainer's. One loss evaluation, per micr
 
 1. each row of cached (clean) data becomes a task, drawn with `distill.task_mix`: text-to-image
    (report given), image-to-report (image given) or a pair (the report's first sentence given);
-2. one student step j in [0, student_steps) is drawn; every row is masked as the sampler would
-   have it before that step: `masked_before` tokens of its unknown ones, chosen at random;
+2. each row gets a student step j in [0, student_steps) (stratified: every step has its share of
+   rows) and is masked as the sampler would have it before that step: `masked_before` tokens of
+   its unknown ones, chosen at random;
 3. the teacher runs the k = teacher_steps / student_steps sampler steps that one student step
    replaces (`medim.diffusion.rollout`: the sampler's own steps, guidance included), recording
    for every masked position the distribution it was drawn from when it was committed;
@@ -48,9 +49,10 @@ class Distiller(Trainer):
     """Distil `distill.teacher` into a student sampling in `distill.student_steps` steps.
 
     Launch like training: `medim distill --config configs/distill_demo.yaml`, `torchrun -m
-    medim.training --config ...` (a config with `distill.teacher` set), or in Python. `evaluate`,
-    given, scores the student before export (main rank), e.g. `medim.demo.evaluate_demo`, and its
-    `{name: value}` go into the model card.
+    medim.training --config ...` (a config with `distill.teacher` set), or in Python. `pipeline`
+    and `dataset` as for `Trainer` (the student and the data). `evaluate(pipe) -> {name: value}`,
+    given, scores the student before export (main rank; e.g. with `medim.demo.evaluate_demo`) and
+    the values go into its model card.
 
     Example:
         >>> from medim.training import Distiller, load_config
@@ -62,18 +64,17 @@ class Distiller(Trainer):
 
     distills = True
 
-    def __init__(self, config: TrainConfig, pipeline=None, dataset=None, teacher=None,
+    def __init__(self, config: TrainConfig, pipeline=None, dataset=None,
                  evaluate: Callable[..., Mapping[str, float]] | None = None):
         from medim.pipelines.pipeline import MeDiMPipeline
 
         d = config.distill
-        if not d.teacher and teacher is None:
+        if not d.teacher:
             raise ValueError("config option distill.teacher: expected the pipeline to distil (a folder, a bundled "
                              "name such as medim-demo, or a Hub id)")
         super().__init__(config, pipeline=pipeline, dataset=dataset)
-        if teacher is None:
-            teacher = MeDiMPipeline.from_pretrained(d.teacher, revision=d.teacher_revision, dtype=torch.float32,
-                                                    device=self.info.device)
+        teacher = MeDiMPipeline.from_pretrained(d.teacher, revision=d.teacher_revision, dtype=torch.float32,
+                                                device=self.info.device)
         if teacher.layout != self.layout:
             raise ValueError(f"distill.teacher uses layout {teacher.layout.to_dict()}, the student (model.init) "
                              f"{self.layout.to_dict()}: a student must share its teacher's layout")
@@ -93,17 +94,30 @@ class Distiller(Trainer):
         x0 = batch["x0"]
         condition = {k: v for k, v in batch.items() if k not in ("x0", "prefix_len")}
         known = self._task_known(x0, batch["prefix_len"], generator)
-        j = int(self._rand((), generator) * self.cfg.distill.student_steps)  # the student step (one per micro-batch)
-        x = self._masked_state(x0, known, self.k * j, generator)
+        # Student steps stratified over the rows (row r: step (r + offset) mod student_steps), so every
+        # micro-batch covers the whole trajectory; the teacher runs one window per step.
+        steps = self.cfg.distill.student_steps
+        offset = int(self._rand((), generator) * steps)
+        x, sigma, groups = x0.clone(), torch.empty(x0.shape[0], device=x0.device), []
         autocast = torch.autocast(self.info.device.type, dtype=torch.bfloat16,
                                   enabled=self.cfg.train.precision == "bf16")
+        for j in range(steps):
+            rows = torch.arange((j - offset) % steps, x0.shape[0], steps, device=x0.device)
+            if not len(rows):
+                continue
+            x[rows] = self._masked_state(x0[rows], known[rows], self.k * j, generator)
+            with autocast:
+                target = rollout(ModelDenoiser(self.teacher), x[rows], known[rows], segments=self.layout.segments,
+                                 mask_id=self.layout.mask_id, config=self.teacher_config, start=self.k * j,
+                                 stop=self.k * (j + 1), generator=generator,
+                                 model_kwargs={k: v[rows] for k, v in condition.items()})
+            sigma[rows] = target.sigma
+            groups.append((rows, target))
         with autocast:
-            target = rollout(ModelDenoiser(self.teacher), x, known, segments=self.layout.segments,
-                             mask_id=self.layout.mask_id, config=self.teacher_config, start=self.k * j,
-                             stop=self.k * (j + 1), generator=generator, model_kwargs=condition)
-            student = self.wrapped(x, target.sigma.expand(x.shape[0]), **condition).logprobs
-        return distill_loss(student, target.logprobs, target.positions, x == self.layout.mask_id,
-                            self.layout.segments, self.cfg.distill.divergence)
+            student = self.wrapped(x, sigma, **condition).logprobs
+        masked = x == self.layout.mask_id
+        return distill_loss([({k: v[rows] for k, v in student.items()}, t.logprobs, t.positions, masked[rows])
+                             for rows, t in groups], self.layout.segments, self.cfg.distill.divergence)
 
     def _rand(self, shape: tuple, generator: torch.Generator) -> torch.Tensor:
         return torch.rand(shape, generator=generator, device=generator.device).to(self.info.device)
@@ -160,34 +174,39 @@ def sampler_configs(teacher: SamplerConfig, config: TrainConfig) -> tuple[Sample
     return teacher_config, student_config
 
 
-def distill_loss(student: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
-                 positions: Mapping[str, torch.Tensor], masked: torch.Tensor, segments, divergence: str) -> LossOutput:
-    """The student's log-probs (every position, `{segment: [B, L_s, V_s]}`) against the teacher's
-    (`{segment: [B, K_s, V_s]}` at `positions`), averaged over the positions `masked` [B, N].
+def distill_loss(groups: list[tuple[Mapping, Mapping, Mapping, torch.Tensor]], segments,
+                 divergence: str) -> LossOutput:
+    """The student's log-probs against the teacher's, averaged over the masked positions of every
+    group of rows. A group: (student log-probs at every position, `{segment: [b, L_s, V_s]}`; the
+    teacher's, `{segment: [b, K_s, V_s]}` at `positions`, `{segment: [K_s]}` (a `rollout`'s);
+    masked [b, N], the positions that count).
 
     kl: sum_v p_T (log p_T - log p_S), zero exactly when the student gives the teacher's
     distribution; mse: the mean over the vocabulary of (log p_S - log p_T)^2.
 
     Example:
-        >>> distill_loss(student_logprobs, rolled.logprobs, rolled.positions, x == mask_id,
+        >>> rolled = rollout(teacher, x, known, ...)
+        >>> distill_loss([(student_logprobs, rolled.logprobs, rolled.positions, x == mask_id)],
         ...              layout.segments, "kl").loss
     """
-    sums, counts = {}, {}
-    for seg in segments:  # every segment, present or not: each rank logs the same metrics
-        pos = positions.get(seg.name)
-        if pos is None:
-            sums[seg.name] = counts[seg.name] = masked.new_zeros((), dtype=torch.float32)
-            continue
-        lp_s = student[seg.name][:, pos - seg.start].float()
-        lp_t = target[seg.name]
-        if divergence == "kl":  # where(): a teacher probability of 0 contributes 0, not 0 * inf
-            p_t = lp_t.exp()
-            per = torch.where(p_t > 0, p_t * (lp_t - lp_s), 0.0).sum(-1)
-        else:
-            per = (lp_s.clamp(min=-100) - lp_t.clamp(min=-100)).square().mean(-1)
-        where = masked[:, pos]
-        sums[seg.name] = torch.where(where, per, 0.0).sum()
-        counts[seg.name] = where.sum()
+    # Every segment, present or not: each rank logs the same metrics.
+    sums = {seg.name: torch.zeros((), device=groups[0][3].device) for seg in segments}
+    counts = {seg.name: torch.zeros((), dtype=torch.long, device=groups[0][3].device) for seg in segments}
+    for student, target, positions, masked in groups:
+        for seg in segments:
+            pos = positions.get(seg.name)
+            if pos is None:
+                continue
+            lp_s = student[seg.name][:, pos - seg.start].float()
+            lp_t = target[seg.name]
+            if divergence == "kl":  # where(): a teacher probability of 0 contributes 0, not 0 * inf
+                p_t = lp_t.exp()
+                per = torch.where(p_t > 0, p_t * (lp_t - lp_s), 0.0).sum(-1)
+            else:
+                per = (lp_s.clamp(min=-100) - lp_t.clamp(min=-100)).square().mean(-1)
+            where = masked[:, pos]
+            sums[seg.name] = sums[seg.name] + torch.where(where, per, 0.0).sum()
+            counts[seg.name] = counts[seg.name] + where.sum()
     total = sum(counts.values()).clamp(min=1)
     return LossOutput(loss=sum(sums.values()) / total,
                       per_modality={k: (v / counts[k].clamp(min=1)).detach() for k, v in sums.items()},

@@ -124,9 +124,9 @@ def test_loss_is_zero_for_a_student_equal_to_a_step_consistent_teacher(native):
     masked = x == layout.mask_id
     for divergence in ("kl", "mse"):
         # Guidance mixes two equal halves: (1 + w) a - w a = a.
-        same = distill_loss(equal, out.logprobs, out.positions, masked, layout.segments, divergence)
+        same = distill_loss([(equal, out.logprobs, out.positions, masked)], layout.segments, divergence)
         assert same.loss.abs() < 1e-5 and int(same.num_tokens) == int(masked.sum())
-        assert distill_loss(other, out.logprobs, out.positions, masked, layout.segments, divergence).loss > 1e-3
+        assert distill_loss([(other, out.logprobs, out.positions, masked)], layout.segments, divergence).loss > 1e-3
 
 
 # ---------------------------------------------------------------- the command and its result
@@ -147,6 +147,13 @@ def test_distill_writes_a_few_step_pipeline_that_generates(tmp_path, capsys):
                                  generator=torch.Generator().manual_seed(0))
     plain = pipe.generate_pairs(["Frontal chest radiograph."], generator=torch.Generator().manual_seed(0))
     assert cached.reports == plain.reports
+    # `medim generate` runs it as any pipeline, with its saved settings (None: not overridden).
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("No focal lesion.\n")
+    assert main(["generate", "pairs", "--model", str(final), "--out", str(tmp_path / "gen"), "--prompts", str(prompts),
+                 "--device", "cpu"]) == 0
+    entry = json.loads((tmp_path / "gen" / "manifest.jsonl").read_text().splitlines()[-1])
+    assert entry["settings"]["num_inference_steps"] is None and (tmp_path / "gen" / entry["image"]).is_file()
     card = ModelCard.load(final / "README.md").text
     for row in (f"| distilled from (teacher) | {tmp_path / 'base'} |", f"| distillation method | {METHOD} |",
                 "| student sampler steps | 2 |", "| teacher sampler steps | 4 |", "(`medim distill`)"):
@@ -182,7 +189,7 @@ def test_bad_settings_are_refused_before_anything_loads(override, key):
         load_config(REPO / "configs/distill_demo.yaml", ["data.cache=unused", override])
 
 
-def test_command_refuses_a_missing_teacher_and_a_threshold_teacher(tmp_path):
+def test_command_refuses_a_missing_teacher_and_a_threshold_teacher():
     with pytest.raises(SystemExit, match=r"distill\.teacher"):
         main(["distill", "--config", str(REPO / "configs/tiny.yaml"), "model.init=x", "data.cache=y"])
     from medim.training.distill import sampler_configs
@@ -191,6 +198,10 @@ def test_command_refuses_a_missing_teacher_and_a_threshold_teacher(tmp_path):
     assert config.model.init == "medim-demo"  # the student starts from the teacher
     with pytest.raises(ValueError, match="threshold"):
         sampler_configs(SamplerConfig(strategy="threshold"), config)
+    from medim.training import Trainer
+
+    with pytest.raises(ValueError, match=r"distill\.teacher is set"):  # plain training would ignore the section
+        Trainer(config)
 
 
 # ---------------------------------------------------------------- killed, resumed: the same bits

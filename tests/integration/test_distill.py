@@ -41,23 +41,39 @@ def _report_task(pipe, n: int = 3):
 
 
 # ---------------------------------------------------------------- the targets: a window of the sampler
-@pytest.mark.parametrize("guidance", [0.0, 3.0])
-def test_rollout_continues_the_samplers_run_exactly(native, guidance):
-    """From the state `sample` holds before step k, steps [k, 2k) give `sample`'s tokens after step 2k - 1."""
-    task = _report_task(native)
+@pytest.mark.parametrize("layout, guidance", [("native", 0.0), ("native", 3.0), ("v1", 3.0)])
+def test_rollout_continues_the_samplers_run_exactly(request, layout, guidance):
+    """From the state `sample` holds before step k, steps [k, 2k) give `sample`'s tokens after step 2k - 1
+    (medim-v1: with its per-row size condition, repeated for the guided batch)."""
+    pipe = request.getfixturevalue(layout)
+    task = _report_task(pipe)
+    condition = pipe.layout.condition(pipe.tokenizer, [(pipe.image_resolution,) * 2] * task.x.shape[0])
     config = SamplerConfig(num_inference_steps=8, guidance_scale=guidance)
+    common = dict(segments=pipe.layout.segments, mask_id=pipe.layout.mask_id, config=config, model_kwargs=condition)
     states = {}
-    sample(ModelDenoiser(native.model), task.x, task.known, segments=native.layout.segments,
-           mask_id=native.layout.mask_id, config=config, generator=torch.Generator().manual_seed(3),
-           callback=lambda i, t, x: states.__setitem__(i, x.clone()))
+    sample(ModelDenoiser(pipe.model), task.x, task.known, generator=torch.Generator().manual_seed(3),
+           callback=lambda i, t, x: states.__setitem__(i, x.clone()), **common)
     for start, stop in ((0, 2), (2, 4), (5, 8)):
-        before = states[start - 1] if start else torch.where(task.known, task.x, native.layout.mask_id)
-        masked = (before == native.layout.mask_id).sum(-1)
+        before = states[start - 1] if start else torch.where(task.known, task.x, pipe.layout.mask_id)
+        masked = (before == pipe.layout.mask_id).sum(-1)
         assert torch.equal(masked, masked_before(task.known, config, start))
-        out = rollout(ModelDenoiser(native.model), before, task.known, segments=native.layout.segments,
-                      mask_id=native.layout.mask_id, config=config, start=start, stop=stop,
-                      generator=torch.Generator().manual_seed(3))
+        out = rollout(ModelDenoiser(pipe.model), before, task.known, start=start, stop=stop,
+                      generator=torch.Generator().manual_seed(3), **common)
         assert torch.equal(out.tokens, states[stop - 1]), (start, stop)
+
+
+def test_masked_before_follows_each_strategy():
+    known = torch.zeros(2, 10, dtype=torch.bool)
+    known[1, :4] = True
+    maskgit = SamplerConfig(num_inference_steps=4, schedule="linear")
+    counts = [masked_before(known, maskgit, s).tolist() for s in range(5)]
+    assert counts[0] == [10, 6] and counts[-1] == [0, 0] and all(a >= b for a, b in zip(counts, counts[1:]))
+    ddpm = maskgit.replace(strategy="ddpm")
+    assert masked_before(known, ddpm, 0).tolist() == [10, 6] and masked_before(known, ddpm, 2).tolist() == [5, 3]
+    with pytest.raises(ValueError, match="threshold"):
+        masked_before(known, maskgit.replace(strategy="threshold"), 1)
+    with pytest.raises(ValueError, match="step"):
+        masked_before(known, maskgit, 5)
 
 
 class _StepDenoiser:

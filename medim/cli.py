@@ -20,8 +20,8 @@ import sys
 from medim.utils.errors import REPORT_BUGS, MedimError
 
 # name -> module under medim.commands; each module documents its own options.
-COMMANDS: dict[str, str] = {"evaluate": "evaluate", "generate": "generate", "train": "train", "cache": "cache",
-                           "convert": "convert", "demo": "demo", "app": "app", "score": "score"}
+COMMANDS: dict[str, str] = {"evaluate": "evaluate", "generate": "generate", "train": "train", "distill": "distill",
+                           "cache": "cache", "convert": "convert", "demo": "demo", "app": "app", "score": "score"}
 
 
 def build_parser() -> argparse.ArgumentParser:

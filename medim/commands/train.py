@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from medim.training import TrainingDiverged, load_config, train
+    from medim.training import TrainingDiverged, distill, load_config, train
     from medim.training.checkpoint import CheckpointError
     from medim.training.resume import ResumeRefused
 
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
     try:
-        out = train(config)
+        out = distill(config) if config.distill.teacher else train(config)  # torchrun -m medim.training distills too
     except (TrainingDiverged, ResumeRefused, CheckpointError) as e:  # expected stops: the message, no traceback
         raise SystemExit(f"medim train: {e}") from None
     if out.final_dir is not None:  # the main process: say where the result is and how the run ended

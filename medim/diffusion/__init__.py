@@ -14,7 +14,7 @@ from .config import (
     SamplerConfig,
 )
 from .loss import LossOutput, diffusion_loss, sample_times
-from .sampler import SampleOutput, commit_counts, sample
+from .sampler import RolloutOutput, SampleOutput, commit_counts, masked_before, rollout, sample
 from .schedule import (
     SCHEDULES,
     CosineSchedule,
@@ -46,6 +46,7 @@ __all__ = [
     "NoiseSchedule",
     "ORDERS",
     "RELEASE_SAMPLER",
+    "RolloutOutput",
     "SampleOutput",
     "SamplerConfig",
     "Segment",
@@ -55,7 +56,9 @@ __all__ = [
     "get_schedule",
     "image_to_report",
     "inpainting",
+    "masked_before",
     "pair_from_prompt",
+    "rollout",
     "sample",
     "sample_times",
     "text_to_image",

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from medim.utils.checks import check_choice, describe
+from medim.utils.checks import check_choice, check_int, describe
 
 from .config import COMMIT_SCHEDULES, GUIDANCE_SCHEDULES, STRATEGIES, SamplerConfig
 from .draw import categorical, filter_logprobs, ranks
@@ -28,7 +28,8 @@ from .halton import halton_rank
 from .schedule import get_schedule
 from .segments import Segment, check_segments, check_tokens
 
-__all__ = ["SampleOutput", "sample", "commit_counts", "STRATEGIES", "COMMIT_SCHEDULES", "GUIDANCE_SCHEDULES"]
+__all__ = ["SampleOutput", "RolloutOutput", "sample", "rollout", "masked_before", "commit_counts", "STRATEGIES",
+           "COMMIT_SCHEDULES", "GUIDANCE_SCHEDULES"]
 
 logger = logging.getLogger(__name__)
 
@@ -487,14 +488,19 @@ def _uniforms(generator: Generator, rows: int, length: int, device: torch.device
 
 
 def _update(x: torch.Tensor, plan: _Plan, columns: _Columns, out: Mapping[str, torch.Tensor], step: int,
-            u: torch.Tensor) -> torch.Tensor:
+            u: torch.Tensor, *, record: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Draw every requested column from the step's output and commit the strategy's choice into
-    `x` (in place). Returns whether the draw met a NaN, as a device bool (no sync)."""
+    `x` (in place). Returns whether the draw met a NaN, as a device bool (no sync). `record` (a
+    rollout's, one float32 [B, K_s, V_s] per requested segment): where a column is masked before
+    this step, overwritten with the normalised distribution the step draws it from."""
     parts = _log_weights(out, columns, x.shape[0], plan.weight[step] if plan.guided[step] else None)
-    u = u[:, :, columns.pos_all]
-    candidates, logprobs = _draw(parts, columns, u[:, 0], plan.config)
     current = x[:, columns.pos_all]
     masked = current == plan.mask_id
+    if record is not None:  # before the draw, which overwrites `parts`
+        for (_, pos, off), z, kept in zip(columns.requested, parts, record):
+            kept.copy_(torch.where(masked[:, off : off + pos.numel(), None], z.log_softmax(-1), kept))
+    u = u[:, :, columns.pos_all]
+    candidates, logprobs = _draw(parts, columns, u[:, 0], plan.config)
     commit = COMMITS[plan.config.strategy](plan, columns, step, logprobs, masked, u[:, 1])
     x[:, columns.pos_all] = torch.where(commit, candidates, current)  # masked => unknown, so known never moves
     return logprobs.isnan().any()
@@ -566,3 +572,96 @@ def _raise_on_nan(step: int, steps: int) -> None:
         "inputs are not finite (a diverged training run, or a bad dtype?); check them with "
         "`all(p.isfinite().all() for p in model.parameters())`"
     )
+
+
+# ------------------------------------------------------------------ a window of steps (distillation)
+
+
+@dataclass
+class RolloutOutput:
+    """What `rollout` returns. tokens: the state after the window [B, N]. positions: the columns
+    the denoiser was asked for, `{segment: LongTensor [K_s]}`. logprobs: per segment, float32
+    [B, K_s, V_s]: for each column masked at the start, the normalised distribution (guided mix
+    included) it was drawn from at the step that committed it, or of the window's last step when
+    none did; columns given at the start hold zeros. sigma: the model's sigma at the first step
+    (a 0-dim tensor): what a student replacing the window is fed."""
+
+    tokens: torch.LongTensor
+    positions: dict[str, torch.Tensor]
+    logprobs: dict[str, torch.Tensor]
+    sigma: torch.Tensor
+
+
+def masked_before(known: torch.BoolTensor, config: SamplerConfig, step: int) -> torch.LongTensor:
+    """How many tokens of each row `sample` still has masked before `step` (0-based) of a run with
+    `config` on a task whose given positions are `known` [B, N]: exact for maskgit (its commit
+    counts), the rounded expectation for ddpm; threshold commits adaptively and is refused.
+
+    Example:
+        >>> masked_before(torch.zeros(1, 10, dtype=torch.bool), SamplerConfig(num_inference_steps=4), 2)
+        tensor([7])
+    """
+    if config.strategy == "threshold":
+        raise ValueError("strategy='threshold' commits adaptively: no fixed count of masked tokens per step; "
+                         "use maskgit or ddpm")
+    check_int(step, "step", minimum=0, maximum=config.num_inference_steps)
+    unknown = (~known).sum(-1).cpu()
+    per_step = commit_counts(unknown, config.num_inference_steps, config.schedule)
+    t_grid = torch.linspace(1, config.time_eps, config.num_inference_steps + 1, dtype=torch.float32)
+    move = get_schedule(config.noise_schedule).move_chance(t_grid).tolist()
+    left = _tokens_left(config.strategy, unknown.double(), per_step, move)
+    return left[step].round().long().to(known.device)
+
+
+@torch.no_grad()
+def rollout(
+    denoiser: Callable[..., Mapping[str, torch.Tensor]],
+    x: torch.LongTensor,
+    known: torch.BoolTensor,
+    *,
+    segments: Sequence[Segment],
+    mask_id: int,
+    config: SamplerConfig,
+    start: int,
+    stop: int,
+    generator: Generator = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> RolloutOutput:
+    """Run steps [start, stop) of `sample` with `config` on the task `known`, from the state `x`
+    it would hold before step `start` (the mask id where still masked: `masked_before` says how
+    many), and keep the distribution each masked column was drawn from (self-distillation
+    through time: a student replacing these steps by one learns them; docs/training.md).
+
+    The steps are `sample`'s own (plan, batched guided forward, draw, commit rule), so a rollout
+    from the start of a task gives `sample`'s tokens after `stop` steps with the same generator.
+    Context caching is not used; a NaN in the denoiser's output raises FloatingPointError.
+
+    Example:
+        >>> config = SamplerConfig(num_inference_steps=32)
+        >>> out = rollout(denoiser, x, task.known, segments=layout.segments, mask_id=layout.mask_id,
+        ...               config=config, start=8, stop=10, generator=torch.Generator().manual_seed(0))
+        >>> out.logprobs["image"].shape
+    """
+    model_kwargs = dict(model_kwargs or {})
+    segments = _check_inputs(x, known, segments, mask_id, generator, model_kwargs)
+    check_int(stop, "stop", minimum=1, maximum=config.num_inference_steps)
+    check_int(start, "start", minimum=0, maximum=stop - 1)
+    config = config.replace(cache_interval=None)
+    _check_settings(denoiser, segments, config)
+    x = x.clone()
+    halton = config.strategy == "maskgit" and config.order == "halton"
+    every = _Columns.of(segments, (~known).any(0), halton)
+    plan = _plan(known, every, halton=halton, segments=segments, mask_id=mask_id, config=config)
+    network = _Network.of(denoiser, known, mask_id, model_kwargs)
+    record = [x.new_zeros((x.shape[0], pos.numel(), seg.vocab_size), dtype=torch.float32)
+              for seg, pos, _ in every.requested]
+    first_nan = torch.full((), -1, dtype=torch.long, device=x.device)
+    for i in range(stop):
+        u = _uniforms(generator, x.shape[0], x.shape[1], x.device)  # drawn from step 0: `sample`'s stream
+        if i < start or not plan.active[i]:
+            continue
+        out, _ = network(x, plan.sigma[i], every, guided=plan.guided[i])
+        first_nan = torch.where((first_nan < 0) & _update(x, plan, every, out, i, u, record=record), i, first_nan)
+    _raise_on_nan(int(first_nan), config.num_inference_steps)
+    return RolloutOutput(tokens=x, positions=every.positions, sigma=plan.sigma[start],
+                         logprobs={seg.name: r for (seg, _, _), r in zip(every.requested, record)})

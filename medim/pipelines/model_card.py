@@ -45,6 +45,13 @@ TRAINING_LABELS = {
     "loss_text": "final loss, report tokens",
     "loss_image": "final loss, image tokens",
     "val_loss": "validation loss",
+    # `medim distill`
+    "teacher": "distilled from (teacher)",
+    "method": "distillation method",
+    "teacher_steps": "teacher sampler steps",
+    "student_steps": "student sampler steps",
+    "teacher_guidance_scale": "teacher guidance in the targets (folded in when > 0)",
+    "divergence": "distillation divergence",
 }
 EXAMPLE_REPORT = "A large dense nodule in the right upper zone."
 
@@ -178,7 +185,8 @@ def build_card(pipe: MeDiMPipeline, info: CardInfo) -> ModelCard:
         _table([(k, v) for k, v in pipe.sampler_config.to_dict().items() if v is not None]),
     ]
     if info.training:
-        parts += ["## Training", "The run that made these weights (`medim train`):",
+        command = "medim distill" if "method" in info.training else "medim train"
+        parts += ["## Training", f"The run that made these weights (`{command}`):",
                   _table([(TRAINING_LABELS.get(k, k), v) for k, v in info.training.items()])]
     parts += ["## Licence",
               f"`{info.license}`. " + ("The weights keep the terms of what they were made from: a model "

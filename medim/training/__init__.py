@@ -1,4 +1,4 @@
-"""Training MeDiM on PyTorch distributed: config, trainer, checkpoints (see docs/training.md).
+"""Training MeDiM on PyTorch distributed: config, trainer, checkpoints, distillation (see docs/training.md).
 
 Example:
     >>> from medim.training import Trainer, load_config
@@ -6,7 +6,8 @@ Example:
 """
 
 from medim.training.config import TrainConfig, load_config
+from medim.training.distill import Distiller, distill
 from medim.training.guard import TrainingDiverged
 from medim.training.trainer import Trainer, TrainOutput, train
 
-__all__ = ["TrainConfig", "load_config", "Trainer", "TrainOutput", "TrainingDiverged", "train"]
+__all__ = ["TrainConfig", "load_config", "Trainer", "TrainOutput", "TrainingDiverged", "train", "Distiller", "distill"]

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import yaml
 
+from medim.diffusion.config import MAX_STEPS
 from medim.utils.checks import check_int, check_number
 
 __all__ = ["TrainConfig", "load_config", "resume_differences", "SCHEDULERS", "PARALLEL_MODES", "PRECISIONS",
-           "FREE_ON_RESUME", "LORA_TARGETS"]
+           "FREE_ON_RESUME", "LORA_TARGETS", "DIVERGENCES", "DISTILL_TASKS"]
 
 # transformers.get_scheduler names we support (the release used warmup + cosine with restarts).
 SCHEDULERS = ("constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
@@ -29,6 +30,10 @@ PRECISIONS = ("bf16", "fp32")
 # Options that cannot change the trained weights, so a resumed run may change them freely (a name ending
 # in "." is a whole section). Every other option must match the checkpoint's unless it is named in
 # checkpoint.allow_changed (docs/training.md, "Resuming", has the table).
+# Distillation (medim distill): how a student's step distribution is compared with its teacher's, and
+# the tasks whose rows `distill.task_mix` weighs, in its order.
+DIVERGENCES = ("kl", "mse")
+DISTILL_TASKS = ("text_to_image", "image_to_report", "pairs")
 FREE_ON_RESUME = ("log.", "eval.", "checkpoint.", "train.output_dir", "train.max_bad_steps")
 
 
@@ -105,6 +110,19 @@ class LoraSection:
 
 
 @dataclass
+class DistillSection:
+    """Few-step distillation (`medim distill`, docs/training.md "Distillation"); off while `teacher` is ""."""
+
+    teacher: str = ""  # pipeline to distil: a folder, a bundled name (medim-demo) or a Hub id; "" = plain training
+    teacher_revision: str | None = None  # Hub revision of `teacher`
+    student_steps: int = 4  # sampler steps of the student (saved as its num_inference_steps)
+    teacher_steps: int = 32  # teacher steps each run covers: a multiple of student_steps, at least twice it
+    guidance_scale: float | None = None  # teacher's CFG weight in the targets (null: its saved one); > 0 is folded in
+    divergence: str = "kl"  # one of DIVERGENCES: kl = KL(teacher || student), mse = squared log-prob error
+    task_mix: tuple[float, float, float] = (1.0, 1.0, 1.0)  # weights of text-to-image, image-to-report, pair rows
+
+
+@dataclass
 class LogConfig:
     every: int = 10  # optimizer steps between log lines (console + log.jsonl)
     tensorboard: bool = False  # also write TensorBoard events (needs `tensorboard` installed)
@@ -145,8 +163,11 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     lora: LoraSection = field(default_factory=LoraSection)
+    distill: DistillSection = field(default_factory=DistillSection)
 
     def __post_init__(self) -> None:
+        if self.distill.teacher and not self.model.init:  # a student starts from its teacher's weights
+            self.model.init = self.distill.teacher
         self.validate()
 
     def validate(self) -> None:
@@ -186,6 +207,7 @@ class TrainConfig:
         _check(all(isinstance(k, str) for k in self.checkpoint.allow_changed), "checkpoint.allow_changed",
                "a list of option names (strings)")
         self._validate_lora()
+        self._validate_distill()
         unknown = [k for k in self.checkpoint.allow_changed if k != "world_size" and _option_type(k) is None]
         _check(not unknown, "checkpoint.allow_changed",
                f"option names (e.g. optim.lr), section names or world_size; unknown: {unknown}")
@@ -213,6 +235,24 @@ class TrainConfig:
         both = sorted(set(lora.target_modules) & set(lora.modules_to_save))
         _check(not self.lora.r or not both, "lora.modules_to_save",
                f"names not in lora.target_modules (a module gets an adapter or is trained in full); both: {both}")
+
+    def _validate_distill(self) -> None:
+        d = self.distill
+        try:
+            check_int(d.student_steps, "distill.student_steps", minimum=1, maximum=MAX_STEPS)
+            check_int(d.teacher_steps, "distill.teacher_steps", minimum=1, maximum=MAX_STEPS)
+            check_number(d.guidance_scale, "distill.guidance_scale", minimum=0, allow_none=True)
+        except ValueError as e:
+            raise ValueError(f"config option {e}") from None
+        _check(d.teacher_steps % d.student_steps == 0 and d.teacher_steps >= 2 * d.student_steps,
+               "distill.teacher_steps", f"a multiple of distill.student_steps={d.student_steps}, at least twice it "
+               f"(each student step replaces teacher_steps / student_steps teacher steps), got {d.teacher_steps}")
+        _check(d.divergence in DIVERGENCES, "distill.divergence", f"one of {DIVERGENCES}")
+        _check(len(d.task_mix) == 3 and all(_is_number(w) and w >= 0 and math.isfinite(w) for w in d.task_mix)
+               and sum(d.task_mix) > 0, "distill.task_mix",
+               f"three weights >= 0, not all 0, for {list(DISTILL_TASKS)}, got {list(d.task_mix)}")
+        _check(not (d.teacher and self.lora.r), "lora.r",
+               "0 when distill.teacher is set (a student is a whole pipeline; distil, then adapt it)")
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per rank per optimizer step so that the global batch is reached exactly."""

@@ -72,10 +72,15 @@ class Trainer:
         >>> MeDiMPipeline.from_pretrained(out.final_dir)
     """
 
+    distills = False  # reads the `distill` section (medim.training.distill.Distiller)
+
     def __init__(self, config: TrainConfig, pipeline=None, dataset=None):
         from medim.pipelines.pipeline import MeDiMPipeline
 
         config.validate()
+        if config.distill.teacher and not self.distills:
+            raise ValueError("config option distill.teacher is set: this is a distillation; run it with `medim "
+                             "distill` or medim.training.Distiller (Trainer would ignore the distill section)")
         self.cfg = cfg = config
         self.info = info = setup_distributed(cfg.train.device)
         self.accum = cfg.accumulation_steps(info.world_size)
@@ -451,13 +456,19 @@ class Trainer:
                                                  dtype=torch.float32, device="cpu")
         if self.mode == "fsdp" or self.ema is not None:
             pipe.model.load_state_dict(model_state)
-        card = {"base_model": hub_repo_id(self.cfg.model.init), "training": summary}
+        card = self._model_card(pipe, {"base_model": hub_repo_id(self.cfg.model.init), "training": summary})
         pipe.save_pretrained(directory, overwrite=True, overwrite_card=True, model_card=card)
         logger.info("saved the trained pipeline to %s", directory)
 
+    def _model_card(self, pipe, card: dict) -> dict:
+        """The exported pipeline's card (`save_pretrained`'s model_card); a subclass may also set
+        what `pipe` saves with it, e.g. its sampler settings (medim.training.distill)."""
+        return card
+
 
 def train(config: TrainConfig) -> TrainOutput:
-    """Run a whole training job (what `medim train` and `python -m medim.training` call)."""
+    """Run a whole training job (what `medim train` and `python -m medim.training` call; with
+    `distill.teacher` set they call `medim.training.distill.distill` instead)."""
     trainer = Trainer(config)
     try:
         return trainer.fit()

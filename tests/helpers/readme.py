@@ -21,7 +21,7 @@ HEADING = re.compile(r"^#{2,3} (.+)$", re.M)
 NEEDS = re.compile(r"^Needs: `pip install 'medim-diffusion\[([\w,]+)\]'`", re.M)
 SKIPPED = ("pip install", "python -m pytest", "bash .ci/run", "medim app")  # installs, the suite, a server
 # What a base install cannot run, and the extra that brings it (checked by tests/integration/test_readme.py).
-COMMAND_EXTRAS = {"medim evaluate": "eval", "report_metrics": "eval", "medim train": "train",
+COMMAND_EXTRAS = {"medim evaluate": "eval", "report_metrics": "eval", "medim train": "train", "medim distill": "train",
                   "-m medim.training": "train", "medim app": "app"}
 
 

@@ -55,7 +55,7 @@ from medim.pipelines.common import (
 )
 from medim.pipelines.editing import InfillOutput, MaskInput
 from medim.pipelines.model_card import CARD_NAME, CardInfo, card_info, hub_repo_id, write_card
-from medim.pipelines.scoring import DIRECTIONS, NUM_SAMPLES, PAIR_DIRECTIONS, ScoreOutput
+from medim.pipelines.scoring import DIRECTIONS, NUM_SAMPLES, ScoreOutput
 from medim.utils.checks import check_bool, check_dtype_device, check_int
 from medim.utils.hub import HubOptions, atomic_directory
 from medim.utils.task_names import TASKS
@@ -691,27 +691,43 @@ class MeDiMPipeline:
         images: Sequence[ImageInput],
         reports: Sequence[str],
         *,
-        direction: str = "report|image",
+        direction: str = "pmi",
+        estimator: str | None = None,
         num_samples: int = NUM_SAMPLES,
         batch_size: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Score every image with every report, for retrieval: returns the float32 matrix
-        [len(images), len(reports)] of bounds in nats (higher = better fit; `direction` as for
-        `score`: "report|image", "image|report" or "joint"). Entry [i, j] equals
-        `score([images[i]], [reports[j]], ...)` with the same generator seed. Rank the reports of
-        image i with `matrix[i].argsort(descending=True)`, the images of report j with
-        `matrix[:, j]`. Costs len(images) x len(reports) x num_samples rows of forwards.
+        [len(images), len(reports)] (higher = better fit) that ranks along both axes: the reports
+        of image i by `matrix[i].argsort(descending=True)`, the images of report j by `matrix[:, j]`.
+
+        Args:
+            images, reports: lists (images as for `score`; str).
+            direction: "pmi" (default): the pointwise mutual information log p(image | report) -
+                log p(image), which equals log p(report | image) - log p(report), in nats; each
+                report's and each image's own prior cancels, so one matrix serves both axes. Or a
+                raw bound as `score` gives it ("report|image", "image|report", "joint"): these
+                rank along one axis only (log p(report | image) the images of a report,
+                log p(image | report) the reports of an image; docs/pipeline.md).
+            estimator: how "pmi" is estimated: "one-step" (its default; the model's prediction of
+                the whole image from each report, len(reports) + 1 forwards, no randomness) or
+                "elbo" (the likelihood bounds, conditional minus marginal, `num_samples` shared
+                time points per pair: len(images) x len(reports) x num_samples forwards). The raw
+                directions take "elbo" only. `medim.pipelines.scoring` has the details.
+            num_samples, batch_size, generator: as for `score` (the first and last unused by
+                "one-step"). With "elbo" entry [i, j] of a raw direction equals
+                `score([images[i]], [reports[j]], direction=...)` with the same generator seed,
+                and of "pmi" that minus `score([images[i]], None, direction="image")`.
 
         Example:
-            >>> matrix = pipe.rank(images, reports, generator=torch.Generator().manual_seed(0))
-            >>> best_report = matrix.argmax(1)
+            >>> matrix = pipe.rank(images, reports)
+            >>> best_report, best_image = matrix.argmax(1), matrix.argmax(0)
         """
-        scoring.check_options(direction, num_samples, batch_size, generator, PAIR_DIRECTIONS)
+        estimator = scoring.check_rank_options(direction, estimator, num_samples, batch_size, generator)
         reports = check_prompts(reports, "reports")
         rgb = image_list(images)
-        return scoring.rank(self._runtime(), rgb, reports, direction=direction, num_samples=num_samples,
-                            batch_size=batch_size, generator=generator)
+        return scoring.rank(self._runtime(), rgb, reports, direction=direction, estimator=estimator,
+                            num_samples=num_samples, batch_size=batch_size, generator=generator)
 
     def __call__(self, task: str, *args: Any, **kwargs: Any) -> MeDiMOutput | tuple:
         """Dispatch by task name: `pipe("image" | "text_to_image", ...)`, `pipe("report" |

@@ -13,9 +13,10 @@ explains best (`edit_scores`): per code of the region, log p(code | report, the 
 log p(code | the kept codes), the model's one-step prediction with the region masked (the first
 sampling step's view), summed. It is the pointwise mutual information of the report and the region
 given the rest of the image, so what the kept context alone predicts does not count. A low score
-(below `WEAK_EDIT_NATS`) says that the report hardly shaped the region: an edit asking for more
-than the model learned (on the demo: a third lesion, where its training phantoms hold two) often
-fails this way, and the output lists it in `weak_edits`. docs/pipeline.md has the measurements.
+(below `WEAK_EDIT_NATS`, listed in `weak_edits`) says that the region is what the context alone
+predicts: expected where the report removes a finding (plain tissue), a sign of failure where it
+adds one, e.g. an edit asking for more than the model learned (on the demo a third lesion, where
+its training phantoms hold two). docs/pipeline.md has the measurements.
 
 Infilling starts with a few tokens of the report unknown, while the sampler's time grid starts at
 t = 1, where the model expects the report wholly masked; so it runs the model's time from the
@@ -27,7 +28,6 @@ come from the report, not from neighbours. docs/pipeline.md has the measurements
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -69,8 +69,9 @@ WEAK_EDIT_NATS = 2.0  # an edit score below this: the report explains the region
 class InpaintOutput(MeDiMOutput):
     """`MeDiMOutput` of `inpaint`, plus per image `edit_scores` [B] (nats: how much better its
     report explains the regenerated region than the kept rest of the image alone; the module
-    docstring) and `weak_edits`, the indices of the images whose score is below `WEAK_EDIT_NATS`
-    (check those: the edit may ask for more than the model learned)."""
+    docstring) and `weak_edits`, the indices of the images whose score is below `WEAK_EDIT_NATS`:
+    their region is what the context alone predicts (right for a removal; where the report adds
+    a finding, check the result: the edit may ask for more than the model learned)."""
 
     edit_scores: torch.Tensor | None = None
     weak_edits: list[int] = field(default_factory=list)
@@ -215,9 +216,6 @@ def inpaint(rt: Runtime, rgb: list[Image.Image], regions: torch.Tensor, prompts:
     best = scores.view(len(rgb), num_candidates).argmax(1) + torch.arange(len(rgb), device=device) * num_candidates
     tokens, scores = tokens[best], scores[best].cpu()
     weak = [i for i, s in enumerate(scores.tolist()) if s < WEAK_EDIT_NATS]
-    if weak:
-        warnings.warn(f"inpaint: the report hardly shaped the region of images {weak} (edit score below "
-                      f"{WEAK_EDIT_NATS} nats): the edit may ask for more than the model learned", stacklevel=3)
     reports = prompts if prompts is not None else layout.decode_reports(rt.tokenizer, tokens)
     images = decode_images(rt, tokens, settings.output_type)
     if settings.output_type == "pil":

@@ -568,8 +568,9 @@ class MeDiMPipeline:
         away, e.g. 64x32 for a 64x32 input); "pt" and "tokens" outputs are the model's square
         grid. `edit_scores` [B]: per image, in nats, how much better its report explains the
         region than the kept rest of the image; `weak_edits`: the images scoring below
-        `editing.WEAK_EDIT_NATS` (also warned): the report hardly shaped the region, e.g. an
-        edit past what the model was trained on (a third lesion on the demo); check those.
+        `editing.WEAK_EDIT_NATS`, whose region the context alone predicts: right for a removal,
+        but where the report adds a finding, check the result (e.g. an edit past what the model
+        was trained on, a third lesion on the demo).
 
         Example:
             >>> mask = np.zeros((64, 64), dtype=bool); mask[:32, :32] = True   # the image's upper left

@@ -14,7 +14,7 @@ from medim.data.images import preprocess
 from medim.diffusion.loss import elbo_terms, sample_times
 from medim.diffusion.schedule import get_schedule
 from medim.layout import Segment
-from medim.pipelines.scoring import NUM_SAMPLES, PAIR_DIRECTIONS, ScoreOutput
+from medim.pipelines.scoring import ESTIMATORS, NUM_SAMPLES, PAIR_DIRECTIONS, RANK_DIRECTIONS, ScoreOutput
 from tests.helpers.editing import fail_if_called, images, seeded
 
 SEGS = (Segment("text", 0, 3, 0, 5), Segment("image", 3, 4, 6, 4))  # mask id 5
@@ -225,6 +225,11 @@ def test_cli_pairs_and_rank(native, saved, tmp_path):
     assert result["reports"] == REPORTS
     assert result["direction"] == "image|report" and result["images"][0].endswith("im0.png")
 
+    assert cli(root, model, tmp_path / "p.json", "--rank") == 0  # the library's default: the one-step PMI
+    result = json.loads((tmp_path / "p.json").read_text())
+    expected = native.rank([root / f"im{i}.png" for i in range(3)], REPORTS)
+    assert result["direction"] == "pmi" and torch.allclose(torch.tensor(result["matrix"]), expected, atol=1e-4)
+
 
 def test_cli_errors_before_loading(saved, tmp_path, monkeypatch):
     root, model = saved
@@ -240,6 +245,8 @@ def test_cli_errors_before_loading(saved, tmp_path, monkeypatch):
         (["--seed", str(2**64)], r"--seed must be an int in \[0, 18446744073709551615\], got 18446744073709551616"),
         (["--seed", "-1"], "--seed must be an int in"),
         (["--out", str(tmp_path)], "is a folder"),
+        (["--direction", "pmi"], "add --rank"),
+        (["--rank", "--direction", "joint", "--estimator", "one-step"], "estimates --direction pmi only"),
         (["--images", str(tmp_path / "broken.png"), "--reports", str(root / "one.txt")], "broken.png"),
     ]
     (tmp_path / "broken.png").write_bytes(b"not an image")
@@ -253,7 +260,8 @@ def test_cli_errors_before_loading(saved, tmp_path, monkeypatch):
 
 
 def test_cli_defaults_match_the_library():
-    assert score_command.PAIR_DIRECTIONS == PAIR_DIRECTIONS
+    assert score_command.PAIR_DIRECTIONS == PAIR_DIRECTIONS and score_command.RANK_DIRECTIONS == RANK_DIRECTIONS
+    assert score_command.ESTIMATORS == ESTIMATORS
     parser = __import__("argparse").ArgumentParser()
     score_command.add_arguments(parser)
     assert parser.get_default("num_samples") == NUM_SAMPLES

@@ -155,6 +155,11 @@ class SequenceLayout(ABC):
     def _report_ids(self, tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
         """One report's ids as they go into the state (before padding/truncation)."""
 
+    def report_lengths(self, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[int]:
+        """How many text slots each report takes in the state (specials and end mark included);
+        past `text_len`, `encode_reports` would cut it."""
+        return [len(self._report_ids(tokenizer, text)) for text in texts]
+
     def encode_reports(self, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> torch.LongTensor:
         """Tokenise reports into the text part of the state, right-padded with `pad_id` to
         `text_len` (too-long reports are truncated with a warning). `texts`: a non-empty list of

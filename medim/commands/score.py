@@ -1,8 +1,9 @@
 """`medim score`: how well reports fit images, as likelihood bounds (`MeDiMPipeline.score` / `rank`).
 
 Pairs: image i with report i, one JSON line each in `--out`. `--rank`: every image with every
-report, written as one JSON object whose "matrix" holds the scores (rows = images). The same `--seed` gives the same
-numbers; the output is written whole or not at all.
+report, written as one JSON object whose "matrix" holds the scores (rows = images): by default the
+pointwise mutual information, which ranks along both axes (`MeDiMPipeline.rank`). The same `--seed`
+gives the same numbers; the output is written whole or not at all.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ HELP = "score image-report pairs by likelihood (log p(report | image) bounds), o
 logger = logging.getLogger(__name__)
 
 PAIR_DIRECTIONS = ("report|image", "image|report", "joint")  # as medim.pipelines.scoring (kept torch-free here)
+RANK_DIRECTIONS = ("pmi", *PAIR_DIRECTIONS)
+ESTIMATORS = ("one-step", "elbo")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,8 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pairs: a JSON-lines file, one line per pair; --rank: a JSON file with the matrix")
     parser.add_argument("--rank", action="store_true",
                         help="score every image with every report (rows = images) instead of image i with report i")
-    parser.add_argument("--direction", choices=PAIR_DIRECTIONS, default="report|image",
-                        help="report|image: log p(report | image); image|report; joint")
+    parser.add_argument("--direction", choices=RANK_DIRECTIONS, default=None,
+                        help="report|image: log p(report | image) (pairs' default); image|report; joint; "
+                             "pmi: log p(image | report) - log p(image) (--rank only, its default)")
+    parser.add_argument("--estimator", choices=ESTIMATORS, default=None,
+                        help="--rank: how pmi is estimated (one-step, its default; elbo: --num-samples time points); "
+                             "the bounds are always elbo")
     parser.add_argument("--num-samples", type=int, default=16, help="time points per pair (more: less noise)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the time points and masks")
     parser.add_argument("--batch-size", type=int, default=256, help="pair x time-point rows per forward")
@@ -55,6 +62,11 @@ def run(args: argparse.Namespace) -> int:
     from medim.utils.hub import atomic_file
 
     # Everything that can be checked is checked before the (slow) model load.
+    direction = args.direction or ("pmi" if args.rank else "report|image")
+    if direction == "pmi" and not args.rank:
+        raise SystemExit("--direction pmi scores every image with every report: add --rank")
+    if args.estimator == "one-step" and direction != "pmi":
+        raise SystemExit(f"--estimator one-step estimates --direction pmi only, got {direction}")
     with usage_errors():
         check_int(args.num_samples, "--num-samples", minimum=1, maximum=MAX_NUM_SAMPLES)
         check_int(args.batch_size, "--batch-size", minimum=1)
@@ -71,12 +83,12 @@ def run(args: argparse.Namespace) -> int:
     if args.out.is_dir():
         raise SystemExit(f"--out: {args.out} is a folder; give a file name")
     pipe = load_pipeline(pipeline_spec(args, "medim score"))
-    options = dict(direction=args.direction, num_samples=args.num_samples, batch_size=args.batch_size,
+    options = dict(direction=direction, num_samples=args.num_samples, batch_size=args.batch_size,
                    generator=torch.Generator().manual_seed(args.seed))
-    settings = dict(model=args.model, direction=args.direction, num_samples=args.num_samples, seed=args.seed)
+    settings = dict(model=args.model, direction=direction, num_samples=args.num_samples, seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.rank:
-        matrix = pipe.rank(images, reports, **options)
+        matrix = pipe.rank(images, reports, estimator=args.estimator, **options)
         with atomic_file(args.out) as f:
             json.dump({**settings, "images": images, "reports": reports, "matrix": matrix.tolist()}, f)
             f.write("\n")

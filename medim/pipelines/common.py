@@ -29,7 +29,8 @@ from medim.models.vqgan import VQGAN
 from medim.utils.checks import check_choice, check_int
 
 __all__ = ["MeDiMOutput", "Runtime", "RunSettings", "GeneratorInput", "StepCallback", "OUTPUT_TYPES", "check_text",
-           "check_prompts", "check_image_size", "run_settings", "sampler_settings", "row_generators", "run_chunks",
+           "check_prompts", "check_report_lengths",
+           "check_image_size", "run_settings", "sampler_settings", "row_generators", "run_chunks",
            "per_image", "image_list", "encode_images", "decode_images", "shown_inputs"]
 
 OUTPUT_TYPES = ("pil", "pt", "tokens")
@@ -119,6 +120,17 @@ def check_prompts(prompts: Any, name: str = "prompts", allow_empty_text: bool = 
             raise ValueError(f"{name}[{i}] is empty")
         check_text(p, f"{name}[{i}]")
     return list(prompts)
+
+
+def check_report_lengths(layout: SequenceLayout, tokenizer: PreTrainedTokenizerBase, texts: list[str],
+                         name: str) -> None:
+    """Refuse texts that do not fit the model's report slots (`layout.text_len`): where the result
+    is meant to show the text as given, a cut one would ask for another result."""
+    for i, length in enumerate(layout.report_lengths(tokenizer, texts)):
+        if length > layout.text_len:
+            raise ValueError(f"{name}[{i}] takes {length} text slots, more than the model's reports hold "
+                             f"(text_len={layout.text_len}): it would be cut, and the edit would not show it; "
+                             "shorten it")
 
 
 def check_image_size(image_size: Any) -> tuple[int, int]:

@@ -49,13 +49,14 @@ from medim.pipelines.common import (
     Runtime,
     check_image_size,
     check_prompts,
+    check_report_lengths,
     check_text,
     image_list,
     run_settings,
 )
-from medim.pipelines.editing import InfillOutput, MaskInput
+from medim.pipelines.editing import InfillOutput, InpaintOutput, MaskInput
 from medim.pipelines.model_card import CARD_NAME, CardInfo, card_info, hub_repo_id, write_card
-from medim.pipelines.scoring import DIRECTIONS, NUM_SAMPLES, PAIR_DIRECTIONS, ScoreOutput
+from medim.pipelines.scoring import DIRECTIONS, NUM_SAMPLES, ScoreOutput
 from medim.utils.checks import check_bool, check_dtype_device, check_int
 from medim.utils.hub import HubOptions, atomic_directory
 from medim.utils.task_names import TASKS
@@ -533,6 +534,7 @@ class MeDiMPipeline:
         prompts: str | Sequence[str] | None = None,
         *,
         mask_dilation: int = 0,
+        num_candidates: int = editing.NUM_CANDIDATES,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
@@ -542,7 +544,7 @@ class MeDiMPipeline:
         callback_on_step_end: Callable[..., None] | None = None,
         sampler: SamplerConfig | None = None,
         **sampler_options: Any,
-    ) -> MeDiMOutput | tuple:
+    ) -> InpaintOutput | tuple:
         """Regenerate the masked region of each image under its report, keeping the rest.
 
         Args:
@@ -551,32 +553,45 @@ class MeDiMPipeline:
                 tensor; white / True = regenerate), mapped to the code grid by "any masked pixel in
                 the code's patch" (`medim.pipelines.editing`); or a bool tensor [B, image_len] of codes.
             prompts: the report each result should show (one str, or one per image), kept fixed;
-                None generates the report together with the region (`out.reports`).
+                None generates the report together with the region (`out.reports`). A prompt
+                longer than the model's reports (`layout.text_len` slots) is refused: cut, it
+                would ask for another edit.
             mask_dilation: grow every region by this many codes in each direction.
-            Other arguments: as for `text_to_image`.
+            num_candidates: edits sampled per image; the one whose region its report explains
+                best (`out.edit_scores`) is kept. Costs num_candidates x the sampling of one.
+            Other arguments: as for `text_to_image` (`batch_size` counts candidate rows;
+                `generator`: one, or one per image).
 
-        Returns a `MeDiMOutput` whose images are decoded from the full code grid: the codes outside
-        the mask are the input's VQ codes exactly (the pixels there are the VQGAN's reconstruction).
-        PIL images come back at each input's size (the square padding cut away, e.g. 64x32 for a
-        64x32 input); "pt" and "tokens" outputs are the model's square grid.
+        Returns an `InpaintOutput` whose images are decoded from the full code grid: the codes
+        outside the mask are the input's VQ codes exactly (the pixels there are the VQGAN's
+        reconstruction). PIL images come back at each input's size (the square padding cut
+        away, e.g. 64x32 for a 64x32 input); "pt" and "tokens" outputs are the model's square
+        grid. `edit_scores` [B]: per image, in nats, how much better its report explains the
+        region than the kept rest of the image; `weak_edits`: the images scoring below
+        `editing.WEAK_EDIT_NATS`, whose region the context alone predicts: right for a removal,
+        but where the report adds a finding, check the result (e.g. an edit past what the model
+        was trained on, a third lesion on the demo).
 
         Example:
             >>> mask = np.zeros((64, 64), dtype=bool); mask[:32, :32] = True   # the image's upper left
             >>> out = pipe.inpaint(["phantom.png"], [mask], ["A large dense nodule in the right upper zone."])
+            >>> out.images[0], out.edit_scores[0], out.weak_edits
         """
         single = not isinstance(images, (list, tuple))
         rgb = image_list(images)
         check_int(mask_dilation, "mask_dilation", minimum=0)
+        check_int(num_candidates, "num_candidates", minimum=1, maximum=editing.MAX_EDIT_CANDIDATES)
         regions = editing.token_masks(masks, rgb, single, self.layout.image_len, mask_dilation)
         if prompts is not None:
             prompts = check_prompts([prompts] * len(rgb) if isinstance(prompts, str) else prompts, "prompts")
             if len(prompts) != len(rgb):
                 raise ValueError(f"prompts: give one str or one per image ({len(rgb)}), got {len(prompts)}")
+            check_report_lengths(self.layout, self.tokenizer, prompts, "prompts")
         settings = self._run_settings(len(rgb), num_inference_steps=num_inference_steps,
                                       guidance_scale=guidance_scale, generator=generator, batch_size=batch_size,
                                       output_type=output_type, callback_on_step_end=callback_on_step_end,
                                       sampler=sampler, sampler_options=sampler_options)
-        out = editing.inpaint(self._runtime(), rgb, regions, prompts, settings)
+        out = editing.inpaint(self._runtime(), rgb, regions, prompts, settings, num_candidates)
         return out if return_dict else (out.images, out.reports)
 
     def infill(
@@ -691,27 +706,43 @@ class MeDiMPipeline:
         images: Sequence[ImageInput],
         reports: Sequence[str],
         *,
-        direction: str = "report|image",
+        direction: str = "pmi",
+        estimator: str | None = None,
         num_samples: int = NUM_SAMPLES,
         batch_size: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Score every image with every report, for retrieval: returns the float32 matrix
-        [len(images), len(reports)] of bounds in nats (higher = better fit; `direction` as for
-        `score`: "report|image", "image|report" or "joint"). Entry [i, j] equals
-        `score([images[i]], [reports[j]], ...)` with the same generator seed. Rank the reports of
-        image i with `matrix[i].argsort(descending=True)`, the images of report j with
-        `matrix[:, j]`. Costs len(images) x len(reports) x num_samples rows of forwards.
+        [len(images), len(reports)] (higher = better fit) that ranks along both axes: the reports
+        of image i by `matrix[i].argsort(descending=True)`, the images of report j by `matrix[:, j]`.
+
+        Args:
+            images, reports: lists (images as for `score`; str).
+            direction: "pmi" (default): the pointwise mutual information log p(image | report) -
+                log p(image), which equals log p(report | image) - log p(report), in nats; each
+                report's and each image's own prior cancels, so one matrix serves both axes. Or a
+                raw bound as `score` gives it ("report|image", "image|report", "joint"): these
+                rank along one axis only (log p(report | image) the images of a report,
+                log p(image | report) the reports of an image; docs/pipeline.md).
+            estimator: how "pmi" is estimated: "one-step" (its default; the model's prediction of
+                the whole image from each report, len(reports) + 1 forwards, no randomness) or
+                "elbo" (the likelihood bounds, conditional minus marginal, `num_samples` shared
+                time points per pair: len(images) x len(reports) x num_samples forwards). The raw
+                directions take "elbo" only. `medim.pipelines.scoring` has the details.
+            num_samples, batch_size, generator: as for `score` (the first and last unused by
+                "one-step"). With "elbo" entry [i, j] of a raw direction equals
+                `score([images[i]], [reports[j]], direction=...)` with the same generator seed,
+                and of "pmi" that minus `score([images[i]], None, direction="image")`.
 
         Example:
-            >>> matrix = pipe.rank(images, reports, generator=torch.Generator().manual_seed(0))
-            >>> best_report = matrix.argmax(1)
+            >>> matrix = pipe.rank(images, reports)
+            >>> best_report, best_image = matrix.argmax(1), matrix.argmax(0)
         """
-        scoring.check_options(direction, num_samples, batch_size, generator, PAIR_DIRECTIONS)
+        estimator = scoring.check_rank_options(direction, estimator, num_samples, batch_size, generator)
         reports = check_prompts(reports, "reports")
         rgb = image_list(images)
-        return scoring.rank(self._runtime(), rgb, reports, direction=direction, num_samples=num_samples,
-                            batch_size=batch_size, generator=generator)
+        return scoring.rank(self._runtime(), rgb, reports, direction=direction, estimator=estimator,
+                            num_samples=num_samples, batch_size=batch_size, generator=generator)
 
     def __call__(self, task: str, *args: Any, **kwargs: Any) -> MeDiMOutput | tuple:
         """Dispatch by task name: `pipe("image" | "text_to_image", ...)`, `pipe("report" |

@@ -1,6 +1,22 @@
 """How well a report fits an image (`MeDiMPipeline.score`, `rank`): Monte-Carlo estimates of the
 masked-diffusion ELBO, a lower bound on log p(report | image), log p(image | report), the joint or a
-marginal, in nats (higher = better fit).
+marginal, in nats (higher = better fit); and, for retrieval, the pointwise mutual information
+log p(image | report) - log p(image) = log p(report | image) - log p(report).
+
+Why PMI ranks. log p(report | image) mixes in each report's own prior (short, common reports score
+higher for every image), so it ranks the images of one report but not the reports of one image;
+log p(image | report) is skewed the other way. Subtracting the marginal, which the model gives with
+the other modality hidden (it was trained so, with condition dropout), leaves a score that ranks
+along both axes of one matrix. `rank` estimates it on the image side: the report side's tokens
+move with the report's wording, the image codes stay on one grid.
+
+Two estimators of the PMI. "one-step": the model's prediction of the whole image from the report
+at t = 1 (every code masked), read as independent per-code distributions, so
+PMI[i, j] = sum over codes c of log p(code_c(i) | report j) - log p(code_c(i)): one forward per
+report and one unconditional forward, whatever the number of images (each encoded once, each
+report once), and no randomness. "elbo": the bounds below, conditional minus marginal, with
+`num_samples` shared time points per pair (n_images x n_reports x num_samples forwards).
+docs/pipeline.md has the accuracy and cost of each.
 
 The estimator is the training loss's (`medim.diffusion.loss.elbo_terms`): per time point t the
 scored tokens are masked with the schedule's move chance and the model's -log p of each masked
@@ -23,12 +39,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from medim.diffusion.loss import elbo_terms, sample_times
+from medim.diffusion.schedule import get_schedule
 from medim.layout import SequenceLayout
 from medim.pipelines.common import Runtime, encode_images
 from medim.utils.checks import check_choice, check_int
 
-__all__ = ["ScoreOutput", "DIRECTIONS", "PAIR_DIRECTIONS", "NUM_SAMPLES", "check_options", "draws", "estimate_elbo",
-           "pair_rows", "score", "rank"]
+__all__ = ["ScoreOutput", "DIRECTIONS", "PAIR_DIRECTIONS", "RANK_DIRECTIONS", "ESTIMATORS", "NUM_SAMPLES",
+           "check_options", "check_rank_options", "draws", "estimate_elbo", "pair_rows", "score", "one_step_pmi",
+           "rank"]
 
 # direction -> (segments whose tokens are scored, segment hidden from the model or None).
 _ROLES: dict[str, tuple[tuple[str, ...], str | None]] = {
@@ -40,6 +58,8 @@ _ROLES: dict[str, tuple[tuple[str, ...], str | None]] = {
 }
 DIRECTIONS = tuple(_ROLES)
 PAIR_DIRECTIONS = ("report|image", "image|report", "joint")
+RANK_DIRECTIONS = ("pmi", *PAIR_DIRECTIONS)  # "pmi": the calibrated default of `rank`
+ESTIMATORS = ("one-step", "elbo")
 NUM_SAMPLES = 16  # time points per pair by default (the spread this gives: docs/pipeline.md)
 # At most this many: the mask draws of one group of pairs are held at once ([num_samples, state_len]),
 # and past it the spread is far below any difference between reports (docs/pipeline.md).
@@ -80,6 +100,18 @@ def check_options(direction: Any, num_samples: Any, batch_size: Any, generator: 
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be None or one torch.Generator (all pairs share its draws), "
                         f"got {type(generator).__name__}")
+
+
+def check_rank_options(direction: Any, estimator: Any, num_samples: Any, batch_size: Any, generator: Any) -> str:
+    """`rank`'s options; returns the estimator (None: "one-step" for "pmi", else "elbo")."""
+    check_options(direction, num_samples, batch_size, generator, RANK_DIRECTIONS)
+    if estimator is None:
+        return "one-step" if direction == "pmi" else "elbo"
+    check_choice(estimator, "estimator", ESTIMATORS)
+    if estimator == "one-step" and direction != "pmi":
+        raise ValueError(f"estimator='one-step' estimates direction 'pmi' only, got direction={direction!r}: "
+                         "the raw bounds use estimator='elbo'")
+    return estimator
 
 
 def draws(num_samples: int, state_len: int, generator: torch.Generator | None, device: torch.device
@@ -186,20 +218,76 @@ def score(rt: Runtime, rgb: list[Image.Image] | None, reports: list[str] | None,
     return estimate_elbo(rt, rows, t=t[None], u=u[None], group=group, batch_size=batch_size)
 
 
-def rank(rt: Runtime, rgb: list[Image.Image], reports: list[str], *, direction: str, num_samples: int,
-         batch_size: int | None, generator: torch.Generator | None) -> torch.Tensor:
-    """The bounds of every image with every report, [len(rgb), len(reports)]."""
+def one_step(rt: Runtime, states: torch.Tensor, condition: dict[str, torch.Tensor], batch_size: int | None,
+             reduce: Callable[[torch.Tensor, slice], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """The model's one-step image prediction for `states` [R, N] (the masked codes as the first
+    sampling step sees them, at t = 1), `batch_size` rows a forward (None: `ROWS_PER_FORWARD`),
+    each batch's image log-probs [b, image_len, V] turned by `reduce(logprobs, rows)` into its
+    part of the result (so the full log-probs are never held at once); returns the parts
+    concatenated and the forwards spent."""
+    image = rt.layout.image_segment
+    sigma = get_schedule(rt.sampler_config.noise_schedule).sigma(torch.ones(1, device=rt.device))
+    positions = {"image": torch.arange(image.start, image.stop, device=rt.device)}
+    size = batch_size or ROWS_PER_FORWARD
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, len(states), size):
+            rows = slice(start, start + size)
+            out = rt.model(states[rows], sigma.expand(len(states[rows])), positions=positions,
+                           **{k: v[rows] for k, v in condition.items()})
+            parts.append(reduce(out.logprobs["image"].float(), rows))
+    return torch.cat(parts), len(parts)
+
+
+def one_step_pmi(rt: Runtime, codes: torch.Tensor, report_ids: torch.Tensor, sizes: list[tuple[int, int]],
+                 batch_size: int | None) -> tuple[torch.Tensor, int]:
+    """The one-step PMI [len(codes), len(report_ids)] (module docstring) and the forwards spent:
+    per image size (the medim-v1 condition; one for the native layout), the image wholly masked
+    under each report, and once with the report hidden too."""
+    layout, device = rt.layout, rt.device
+    text = layout.text_segment
+    states = torch.full((len(report_ids) + 1, layout.state_len), layout.mask_id, dtype=torch.long, device=device)
+    states[:-1, text.start : text.stop] = report_ids  # the last row: nothing known (the marginal)
+    pmi = torch.empty(len(codes), len(report_ids), device=device)
+    nfe, where = 0, torch.arange(codes.shape[1], device=device)
+    for shape in dict.fromkeys(sizes):
+        images = torch.tensor([s == shape for s in sizes], device=device)
+        mine = codes[images]
+        condition = {k: v.to(device) for k, v in layout.condition(rt.tokenizer, [shape] * len(states)).items()}
+        # [b, I, image_len] log-probs of every image's codes under each row, summed over the codes
+        log_p, spent = one_step(rt, states, condition, batch_size,
+                                lambda lp, rows, mine=mine: lp[:, where, mine].sum(-1))
+        pmi[images] = (log_p[:-1] - log_p[-1:]).T
+        nfe += spent
+    return pmi, nfe
+
+
+def rank(rt: Runtime, rgb: list[Image.Image], reports: list[str], *, direction: str, estimator: str,
+         num_samples: int, batch_size: int | None, generator: torch.Generator | None) -> torch.Tensor:
+    """The scores of every image with every report, [len(rgb), len(reports)]: the PMI ("pmi", by
+    `estimator`) or the bounds of a pair direction."""
     _, sizes, codes = encode_images(rt, rgb)
     report_ids = rt.layout.encode_reports(rt.tokenizer, reports).to(rt.device)
+    if estimator == "one-step":
+        return one_step_pmi(rt, codes, report_ids, sizes, batch_size)[0]
     condition = {k: v.to(rt.device) for k, v in rt.layout.condition(rt.tokenizer, sizes).items()}
     t, u = draws(num_samples, rt.layout.state_len, generator, rt.device)
     n_reports = len(reports)
+    pairs = "image|report" if direction == "pmi" else direction
 
     def rows(pair: torch.Tensor):
         i, j = pair // n_reports, pair % n_reports
-        x0, noised, counted = pair_rows(rt.layout, direction, report_ids[j], codes[i])
+        x0, noised, counted = pair_rows(rt.layout, pairs, report_ids[j], codes[i])
         return x0, noised, counted, {k: v[i] for k, v in condition.items()}
 
-    group = torch.zeros(len(rgb) * n_reports, dtype=torch.long, device=rt.device)
-    out = estimate_elbo(rt, rows, t=t[None], u=u[None], group=group, batch_size=batch_size, keep_tokens=False)
-    return out.scores.view(len(rgb), n_reports)
+    def bounds(rows: Rows, count: int) -> torch.Tensor:  # every row shares the draws t, u
+        group = torch.zeros(count, dtype=torch.long, device=rt.device)
+        return estimate_elbo(rt, rows, t=t[None], u=u[None], group=group, batch_size=batch_size,
+                             keep_tokens=False, desc="MeDiM rank").scores
+
+    matrix = bounds(rows, len(rgb) * n_reports).view(len(rgb), n_reports)
+    if direction != "pmi":
+        return matrix
+    x0, noised, counted = pair_rows(rt.layout, "image", None, codes)  # the marginal: the report hidden
+    marginal = bounds(lambda i: (x0[i], noised[i], counted[i], {k: v[i] for k, v in condition.items()}), len(rgb))
+    return matrix - marginal[:, None]

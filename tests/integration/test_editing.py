@@ -81,6 +81,53 @@ def test_inpaint_keeps_every_known_position(native):
     assert torch.equal(dilated.tokens, pil.tokens)  # token masks grow the same way
 
 
+def test_inpaint_keeps_the_candidate_its_report_explains_best(native, monkeypatch):
+    sampled, scored = [], []
+    run_chunks, edit_scores = medim.pipelines.editing.run_chunks, medim.pipelines.editing.edit_scores
+
+    def capture_rows(rt, task, condition, settings):
+        tokens, nfe = run_chunks(rt, task, condition, settings)
+        sampled.append(tokens)
+        return tokens, nfe
+
+    def capture_scores(*args):
+        scores, nfe = edit_scores(*args)
+        scored.append(scores)
+        return scores, nfe
+
+    monkeypatch.setattr(medim.pipelines.editing, "run_chunks", capture_rows)
+    monkeypatch.setattr(medim.pipelines.editing, "edit_scores", capture_scores)
+    ims = images(2, seed=3)
+    out = native.inpaint(ims, [QUADRANT] * 2, PROMPTS, num_candidates=3, generator=seeded(), output_type="tokens")
+    assert sampled[0].shape[0] == 6 and scored[0].shape == (6,)  # 3 candidate rows per image, image by image
+    for i in range(2):
+        best = 3 * i + int(scored[0][3 * i : 3 * i + 3].argmax())
+        assert torch.equal(out.tokens[i], sampled[0][best]) and out.edit_scores[i] == scored[0][best]
+    assert out.weak_edits == [i for i in range(2) if out.edit_scores[i] < medim.pipelines.editing.WEAK_EDIT_NATS]
+    # One candidate samples with the image's own generator, as inpainting did before candidates.
+    one = native.inpaint(ims, [QUADRANT] * 2, PROMPTS, num_candidates=1, generator=seeded(), output_type="tokens")
+    assert torch.equal(one.tokens, sampled[-1])
+
+
+def test_edit_score_is_the_region_pmi(native):
+    """Conditional minus unconditional log-likelihood of the region's codes, the rest of the image known."""
+    ims = images(1, seed=5)
+    out = native.inpaint(ims, [QUADRANT], PROMPTS[:1], num_candidates=1, generator=seeded(), output_type="tokens")
+    layout, region = native.layout, code_mask(QUADRANT, 8)
+    image = layout.image_segment
+    codes = out.tokens[0, image.start :] - image.vocab_start
+    sigma = native.sampler_config.noise_schedule
+    sigma = medim.pipelines.editing.get_schedule(sigma).sigma(torch.ones(1))
+    seen = out.tokens.clone()
+    seen[0, image.start :][region] = layout.mask_id
+    hidden = seen.clone()
+    hidden[0, : layout.text_len] = layout.mask_id
+    with torch.no_grad():
+        lp = [native.model(x, sigma).logprobs["image"][0, torch.arange(64), codes][region].sum()
+              for x in (seen, hidden)]
+    assert torch.isclose(out.edit_scores[0], lp[0] - lp[1], atol=1e-3)
+
+
 def test_inpaint_without_prompts_writes_the_report(native):
     out = native.inpaint(images(1), [QUADRANT], generator=seeded(2))
     assert len(out.reports) == 1 and isinstance(out.reports[0], str)
@@ -108,6 +155,9 @@ def test_inpaint_medim_v1_any_image_size(v1):
     (lambda p: p.inpaint([], [], PROMPTS[:1]), ValueError, "images is empty"),
     (lambda p: p.inpaint(images(1), ["no/such/mask.png"], PROMPTS[:1]), FileNotFoundError, r"masks\[0\]"),
     (lambda p: p.inpaint(images(1), [QUADRANT], PROMPTS[:1], output_type="np"), ValueError, "output_type"),
+    (lambda p: p.inpaint(images(1), [QUADRANT], PROMPTS[:1], num_candidates=0), ValueError, "num_candidates"),
+    (lambda p: p.inpaint(images(2), [QUADRANT] * 2, [PROMPTS[1], " ".join(["nodule"] * 40)]), ValueError,
+     r"prompts\[1\] takes 41 text slots, more than the model's reports hold \(text_len=40\)"),
     (lambda p: p.infill(["There is a small nodule ."], images(1)), ValueError, "has no gap"),
     (lambda p: p.infill(["[MASK:3] [MASK]"]), ValueError, "holds only gaps"),
     (lambda p: p.infill(["There is a [MASK:0] nodule ."]), ValueError, "holds no token"),

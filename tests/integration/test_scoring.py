@@ -10,9 +10,11 @@ import torch
 
 from medim.cli import main
 from medim.commands import score as score_command
+from medim.data.images import preprocess
 from medim.diffusion.loss import elbo_terms, sample_times
+from medim.diffusion.schedule import get_schedule
 from medim.layout import Segment
-from medim.pipelines.scoring import NUM_SAMPLES, PAIR_DIRECTIONS, ScoreOutput
+from medim.pipelines.scoring import ESTIMATORS, NUM_SAMPLES, PAIR_DIRECTIONS, RANK_DIRECTIONS, ScoreOutput
 from tests.helpers.editing import fail_if_called, images, seeded
 
 SEGS = (Segment("text", 0, 3, 0, 5), Segment("image", 3, 4, 6, 4))  # mask id 5
@@ -90,7 +92,7 @@ def test_score_is_reproducible_and_consistent(native):
 
 def test_rank_entries_equal_pair_scores(native):
     ims = images(2, seed=4)
-    matrix = native.rank(ims, REPORTS, generator=seeded(3), num_samples=3, batch_size=4)
+    matrix = native.rank(ims, REPORTS, direction="report|image", generator=seeded(3), num_samples=3, batch_size=4)
     assert matrix.shape == (2, 3)
     for i in range(2):
         for j in range(3):
@@ -100,6 +102,52 @@ def test_rank_entries_equal_pair_scores(native):
     pair = native.score([ims[1]], [REPORTS[2]], direction="image|report", generator=seeded(3), num_samples=3)
     assert math.isclose(flipped[1, 2].item(), pair.scores[0].item(), abs_tol=1e-3)
     assert (pair.token_scores[:, : native.layout.text_len] == 0).all() and pair.num_tokens.item() == 64
+
+
+def test_rank_pmi_is_conditional_minus_marginal(native):
+    ims = images(2, seed=4)
+    pmi = native.rank(ims, REPORTS, direction="pmi", estimator="elbo", generator=seeded(3), num_samples=3)
+    raw = native.rank(ims, REPORTS, direction="image|report", generator=seeded(3), num_samples=3)
+    marginal = native.score(ims, None, direction="image", generator=seeded(3), num_samples=3).scores
+    assert torch.allclose(pmi, raw - marginal[:, None], atol=1e-4)
+    again = native.rank(ims, REPORTS, direction="pmi", estimator="elbo", generator=seeded(3), num_samples=3,
+                        batch_size=5)
+    assert torch.allclose(pmi, again, atol=1e-4)  # shared draws: another batching, the same matrix
+
+
+def one_step_log_p(pipe, ims, report):
+    """log p(codes of each image | report or nothing) under the model's one-step prediction, by hand."""
+    layout = pipe.layout
+    codes = pipe.vqgan.encode(preprocess(ims, size=pipe.image_resolution))
+    x = torch.full((1, layout.state_len), layout.mask_id)
+    if report is not None:
+        x[0, : layout.text_len] = layout.encode_reports(pipe.tokenizer, [report])[0]
+    sigma = get_schedule(pipe.sampler_config.noise_schedule).sigma(torch.ones(1))
+    with torch.no_grad():
+        lp = pipe.model(x, sigma).logprobs["image"][0]
+    return lp[torch.arange(codes.shape[1]), codes].sum(-1)
+
+
+def test_rank_default_is_the_one_step_pmi(native, monkeypatch):
+    ims = images(3, seed=6)
+    matrix = native.rank(ims, REPORTS)  # no generator: the one-step estimate draws nothing
+    unconditional = one_step_log_p(native, ims, None)
+    for j, report in enumerate(REPORTS):
+        assert torch.allclose(matrix[:, j], one_step_log_p(native, ims, report) - unconditional, atol=1e-3)
+    assert torch.equal(matrix, native.rank(ims, REPORTS, batch_size=1))  # deterministic, whatever the batching
+    calls = []
+    forward = native.model.forward
+    monkeypatch.setitem(vars(native.model), "forward", lambda *a, **k: calls.append(len(a[0])) or forward(*a, **k))
+    native.rank(ims * 3, REPORTS)
+    assert calls == [len(REPORTS) + 1]  # one forward row per report plus the unconditional, whatever the images
+
+
+def test_rank_one_step_groups_medim_v1_sizes(v1):
+    ims = images(2, size=(20, 12)) + images(1, size=(9, 30))  # two size conditions
+    reports = ["the chest", "no normal heart"]
+    matrix = v1.rank(ims, reports)
+    for i, image in enumerate(ims):
+        assert torch.allclose(matrix[i], v1.rank([image], reports)[0], atol=1e-4)
 
 
 def test_marginals_and_joint(native):
@@ -131,6 +179,11 @@ def test_medim_v1_scores_no_padding(v1):
     (lambda p: p.score(images(1), REPORTS[:1], generator=[seeded()]), TypeError, "one torch.Generator"),
     (lambda p: p.score(images(1), [""]), ValueError, r"reports\[0\] is empty"),
     (lambda p: p.rank(images(1), REPORTS, direction="report"), ValueError, "direction must be one of"),
+    (lambda p: p.rank(images(1), REPORTS, estimator="mc"), ValueError, "estimator must be one of"),
+    (lambda p: p.rank(images(1), REPORTS, direction="report|image", estimator="one-step"), ValueError,
+     "estimates direction 'pmi' only"),
+    (lambda p: p.rank(images(1), REPORTS, num_samples=0), ValueError, "num_samples"),
+    (lambda p: p.rank(images(1), REPORTS, generator=1), TypeError, "one torch.Generator"),
     (lambda p: p.rank([], REPORTS), ValueError, "images is empty"),
     (lambda p: p.rank(images(1), []), ValueError, "reports is empty"),
 ])
@@ -172,6 +225,11 @@ def test_cli_pairs_and_rank(native, saved, tmp_path):
     assert result["reports"] == REPORTS
     assert result["direction"] == "image|report" and result["images"][0].endswith("im0.png")
 
+    assert cli(root, model, tmp_path / "p.json", "--rank") == 0  # the library's default: the one-step PMI
+    result = json.loads((tmp_path / "p.json").read_text())
+    expected = native.rank([root / f"im{i}.png" for i in range(3)], REPORTS)
+    assert result["direction"] == "pmi" and torch.allclose(torch.tensor(result["matrix"]), expected, atol=1e-4)
+
 
 def test_cli_errors_before_loading(saved, tmp_path, monkeypatch):
     root, model = saved
@@ -187,6 +245,8 @@ def test_cli_errors_before_loading(saved, tmp_path, monkeypatch):
         (["--seed", str(2**64)], r"--seed must be an int in \[0, 18446744073709551615\], got 18446744073709551616"),
         (["--seed", "-1"], "--seed must be an int in"),
         (["--out", str(tmp_path)], "is a folder"),
+        (["--direction", "pmi"], "add --rank"),
+        (["--rank", "--direction", "joint", "--estimator", "one-step"], "estimates --direction pmi only"),
         (["--images", str(tmp_path / "broken.png"), "--reports", str(root / "one.txt")], "broken.png"),
     ]
     (tmp_path / "broken.png").write_bytes(b"not an image")
@@ -200,7 +260,8 @@ def test_cli_errors_before_loading(saved, tmp_path, monkeypatch):
 
 
 def test_cli_defaults_match_the_library():
-    assert score_command.PAIR_DIRECTIONS == PAIR_DIRECTIONS
+    assert score_command.PAIR_DIRECTIONS == PAIR_DIRECTIONS and score_command.RANK_DIRECTIONS == RANK_DIRECTIONS
+    assert score_command.ESTIMATORS == ESTIMATORS
     parser = __import__("argparse").ArgumentParser()
     score_command.add_arguments(parser)
     assert parser.get_default("num_samples") == NUM_SAMPLES
@@ -214,7 +275,10 @@ def test_demo_ranks_each_report_on_its_own_image():
     pipe = MeDiMPipeline.from_pretrained("medim-demo")
     pipe.set_progress_bar_config(disable=True)
     ims, reports, specs = zip(*synthetic.make_dataset(8, seed=10_000, size=64))
-    matrix = pipe.rank(list(ims), list(reports), generator=seeded())
+    matrix = pipe.rank(list(ims), list(reports))  # the PMI: each report's and each image's prior cancels
+    for m in (matrix, matrix.T):  # the reports of each image, the images of each report
+        hits = [specs[int(m[i].argmax())] == specs[i] for i in range(8)]
+        assert sum(hits) >= 7, matrix
+    raw = pipe.rank(list(ims), list(reports), direction="report|image", num_samples=4, generator=seeded())
     # log p(report | image) compares the images of one report (the report's own prior cancels).
-    hits = [specs[int(matrix[:, j].argmax())] == specs[j] for j in range(8)]
-    assert sum(hits) >= 7, matrix
+    assert sum(specs[int(raw[:, j].argmax())] == specs[j] for j in range(8)) >= 7, raw

@@ -117,15 +117,20 @@ class VQGANConfig:
     def from_taming(cls, source: str | os.PathLike | dict[str, Any]) -> VQGANConfig:
         """Read a taming yaml (a path, or its parsed dict) as written upstream:
         `model.params.{embed_dim, n_embed, ddconfig}`; the `params` level alone also works."""
+        what = "taming config"
         if not isinstance(source, dict):
-            with open(source) as f:
-                source = yaml.safe_load(f)
+            what = f"taming config {source}"
+            try:
+                with open(source, encoding="utf-8") as f:
+                    source = yaml.safe_load(f)
+            except (UnicodeDecodeError, yaml.YAMLError) as e:
+                raise ValueError(f"{what} is not a YAML file: {' '.join(str(e).split())}") from None
         if not isinstance(source, dict):
-            raise ValueError(f"taming config must be a mapping, got {type(source).__name__}")
+            raise ValueError(f"{what} must be a mapping, got {type(source).__name__}")
         params = source.get("model", source)
-        params = params.get("params", params)
-        if "ddconfig" not in params:
-            raise ValueError("taming config has no model.params.ddconfig section")
+        params = params.get("params", params) if isinstance(params, dict) else params
+        if not isinstance(params, dict) or not isinstance(params.get("ddconfig"), dict):
+            raise ValueError(f"{what} has no model.params.ddconfig section")
         fields = {f.name for f in dataclasses.fields(cls)}
         # ddconfig also carries keys a VQModel ignores (e.g. give_pre_end): keep only ours.
         kwargs = {k: v for k, v in params["ddconfig"].items() if k in fields}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -403,3 +404,30 @@ def save_parts(directory: str | os.PathLike, parts: Parts, index: dict[str, Any]
         _portable_tokenizer_class(tmp / "tokenizer")
         (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return Path(directory).expanduser().resolve()
+
+
+# Files one save writes and another save of the same pipeline may not: the shard layout follows
+# max_shard_size. The card (README.md) is kept or replaced by the caller.
+_ALSO_SAVED = re.compile(r"model/model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?|README\.md")
+
+
+def check_replaceable(target: Path, written: Path) -> None:
+    """Before `overwrite=True` replaces `target` with the new save `written`: refuse (FileExistsError)
+    when `target` is not a saved pipeline (no model_index.json of medim's) or holds files a save
+    does not write, naming them; a user's files are never deleted by a save."""
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    try:
+        index = json.loads((target / MODEL_INDEX).read_text(encoding="utf-8"))
+        ours = isinstance(index, dict) and "_class_name" in index and "_medim_version" in index
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise FileExistsError(f"{target} is not a saved pipeline (no {MODEL_INDEX} written by medim); overwrite=True "
+                              "replaces only a saved pipeline: choose an empty or new folder")
+    new = {p.relative_to(written).as_posix() for p in written.rglob("*") if p.is_file()}
+    foreign = sorted(rel for p in target.rglob("*") if (p.is_file() or p.is_symlink())
+                     and (rel := p.relative_to(target).as_posix()) not in new and not _ALSO_SAVED.fullmatch(rel))
+    if foreign:
+        raise FileExistsError(f"{target} holds files a save does not write ({', '.join(foreign[:5])}); they are "
+                              "left as they are: move them out, or save to an empty or new folder")

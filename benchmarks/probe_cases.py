@@ -358,6 +358,86 @@ def output_cases() -> Iterator[Case]:
         "--device", "cpu", prepare=user_files("index.json", "notes.txt")), expect="any", names=("--out", "out"))
 
 
+def overwrite_cases(shared: Path) -> Iterator[Case]:
+    """Commands and methods told to overwrite (--overwrite, overwrite=True): they replace what they
+    wrote, never a user's files in the same folder."""
+    def user_and(prepare: Callable[[Path], None] | None, where: str) -> Callable[[Path], None]:
+        def both(folder: Path) -> None:
+            if prepare is not None:
+                prepare(folder)
+            (folder / where).mkdir(parents=True, exist_ok=True)
+            (folder / where / "notes.txt").write_text("the user's own notes\n")
+
+        return both
+
+    cache = ("cache", "--dataset", "folder", "--data-root", "imgs", "--model", "medim-demo", "--device", "cpu",
+             "--out", "out")
+    yield Case("overwrite", "cache --overwrite of a folder holding the user's notes", setup_cli(
+        *cache, "--overwrite", prepare=user_and(None, "out")), expect="any", names=("out",))
+    yield Case("overwrite", "cache --overwrite of a cache beside the user's notes", setup_cli(
+        *cache, "--overwrite", prepare=user_and(lambda f: _cli(*cache), "out")), expect="any", names=("out",),
+        owned=("out/*.json", "out/*.safetensors", "out/*.bin", "out/shard*"))
+    yield Case("overwrite", "demo --overwrite of a folder holding the user's notes", setup_cli(
+        "demo", "--out", "out", "--steps", "2", "--overwrite", prepare=user_and(None, "out")), expect="any",
+        names=("out",))
+    yield Case("overwrite", "convert vqgan --overwrite of a folder holding the user's notes", setup_cli(
+        "convert", "vqgan", "--ckpt", "vq.ckpt", "--out", "out", "--overwrite", prepare=_vq_ckpt_and(
+            user_and(None, "out"))), expect="any", names=("out", "vq.ckpt"))
+
+    def lora_save(folder: Path) -> Callable[[], Any]:
+        (folder / "adapter").mkdir()
+        (folder / "adapter" / "notes.txt").write_text("the user's own notes\n")
+        return lambda: _lora_pipe(shared).save_lora_weights(folder / "adapter", overwrite=True)
+
+    yield Case("overwrite", "save_lora_weights(overwrite=True) into a folder holding the user's notes", lora_save,
+               expect="any", names=("adapter",))
+
+    def cache_changed(folder: Path) -> None:
+        _cli(*cache)
+        phantom(5).save(folder / "imgs" / "img0.png")
+
+    yield Case("resume", "cache resumed after an image's contents changed", setup_cli(*cache, prepare=cache_changed),
+               names=("img0.png", "changed"), owned=("out/*",))
+
+    def lora_linked(part: str) -> Callable[[Path], Callable[[], Any]]:
+        def setup(folder: Path) -> Callable[[], Any]:
+            shutil.copytree(_tiny_adapter(shared), folder / "adapter")
+            _link_out(part)(folder / "adapter")
+            base = _tiny_base(shared)
+            return lambda: base.load_lora_weights(folder / "adapter")
+
+        return setup
+
+    for part in ("adapter_config.json", "adapter_model.safetensors"):
+        yield Case("lora-folder", f"{part} linked outside", lora_linked(part), names=(part, "outside"))
+
+
+@functools.cache
+def _tiny_adapter(shared: Path) -> Path:
+    """A LoRA adapter of the tiny model, trained for 2 steps (once): its final/ folder."""
+    base, cache = tiny_run_paths(shared)
+    _cli("train", "--config", str(REPO / "configs/tiny.yaml"), f"model.init={base}", f"data.cache={cache}",
+         f"train.output_dir={shared / 'lora'}", "train.max_steps=2", "eval.every=0", "checkpoint.every=0",
+         "lora.r=2", "lora.alpha=4")
+    return shared / "lora" / "final"
+
+
+def _tiny_base(shared: Path):
+    from medim import MeDiMPipeline
+
+    return MeDiMPipeline.from_pretrained(tiny_run_paths(shared)[0])
+
+
+def _lora_pipe(shared: Path):
+    return _tiny_base(shared).load_lora_weights(_tiny_adapter(shared))
+
+
+def _cli(*argv: str) -> None:
+    from medim.cli import main
+
+    main(list(argv))
+
+
 def _run_report(folder: Path) -> None:
     from medim.cli import main
 
@@ -1081,5 +1161,5 @@ def control_cases() -> list[tuple[Case, str]]:
 def all_cases(shared: Path) -> list[Case]:
     """Every case, in groups (`shared`: where the tiny training run is built once)."""
     return [*generate_option_cases(), *generate_file_cases(), *output_cases(), *score_cases(), *evaluate_cases(),
-            *other_command_cases(), *train_cases(shared), *model_folder_cases(), *checkpoint_cases(),
-            *sampler_cases(), *api_cases(), *process_cases()]
+            *other_command_cases(), *overwrite_cases(shared), *train_cases(shared), *model_folder_cases(),
+            *checkpoint_cases(), *sampler_cases(), *api_cases(), *process_cases()]

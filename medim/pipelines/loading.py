@@ -30,7 +30,9 @@ from medim.utils.hub import (
     HubOptions,
     atomic_directory,
     bundled_model_path,
+    check_replaceable,
     looks_like_a_path,
+    refuse_outside_links,
     resolve_file,
     resolve_snapshot,
 )
@@ -199,17 +201,7 @@ def check_inside(root: Path) -> None:
     tokenizer/ resolves outside the folder (a symlink to another model, to a system file): nothing
     outside a model folder is read, and no outside content reaches an error message. (A Hub
     snapshot is not checked: the cache links its files to blobs, and huggingface_hub fills it.)"""
-    top = root.resolve()
-    for name in (MODEL_INDEX, *PARTS):
-        start = root / name
-        paths = [start]
-        if start.is_dir() and start.resolve().is_relative_to(top):
-            for folder, dirs, files in os.walk(start):
-                paths += [Path(folder) / entry for entry in (*dirs, *files)]
-        for path in paths:
-            if (path.exists() or path.is_symlink()) and not path.resolve().is_relative_to(top):
-                raise ValueError(f"{root}: {path.relative_to(root)} resolves outside the pipeline folder; "
-                                 "refused (a saved pipeline reads only its own files)")
+    refuse_outside_links(root, (MODEL_INDEX, *PARTS), "the pipeline folder")
 
 
 def saved_pipeline_index(repo_or_dir: str | os.PathLike, hub: HubOptions,
@@ -411,23 +403,10 @@ def save_parts(directory: str | os.PathLike, parts: Parts, index: dict[str, Any]
 _ALSO_SAVED = re.compile(r"model/model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?|README\.md")
 
 
-def check_replaceable(target: Path, written: Path) -> None:
+def check_pipeline_replaceable(target: Path, written: Path) -> None:
     """Before `overwrite=True` replaces `target` with the new save `written`: refuse (FileExistsError)
     when `target` is not a saved pipeline (no model_index.json of medim's) or holds files a save
     does not write, naming them; a user's files are never deleted by a save."""
-    if not target.is_dir() or not any(target.iterdir()):
-        return
-    try:
-        index = json.loads((target / MODEL_INDEX).read_text(encoding="utf-8"))
-        ours = isinstance(index, dict) and "_class_name" in index and "_medim_version" in index
-    except (OSError, ValueError):
-        ours = False
-    if not ours:
-        raise FileExistsError(f"{target} is not a saved pipeline (no {MODEL_INDEX} written by medim); overwrite=True "
-                              "replaces only a saved pipeline: choose an empty or new folder")
-    new = {p.relative_to(written).as_posix() for p in written.rglob("*") if p.is_file()}
-    foreign = sorted(rel for p in target.rglob("*") if (p.is_file() or p.is_symlink())
-                     and (rel := p.relative_to(target).as_posix()) not in new and not _ALSO_SAVED.fullmatch(rel))
-    if foreign:
-        raise FileExistsError(f"{target} holds files a save does not write ({', '.join(foreign[:5])}); they are "
-                              "left as they are: move them out, or save to an empty or new folder")
+    check_replaceable(target, written, "a saved pipeline", MODEL_INDEX,
+                      lambda index: isinstance(index, dict) and {"_class_name", "_medim_version"} <= set(index),
+                      also=_ALSO_SAVED)

@@ -351,7 +351,7 @@ class MeDiMPipeline:
             elif info is not None:
                 write_card(self, tmp, info, repo_id=str(save_directory))
             if overwrite:
-                loading.check_replaceable(Path(save_directory).expanduser(), tmp)
+                loading.check_pipeline_replaceable(Path(save_directory).expanduser(), tmp)
         return Path(save_directory).expanduser().resolve()
 
     def push_to_hub(

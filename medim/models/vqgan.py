@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from torch import nn
 from medim import __version__
 from medim.models.taming import Decoder, Encoder, Quantizer
 from medim.utils.checks import check_dtype_device, check_int, check_state_shapes
-from medim.utils.hub import HubOptions, atomic_directory, resolve_file
+from medim.utils.hub import HubOptions, atomic_directory, check_replaceable, resolve_file
 
 __all__ = ["VQGAN", "VQGANConfig"]
 
@@ -407,7 +408,8 @@ class VQGAN(nn.Module, PyTorchModelHubMixin, library_name="medim", tags=["vqgan"
         config: None = None,
     ) -> Path:
         """Write config.json + model.safetensors into `save_directory` atomically; an existing
-        non-empty folder is replaced only with `overwrite=True`. Returns the folder.
+        non-empty folder is replaced only with `overwrite=True`, and only when it is a saved VQGAN
+        holding nothing else (a user's file in it is never deleted). Returns the folder.
 
         No README.md unless `model_card_kwargs` is given (`{}`: the default card), since a VQGAN
         inside a pipeline is described by the pipeline's card; `push_to_hub` always adds one.
@@ -422,6 +424,10 @@ class VQGAN(nn.Module, PyTorchModelHubMixin, library_name="medim", tags=["vqgan"
             self._save_pretrained(tmp)
             if model_card_kwargs is not None:
                 self.generate_model_card(**model_card_kwargs).save(tmp / "README.md")
+            if overwrite:  # a saved VQGAN is replaced; a user's files beside it never are
+                check_replaceable(Path(save_directory).expanduser(), tmp, "a saved VQGAN", "config.json",
+                                  lambda config: isinstance(config, dict) and config.get("_class_name") == "VQGAN",
+                                  also=re.compile(r"README\.md"))
         return Path(save_directory).expanduser().resolve()
 
     def push_to_hub(self, repo_id: str, *, model_card_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> str:

@@ -302,3 +302,15 @@ def test_an_adapter_save_with_overwrite_keeps_a_users_files(tmp_path):
     with pytest.raises(FileExistsError, match="is not an adapter folder"):
         _adapter(tmp_path / "mine", overwrite=True)
     assert (tmp_path / "mine" / "adapter_config.json").read_text() == "my config\n"
+
+
+def test_a_vqgan_save_with_overwrite_keeps_a_users_files(tmp_path):
+    from tests.helpers.vqgan import tiny_model
+
+    folder = tiny_model(seed=1).save_pretrained(tmp_path / "vq")
+    (folder / "notes.txt").write_text("mine\n")
+    with pytest.raises(FileExistsError, match=r"holds files a save does not write \(notes.txt\)"):
+        tiny_model(seed=2).save_pretrained(folder, overwrite=True)
+    assert (folder / "notes.txt").read_text() == "mine\n"
+    (folder / "notes.txt").unlink()
+    tiny_model(seed=2).save_pretrained(folder, overwrite=True)

@@ -51,12 +51,14 @@ def phantom(seed: int, size: int = 64) -> Image.Image:
 
 
 def inputs(folder: Path) -> None:
-    """The valid inputs every case starts from: two prompts, two images, two masks, two reports."""
+    """The valid inputs every case starts from: two prompts, two images (with their reports beside
+    them), two masks, two reports."""
     (folder / "prompts.txt").write_text("A large dense nodule in the right upper zone.\nNo focal lesion.\n")
     (folder / "reports.txt").write_text("A large dense nodule in the right upper zone.\nNo focal lesion.\n")
     (folder / "imgs").mkdir()
-    for i in range(2):
+    for i, report in enumerate(("A large dense nodule in the right upper zone.", "No focal lesion.")):
         phantom(i).save(folder / "imgs" / f"img{i}.png")
+        (folder / "imgs" / f"img{i}.txt").write_text(report + "\n")  # a pair, for `medim cache --dataset folder`
         mask = np.zeros((64, 64), np.uint8)
         mask[:32, : 32 + i * 8] = 255
         Image.fromarray(mask).save(folder / f"mask{i}.png")
@@ -397,7 +399,7 @@ def overwrite_cases(shared: Path) -> Iterator[Case]:
         phantom(5).save(folder / "imgs" / "img0.png")
 
     yield Case("resume", "cache resumed after an image's contents changed", setup_cli(*cache, prepare=cache_changed),
-               names=("img0.png", "changed"), owned=("out/*",))
+               names=("dataset_fingerprint",), owned=("out/*",))
 
     def lora_linked(part: str) -> Callable[[Path], Callable[[], Any]]:
         def setup(folder: Path) -> Callable[[], Any]:

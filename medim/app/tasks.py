@@ -1,6 +1,7 @@
 """What the web app's buttons run: the pipeline's tasks on the values of its widgets, with no Gradio in
 sight, so they are tested as plain functions. Bad inputs raise ValueError or TypeError (the
 pipeline's own, or ours for what only the app knows) before any compute; the app shows them.
+Images arrive decoded by Gradio, or as files it could not decode (`read_upload` names those).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from medim.data.images import load_image
 from medim.data.synthetic import make_pair
+from medim.pipelines.editing import load_mask
 from medim.utils.checks import check_int
 
 __all__ = ["MAX_COUNT", "Sampling", "Progress", "text_to_image", "image_to_report", "generate_pairs", "inpaint",
-           "mask_from_editor", "example_phantoms"]
+           "mask_from_editor", "read_upload", "example_phantoms"]
 
 # Outputs of one click: the app runs on a laptop as well as on a GPU, and every click holds the device.
 MAX_COUNT = 8
@@ -69,6 +72,38 @@ def _text(value: Any, name: str, required: bool) -> str | None:
     return value.strip()
 
 
+def read_upload(path: str | Path, name: str) -> Image.Image:
+    """An uploaded file as an RGB image (any format PIL reads, or DICOM); a file that is not one
+    raises ValueError calling it `name` (its name on the user's machine, not the server's copy).
+
+    Example:
+        >>> read_upload("/tmp/gradio/3f2a/chest.dcm", "chest.dcm").mode  # doctest: +SKIP
+        'RGB'
+    """
+    try:
+        return load_image(Path(path))
+    except (ValueError, OSError) as e:
+        raise ValueError(f"the uploaded file {name!r} cannot be read as an image: "
+                         f"{str(e).replace(str(path), repr(name))}") from None
+
+
+def _image(value: Any, name: str) -> Image.Image:
+    """A widget's image (PIL, array or path) as an RGB image, decoded now: a truncated file fails
+    here, naming `name`, and not inside the model."""
+    if value is None:
+        raise ValueError(f"no {name}: upload one or pick an example phantom")
+    if isinstance(value, (str, Path)):
+        return read_upload(value, Path(value).name)
+    if not isinstance(value, (Image.Image, np.ndarray)):
+        raise TypeError(f"the {name} must be an image, got {type(value).__name__}")
+    try:
+        if isinstance(value, Image.Image):
+            value.load()
+        return load_image(value, f"the {name}")
+    except OSError as e:  # PIL decodes lazily: "image file is truncated"
+        raise ValueError(f"the {name} cannot be decoded: {e}") from None
+
+
 def _steps(pipe: Any, sampling: Sampling) -> int:
     """Steps the progress bar counts (one chunk: the app samples all outputs of a click at once)."""
     steps = sampling.num_inference_steps
@@ -88,8 +123,7 @@ def text_to_image(pipe: Any, report: Any, count: Any, sampling: Sampling,
 def image_to_report(pipe: Any, image: Any, prompt: Any, sampling: Sampling,
                     progress: Progress | None = None) -> str:
     """The report of one image; a `prompt` is the beginning the report keeps."""
-    if image is None:
-        raise ValueError("no image: upload one or pick an example phantom")
+    image = _image(image, "image")
     out = pipe.image_to_report([image], prompt=_text(prompt, "prompt", required=False),
                                **sampling.kwargs(progress, _steps(pipe, sampling)))
     return out.reports[0]
@@ -105,27 +139,45 @@ def generate_pairs(pipe: Any, prompt: Any, count: Any, sampling: Sampling,
     return list(zip(out.images, out.reports))
 
 
+def _layer_mask(layer: Any, size: tuple[int, int]) -> np.ndarray:
+    """Where one editor layer is painted: its alpha > 0 (the strokes, whatever their colour), or for
+    a layer without alpha, `load_mask`'s rule (white). A layer of another size than the image is
+    refused: it cannot say which pixels it covers."""
+    if isinstance(layer, np.ndarray):
+        try:
+            layer = Image.fromarray(np.ascontiguousarray(layer))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"a painted layer is not an image: array of shape {list(layer.shape)} and dtype "
+                             f"{layer.dtype} ({e})") from None
+    if not isinstance(layer, Image.Image):
+        raise TypeError(f"a painted layer must be an image, got {type(layer).__name__}")
+    if layer.size != size:
+        raise ValueError(f"a painted layer is {layer.width}x{layer.height} but the image is {size[0]}x{size[1]}: "
+                         "paint on the image itself")
+    try:
+        if layer.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in layer.info:
+            return np.asarray(layer.convert("RGBA"))[:, :, 3] > 0
+        return load_mask(layer, "a painted layer")
+    except OSError as e:
+        raise ValueError(f"a painted layer cannot be decoded: {e}") from None
+
+
 def mask_from_editor(value: Any) -> tuple[Image.Image, Image.Image]:
     """The image and the drawn region of an image editor's value (`{"background", "layers",
-    "composite"}`): the mask is white where any layer was painted."""
+    "composite"}`): the mask is set where any layer was painted (`_layer_mask`)."""
     if not isinstance(value, Mapping) or value.get("background") is None:
         raise ValueError("no image: upload one or pick an example phantom, then paint the region to redraw")
-    background = value["background"]
-    if not isinstance(background, Image.Image):
-        background = Image.fromarray(np.asarray(background))
+    background = _image(value["background"], "image")
+    layers = value.get("layers") or []
+    if not isinstance(layers, (list, tuple)):
+        raise TypeError(f"the painted layers must be a list of images, got {type(layers).__name__}")
     painted = np.zeros((background.height, background.width), dtype=bool)
-    for layer in value.get("layers") or []:
-        if layer is None:
-            continue
-        alpha = np.asarray(layer.convert("RGBA") if isinstance(layer, Image.Image) else layer)
-        if alpha.ndim == 3 and alpha.shape[2] == 4 and alpha.shape[:2] != painted.shape:
-            raise ValueError(f"a painted layer is {alpha.shape[1]}x{alpha.shape[0]} but the image is "
-                             f"{painted.shape[1]}x{painted.shape[0]}: paint on the image itself")
-        if alpha.ndim == 3 and alpha.shape[2] == 4:
-            painted |= alpha[:, :, 3] > 0  # the rule of medim.pipelines.editing.load_mask for masks with alpha
+    for layer in layers:
+        if layer is not None:
+            painted |= _layer_mask(layer, background.size)
     if not painted.any():
         raise ValueError("nothing painted: paint the region of the image to redraw")
-    return background.convert("RGB"), Image.fromarray(painted.astype(np.uint8) * 255, mode="L")
+    return background, Image.fromarray(painted.astype(np.uint8) * 255, mode="L")
 
 
 def inpaint(pipe: Any, editor: Any, report: Any, grow: Any, sampling: Sampling,

@@ -1,6 +1,7 @@
 """The Gradio page: one tab per task (and inpainting when the pipeline has it), the sampler controls,
 a progress bar fed by the pipeline's step callback, one queue for the device, and bad inputs shown
-as messages.
+as messages: those the tasks refuse, and those Gradio cannot even read (an upload that is not an
+image, text where a number goes), which `_guard` words instead of Gradio's generic error.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from medim.app import tasks
 from medim.diffusion.config import MAX_STEPS, STRATEGIES
+from medim.utils.errors import REPORT_BUGS
 
 __all__ = ["require_gradio", "build_app", "launch_options", "QUEUE"]
 
@@ -45,7 +48,48 @@ def _theme(gr):
 def launch_options() -> dict[str, Any]:
     """What `Blocks.launch` takes besides the address (Gradio 6 reads theme and CSS there)."""
     gr = require_gradio()
-    return dict(theme=_theme(gr), css=CSS, footer_links=[], show_error=False)
+    # show_error: what Gradio itself refuses before our checks run (a value of the wrong JSON type
+    # through the API) is shown as its message rather than "has not enabled verbose error reporting".
+    return dict(theme=_theme(gr), css=CSS, footer_links=[], show_error=True)
+
+
+def _error(gr, message: str):
+    return gr.Error(html.escape(message, quote=False), title="Cannot run this", print_exception=False)
+
+
+def _files(payload: Any) -> list[Any]:
+    """The uploaded files (Gradio `FileData`) of an image's or an image editor's payload."""
+    parts = [payload] if hasattr(payload, "path") else [getattr(payload, "background", None),
+                                                          *(getattr(payload, "layers", None) or [])]
+    return [f for f in parts if getattr(f, "path", None)]
+
+
+def _guard(gr, component: Any, kind: str) -> Any:
+    """`component` whose reading of a value (Gradio's `preprocess`) says what is wrong when it fails:
+    `kind` "number" names the value; "image" names the upload that is not an image (and reads a
+    file Gradio cannot but medim can, such as a DICOM, itself)."""
+    read = component.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        try:
+            return read(payload)
+        except gr.Error:
+            raise
+        except Exception as e:
+            if kind == "number":
+                raise _error(gr, f"{component.label} must be a number, got {payload!r}") from None
+            for upload in _files(payload):
+                name = getattr(upload, "orig_name", None) or Path(upload.path).name
+                try:
+                    image = tasks.read_upload(upload.path, name)
+                except ValueError as unreadable:
+                    raise _error(gr, f"{component.label}: {unreadable}") from None
+                if upload is payload and component.type == "pil":
+                    return image  # one image Gradio cannot decode but medim can
+            raise _error(gr, f"{component.label}: the upload cannot be read ({type(e).__name__}: {e})") from None
+
+    component.preprocess = preprocess
+    return component
 
 
 def _runner(gr, pipe: Any, task: Callable[..., Any], shown: Callable[[Any], Any] = lambda result: result):
@@ -61,8 +105,11 @@ def _runner(gr, pipe: Any, task: Callable[..., Any], shown: Callable[[Any], Any]
             warnings.simplefilter("always")
             try:
                 result = task(pipe, *inputs, sampling, lambda done, total: progress((done, total), unit="steps"))
-            except (ValueError, TypeError) as e:
-                raise gr.Error(html.escape(str(e)), title="Cannot run this", print_exception=False) from None
+            except (ValueError, TypeError, OSError) as e:
+                raise _error(gr, str(e)) from None
+            except Exception as e:  # a bug: said so, with its traceback in the server's log
+                raise gr.Error(html.escape(f"unexpected {type(e).__name__}: {e}. This is a bug in medim: please "
+                                           f"report it at {REPORT_BUGS}"), title="Something went wrong") from e
         for w in caught:
             if issubclass(w.category, UserWarning):
                 gr.Warning(html.escape(str(w.message)))
@@ -81,10 +128,12 @@ def _sampler_controls(gr, defaults: Any) -> list[Any]:
     steps = defaults.num_inference_steps
     with gr.Accordion("Sampler", open=True), gr.Row():
         return [
-            gr.Slider(1, min(MAX_STEPS, max(256, steps)), value=steps, step=1, label="Steps", elem_id="steps"),
-            gr.Number(value=defaults.guidance_scale, label="Guidance scale (0 = off)", elem_id="guidance"),
+            _guard(gr, gr.Slider(1, min(MAX_STEPS, max(256, steps)), value=steps, step=1, label="Steps",
+                                 elem_id="steps"), "number"),
+            _guard(gr, gr.Number(value=defaults.guidance_scale, label="Guidance scale (0 = off)", elem_id="guidance"),
+                   "number"),
             gr.Dropdown(list(STRATEGIES), value=defaults.strategy, label="Strategy", elem_id="strategy"),
-            gr.Number(value=0, precision=0, label="Seed", elem_id="seed"),
+            _guard(gr, gr.Number(value=0, precision=0, label="Seed", elem_id="seed"), "number"),
         ]
 
 
@@ -94,7 +143,8 @@ def _text_to_image_tab(gr, pipe: Any, controls: list[Any]) -> None:
             with gr.Column():
                 report = gr.Textbox(label="Report", lines=4, elem_id="t2i-report",
                                     placeholder="A large dense nodule in the right upper zone.")
-                count = gr.Slider(1, tasks.MAX_COUNT, value=2, step=1, label="Images", elem_id="t2i-count")
+                count = _guard(gr, gr.Slider(1, tasks.MAX_COUNT, value=2, step=1, label="Images", elem_id="t2i-count"),
+                               "number")
                 go = gr.Button("Generate", variant="primary", elem_id="t2i-run")
             images = gr.Gallery(label="Images", format="png", columns=4, elem_id="t2i-images",
                                 elem_classes="medim-out", object_fit="contain", height=320)
@@ -108,8 +158,8 @@ def _image_to_report_tab(gr, pipe: Any, controls: list[Any], phantoms: list[tupl
                            render=False)
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="i2r-image",
-                                 elem_classes="medim-out", height=320)
+                image = _guard(gr, gr.Image(type="pil", label="Image", sources=["upload", "clipboard"],
+                                            elem_id="i2r-image", elem_classes="medim-out", height=320), "image")
                 gr.Examples([[str(p), r] for p, r in phantoms], [image, truth], label="Example phantoms",
                             elem_id="i2r-examples")
             with gr.Column():
@@ -127,7 +177,8 @@ def _pairs_tab(gr, pipe: Any, controls: list[Any]) -> None:
             with gr.Column():
                 opener = gr.Textbox(label="Reports begin with (may be empty)", value="Frontal chest radiograph.",
                                     elem_id="pairs-prompt")
-                count = gr.Slider(1, tasks.MAX_COUNT, value=4, step=1, label="Pairs", elem_id="pairs-count")
+                count = _guard(gr, gr.Slider(1, tasks.MAX_COUNT, value=4, step=1, label="Pairs", elem_id="pairs-count"),
+                               "number")
                 go = gr.Button("Generate pairs", variant="primary", elem_id="pairs-run")
                 listed = gr.Textbox(label="Their reports", lines=5, interactive=False, elem_id="pairs-reports")
             pairs = gr.Gallery(label="Pairs", format="png", columns=2, elem_id="pairs-images",
@@ -139,15 +190,17 @@ def _pairs_tab(gr, pipe: Any, controls: list[Any]) -> None:
 def _inpaint_tab(gr, pipe: Any, controls: list[Any], phantoms: list[tuple[Any, str]]) -> None:
     with gr.Tab("Inpainting", id="inpaint"), gr.Row():
         with gr.Column():
-            editor = gr.ImageEditor(type="pil", label="Paint the region to redraw", sources=["upload"],
-                                    elem_id="inpaint-editor", height=360, layers=False,
-                                    brush=gr.Brush(colors=["#ff3b30"], color_mode="fixed",
-                                                   default_size=max(2, pipe.image_resolution // 12)))
+            editor = _guard(gr, gr.ImageEditor(type="pil", label="Paint the region to redraw", sources=["upload"],
+                                               elem_id="inpaint-editor", height=360, layers=False,
+                                               brush=gr.Brush(colors=["#ff3b30"], color_mode="fixed",
+                                                              default_size=max(2, pipe.image_resolution // 12))),
+                            "image")
             gr.Examples([[str(p)] for p, _ in phantoms], [editor], label="Example phantoms",
                         elem_id="inpaint-examples")
             wanted = gr.Textbox(label="Report of the result (empty: written with the region)", lines=3,
                                 elem_id="inpaint-report")
-            grow = gr.Slider(0, 3, value=0, step=1, label="Grow the region by (codes)", elem_id="inpaint-grow")
+            grow = _guard(gr, gr.Slider(0, 3, value=0, step=1, label="Grow the region by (codes)",
+                                        elem_id="inpaint-grow"), "number")
             go = gr.Button("Redraw", variant="primary", elem_id="inpaint-run")
         with gr.Column():
             redrawn = gr.Image(type="pil", label="Result", interactive=False, elem_id="inpaint-image",

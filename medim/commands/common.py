@@ -2,7 +2,8 @@
 `--token`); the pipeline to load (`--model`, `--loader`, `--device`, `--dtype`), checked before it
 loads and loaded the one way every command does; the sampler options, named as the `SamplerConfig`
 fields they set; a help formatter that states each default once; expanding `--images`-style glob
-patterns; and reading a UTF-8 file of one text a line.
+patterns; reading a UTF-8 file of one text a line; and the rule for a result file (`--out`,
+`--output`): written over only when it is a result medim wrote.
 
 Nothing here imports torch at module level: every command's parser is built for `medim --help`.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -109,7 +111,7 @@ class PipelineSpec:
     fuse_lora: bool = False
 
 
-def _device(text: str | None, *, local_rank: int, world_size: int) -> torch.device:
+def device_option(text: str | None, *, local_rank: int = 0, world_size: int = 1) -> torch.device:
     """--device parsed and checked; under torchrun a bare "cuda" is the GPU of the process's LOCAL_RANK."""
     import torch
 
@@ -173,7 +175,7 @@ def pipeline_spec(args: argparse.Namespace, command: str, *, local_rank: int = 0
 
     from medim.pipelines.loading import detect_loader
 
-    device = _device(args.device, local_rank=local_rank, world_size=world_size)
+    device = device_option(args.device, local_rank=local_rank, world_size=world_size)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         loader = detect_loader(args.model, loader=args.loader, hub=hub)
@@ -277,3 +279,35 @@ def read_lines(path: Path, option: str, what: str = "prompt") -> list[str]:
         raise SystemExit(f"{option}: {path} holds no {what}")
     return lines
 
+
+
+# Every result file of `medim score` / `medim evaluate` is JSON carrying this key (on each line of
+# JSON lines, first in an object; a CSV starts with medim's own header row): how a file named as an
+# output is known to be one medim may replace.
+RESULT_KEY = "medim"
+
+
+def check_output_file(path: str | os.PathLike, option: str, csv_header: str | None = None) -> Path:
+    """`path` as a file a command may write: refuses a folder, or a file that holds something medim
+    did not write (a previous result of medim's is replaced); checked before any compute."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{option}: {path} is a folder; name the file to write")
+    if path.exists() and not _medim_result(path, csv_header):
+        raise ValueError(f"{option}: {path} exists and is not a result medim wrote; it is left as it is: "
+                         "name a new file (or remove it)")
+    return path
+
+
+def _medim_result(path: Path, csv_header: str | None) -> bool:
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 20).decode("utf-8").strip()
+            if csv_header is not None:
+                return first == csv_header
+            if first == "{":  # indented JSON: its first key
+                first = "{" + f.readline(1 << 20).decode("utf-8").strip().rstrip(",") + "}"
+        row = json.loads(first)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(row, dict) and RESULT_KEY in row

@@ -6,7 +6,8 @@
 - `vqgan`: a taming `vqgan.ckpt` (+ `vqgan.yaml`) -> config.json + model.safetensors.
 
 Outputs are safetensors and JSON only, written atomically; an existing non-empty `--out` is replaced
-only with `--overwrite`, and that is checked before anything is loaded.
+only with `--overwrite` and only when it is a previous output holding nothing else (a user's file
+is never deleted), checked before anything is loaded.
 
 Example:
     medim convert original --checkpoint JiaMao/medim_ckpts --dtype bfloat16 --out medim-v1
@@ -52,7 +53,8 @@ def _image_offset(text: str) -> int | None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.formatter_class = HelpFormatter
     p.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous output in --out (a folder holding other files is refused)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="weight dtype of the written files (the VQGAN codebook always stays float32)")
     p.add_argument("--device", default="cpu", help="torch device to convert on (the output is the same)")
@@ -118,18 +120,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(p)
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    """Refuse before any loading, not after minutes of it (save_pretrained checks again)."""
+# What each conversion writes at the top of --out: --overwrite replaces only such a folder.
+WRITES = {"vqgan": ("config.json", {"config.json", "model.safetensors", "README.md"}),
+          "pipeline": ("model_index.json", {"model_index.json", "README.md", "model", "vqgan", "tokenizer"})}
+
+
+def _check_out(out: Path, overwrite: bool, kind: str) -> None:
+    """Refuse before any loading, not after minutes of it (save_pretrained checks again, file by
+    file): a non-empty --out without --overwrite, or with it one that is not a previous output
+    (its `marker` missing, or other names beside it)."""
     if out.exists() and not out.is_dir():
         raise SystemExit(f"--out: {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise SystemExit(f"--out: {out} is not empty; pass --overwrite to replace it")
+    marker, names = WRITES[kind]
+    if out.is_dir() and any(out.iterdir()):
+        other = sorted(p.name for p in out.iterdir() if p.name not in names)
+        if other or not (out / marker).is_file():
+            found = ", ".join(other) or f"no {marker}"
+            raise SystemExit(f"--out: {out} is not a previous output of medim convert ({found}); --overwrite replaces "
+                             "only such a folder: move the files out or choose another --out")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    _check_out(args.out, args.overwrite)
+    _check_out(args.out, args.overwrite, "vqgan" if args.source == "vqgan" else "pipeline")
     dtype = getattr(torch, args.dtype)
     hub = hub_options(args).kwargs()
     if args.source == "vqgan":

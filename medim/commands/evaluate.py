@@ -14,8 +14,10 @@ import logging
 import re
 from pathlib import Path
 
-from medim.commands.common import add_hub_arguments, hub_options
+from medim.commands.common import RESULT_KEY, add_hub_arguments, check_output_file, device_option, hub_options
 from medim.commands.manifest import is_header
+
+CSV_HEADER = "image,score,answer"  # the first row of `evaluate pairs --csv`
 
 HELP = "score generated reports (BLEU/ROUGE/METEOR/CIDEr-D) or images (FID, IS, VLM-judged pair match)"
 
@@ -158,7 +160,9 @@ def _add_clinical_arguments(rep: argparse.ArgumentParser) -> None:
 
 
 def _clinical_options(args) -> tuple[list[str] | None, dict]:
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics is not None else None
+    if metrics == []:
+        raise ValueError(f"--metrics {args.metrics!r} names no metric; leave it out for the protocol's")
     chexbert = {"weights": args.chexbert_weights, "tokenizer": args.chexbert_tokenizer, "device": args.device}
     radgraph = {"model_dir": args.radgraph_dir, "model_type": args.radgraph_model, "device": args.device}
     clinical = {
@@ -264,12 +268,12 @@ def read_pairs(folder: str | Path) -> tuple[list[Path], list[str], list[str]]:
     return images, texts, names
 
 
-def _write(result: dict, output: str | None) -> None:
+def _write(result: dict, output: str | None, what: str) -> None:
     if output:
         from medim.utils.hub import atomic_file
 
-        with atomic_file(output) as f:
-            json.dump(result, f, indent=2)
+        with atomic_file(output) as f:  # the key first: how a later run knows the file is medim's
+            json.dump({RESULT_KEY: f"evaluate {what}", **result}, f, indent=2)
         print(f"wrote {output}")
 
 
@@ -303,7 +307,7 @@ def _run_reports(args) -> int:
     )
     for note in out.notes:
         print(f"note: {note}")
-    _write(result, args.output)
+    _write(result, args.output, "reports")
     return 0
 
 
@@ -318,7 +322,7 @@ def _run_fid(args) -> int:
     print(f"{label} {out.fid:.4f}  (N real {out.num_real}, N generated {out.num_generated}, {out.extractor})")
     result = out.to_dict()
     result["features"] = args.features
-    _write(result, args.output)
+    _write(result, args.output, "fid")
     return 0
 
 
@@ -328,7 +332,7 @@ def _run_diversity(args) -> int:
     out = ms_ssim_diversity(args.images, size=args.size, max_pairs=args.max_pairs, seed=args.seed)
     print(f"MS-SSIM {out.ms_ssim:.4f} +- {out.std:.4f}  ({out.num_pairs} pairs of {out.num_images} images, "
           f"{out.size}x{out.size}; lower is more diverse)")
-    _write(out.to_dict(), args.output)
+    _write(out.to_dict(), args.output, "diversity")
     return 0
 
 
@@ -340,7 +344,7 @@ def _run_is(args) -> int:
     )
     print(f"IS {out.mean:.4f} +- {out.std:.4f}  ({out.num_scored} of {out.num_images} images, "
           f"{out.splits} splits, {out.classifier})")
-    _write(out.to_dict(), args.output)
+    _write(out.to_dict(), args.output, "is")
     return 0
 
 
@@ -364,11 +368,11 @@ def _run_pairs(args) -> int:
     print(f"pair match {mean}  ({out.num_scored} of {out.num_pairs} pairs scored, judge {out.judge})")
     result = out.to_dict(per_pair=False)
     result["dir"] = str(args.dir)
-    _write(result, args.output)
+    _write(result, args.output, "pairs")
     if csv_path:
         with atomic_file(csv_path, "w") as f:
             writer = csv.writer(f)
-            writer.writerow(["image", "score", "answer"])
+            writer.writerow(CSV_HEADER.split(","))
             writer.writerows([n, "" if s is None else s, a] for n, s, a in zip(names, out.scores, out.answers))
         print(f"wrote {csv_path}")
     return 0
@@ -377,8 +381,12 @@ def _run_pairs(args) -> int:
 def run(args: argparse.Namespace) -> int:
     for option in ("output", "csv"):  # checked before any compute
         path = getattr(args, option, None)
-        if path and Path(path).expanduser().is_dir():
-            raise ValueError(f"--{option}: {path} is a folder; name the file to write")
+        if path:
+            check_output_file(path, f"--{option}", CSV_HEADER if option == "csv" else None)
+    if getattr(args, "device", None):
+        device_option(args.device)  # a device torch does not know or this machine lacks, before any compute
+    if args.what == "pairs" and args.output and not args.csv:  # the CSV beside --output
+        check_output_file(Path(args.output).with_suffix(".csv"), "--output (its .csv)", CSV_HEADER)
     runners = {
         "reports": _run_reports, "fid": _run_fid, "diversity": _run_diversity, "is": _run_is, "pairs": _run_pairs,
     }

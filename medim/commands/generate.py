@@ -280,6 +280,9 @@ def _generate(args: argparse.Namespace, pipe, chunk: list[int], entries: list[di
             entry["report"] = f"{i:06d}.txt"
             with atomic_file(args.out / entry["report"]) as f:
                 f.write(out.reports[k] + "\n")
+        # Sizes as written: a resume remakes a file cut short or replaced since (manifest.whole).
+        entry["bytes"] = {entry[key]: (args.out / entry[key]).stat().st_size for key in ("image", "report")
+                          if key in entry}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -149,14 +149,17 @@ def _check_folder(out: Path) -> None:
 
 
 def _missing_outputs(out: Path, entries: dict[int, dict]) -> list[int]:
-    """The finished samples whose files are gone or empty: they are made again."""
+    """The finished samples whose files are gone, empty, or of another size than written (cut short
+    or replaced since): they are made again."""
     missing = []
     for index, entry in entries.items():
         names = [entry[key] for key in ("image", "report") if key in entry]
-        bad = [name for name in names if not (out / name).is_file() or (out / name).stat().st_size == 0]
+        written = entry.get("bytes") or {}
+        bad = [name for name in names if not (out / name).is_file() or (out / name).stat().st_size == 0
+               or (out / name).stat().st_size != written.get(name, (out / name).stat().st_size)]
         if bad:
-            logger.warning("%s: sample %d listed as finished but %s missing or empty; made again", out, index,
-                           ", ".join(bad))
+            logger.warning("%s: sample %d listed as finished but %s missing, empty or not as written; made again",
+                           out, index, ", ".join(bad))
             missing.append(index)
     return missing
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from medim.commands.common import (
     HelpFormatter,
     add_pipeline_arguments,
+    check_output_file,
     expand_globs,
     load_pipeline,
     pipeline_spec,
@@ -80,12 +81,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.rank and len(images) != len(reports):
         raise SystemExit(f"{len(images)} images but {len(reports)} reports: pairs need as many of each "
                          "(or use --rank to score every image with every report)")
-    if args.out.is_dir():
-        raise SystemExit(f"--out: {args.out} is a folder; give a file name")
+    check_output_file(args.out, "--out")
     pipe = load_pipeline(pipeline_spec(args, "medim score"))
     options = dict(direction=direction, num_samples=args.num_samples, batch_size=args.batch_size,
                    generator=torch.Generator().manual_seed(args.seed))
-    settings = dict(model=args.model, direction=direction, num_samples=args.num_samples, seed=args.seed)
+    settings = dict(medim="score", model=args.model, direction=direction, num_samples=args.num_samples,
+                    seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.rank:
         matrix = pipe.rank(images, reports, estimator=args.estimator, **options)
@@ -97,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     out = pipe.score(images, reports, **options)
     with atomic_file(args.out) as f:
         for i, (path, report) in enumerate(zip(images, reports)):
-            f.write(json.dumps({"index": i, "image": path, "report": report, "score": out.scores[i].item(),
+            f.write(json.dumps({"medim": "score", "index": i, "image": path, "report": report,
+                                "score": out.scores[i].item(),
                                 "per_token": out.per_token[i].item(), "num_tokens": int(out.num_tokens[i]),
                                 "stderr": out.stderr[i].item(), **settings}) + "\n")
     print(f"{len(images)} pair scores in {args.out}")

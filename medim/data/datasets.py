@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
@@ -114,6 +115,18 @@ class PairedDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    @property
+    def fingerprint(self) -> dict[str, str]:
+        """What a token cache records to refuse resuming on other data (`medim.data.cache`): sha256
+        over every record's id, report and image file size. Sizes, not contents: one stat per image
+        rather than a second read of the dataset (an image replaced by one of exactly its size
+        passes)."""
+        digest = hashlib.sha256()
+        for record in self.records:
+            size = record.image_path.stat().st_size if record.image_path.is_file() else None
+            digest.update(json.dumps([record.id, record.report, size]).encode() + b"\n")
+        return {"records": digest.hexdigest()}
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]

@@ -46,7 +46,8 @@ class SamplerConfig:
             least `min_per_step`; stops early when done) or "ddpm" (MDLM ancestral update).
         schedule: maskgit's commit-count schedule: "arccos" (release), "cosine", "linear".
         noise_schedule: the schedule giving the sigma fed to the model (a name of
-            `medim.diffusion.SCHEDULES` or a `NoiseSchedule`).
+            `medim.diffusion.SCHEDULES`, a `NoiseSchedule`, or a mapping `{"name": ..., **options}`
+            as model_index.json stores it, made into its schedule).
         confidence_temperature: maskgit's Gumbel noise on the confidence, times t (release 10).
         threshold, min_per_step: the threshold strategy's settings.
         guidance_scale: classifier-free guidance weight w (0 = off); `guidance_schedule`
@@ -70,7 +71,7 @@ class SamplerConfig:
     num_inference_steps: int = 128
     strategy: str = "maskgit"
     schedule: str = "arccos"
-    noise_schedule: str | NoiseSchedule = "loglinear"
+    noise_schedule: str | NoiseSchedule | Mapping[str, Any] = "loglinear"
     confidence_temperature: float = 10.0
     threshold: float = 0.9
     min_per_step: int = 1
@@ -88,7 +89,14 @@ class SamplerConfig:
         for name, accepted in (("strategy", STRATEGIES), ("schedule", COMMIT_SCHEDULES),
                                ("guidance_schedule", GUIDANCE_SCHEDULES), ("order", ORDERS)):
             check_choice(getattr(self, name), name, accepted)
-        if not isinstance(self.noise_schedule, NoiseSchedule) and self.noise_schedule not in SCHEDULES:
+        if isinstance(self.noise_schedule, Mapping):  # as model_index.json stores it: {"name": ..., **options}
+            params = dict(self.noise_schedule)
+            try:
+                object.__setattr__(self, "noise_schedule", get_schedule(params.pop("name", None), **params))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"noise_schedule: {e}") from None
+        if not isinstance(self.noise_schedule, NoiseSchedule) and (not isinstance(self.noise_schedule, str)
+                                                                   or self.noise_schedule not in SCHEDULES):
             raise ValueError(f"noise_schedule must be one of {sorted(SCHEDULES)} or a NoiseSchedule, "
                              f"got {self.noise_schedule!r}")
         for name in ("guidance_scale", "confidence_temperature", "temperature"):
@@ -133,11 +141,7 @@ class SamplerConfig:
         """Build from `to_dict()` output (or any subset of the fields: the rest keep their defaults)."""
         if not isinstance(d, Mapping):
             raise ValueError(f"sampler settings must be a mapping of option names, got {type(d).__name__}")
-        d = dict(d)
-        if isinstance(d.get("noise_schedule"), Mapping):
-            params = dict(d["noise_schedule"])
-            d["noise_schedule"] = get_schedule(params.pop("name", None), **params)
-        return cls().replace(**d)
+        return cls().replace(**d)  # a noise_schedule mapping becomes its schedule in __post_init__
 
 
 # The released MeDiM's sampler: MaskGIT with the arccos commit schedule, 128 steps, confidence

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from torch import nn
 from medim import __version__
 from medim.models.taming import Decoder, Encoder, Quantizer
 from medim.utils.checks import check_dtype_device, check_int, check_state_shapes
-from medim.utils.hub import HubOptions, atomic_directory, resolve_file
+from medim.utils.hub import HubOptions, atomic_directory, check_replaceable, resolve_file
 
 __all__ = ["VQGAN", "VQGANConfig"]
 
@@ -117,15 +118,20 @@ class VQGANConfig:
     def from_taming(cls, source: str | os.PathLike | dict[str, Any]) -> VQGANConfig:
         """Read a taming yaml (a path, or its parsed dict) as written upstream:
         `model.params.{embed_dim, n_embed, ddconfig}`; the `params` level alone also works."""
+        what = "taming config"
         if not isinstance(source, dict):
-            with open(source) as f:
-                source = yaml.safe_load(f)
+            what = f"taming config {source}"
+            try:
+                with open(source, encoding="utf-8") as f:
+                    source = yaml.safe_load(f)
+            except (UnicodeDecodeError, yaml.YAMLError) as e:
+                raise ValueError(f"{what} is not a YAML file: {' '.join(str(e).split())}") from None
         if not isinstance(source, dict):
-            raise ValueError(f"taming config must be a mapping, got {type(source).__name__}")
+            raise ValueError(f"{what} must be a mapping, got {type(source).__name__}")
         params = source.get("model", source)
-        params = params.get("params", params)
-        if "ddconfig" not in params:
-            raise ValueError("taming config has no model.params.ddconfig section")
+        params = params.get("params", params) if isinstance(params, dict) else params
+        if not isinstance(params, dict) or not isinstance(params.get("ddconfig"), dict):
+            raise ValueError(f"{what} has no model.params.ddconfig section")
         fields = {f.name for f in dataclasses.fields(cls)}
         # ddconfig also carries keys a VQModel ignores (e.g. give_pre_end): keep only ours.
         kwargs = {k: v for k, v in params["ddconfig"].items() if k in fields}
@@ -402,7 +408,8 @@ class VQGAN(nn.Module, PyTorchModelHubMixin, library_name="medim", tags=["vqgan"
         config: None = None,
     ) -> Path:
         """Write config.json + model.safetensors into `save_directory` atomically; an existing
-        non-empty folder is replaced only with `overwrite=True`. Returns the folder.
+        non-empty folder is replaced only with `overwrite=True`, and only when it is a saved VQGAN
+        holding nothing else (a user's file in it is never deleted). Returns the folder.
 
         No README.md unless `model_card_kwargs` is given (`{}`: the default card), since a VQGAN
         inside a pipeline is described by the pipeline's card; `push_to_hub` always adds one.
@@ -417,6 +424,10 @@ class VQGAN(nn.Module, PyTorchModelHubMixin, library_name="medim", tags=["vqgan"
             self._save_pretrained(tmp)
             if model_card_kwargs is not None:
                 self.generate_model_card(**model_card_kwargs).save(tmp / "README.md")
+            if overwrite:  # a saved VQGAN is replaced; a user's files beside it never are
+                check_replaceable(Path(save_directory).expanduser(), tmp, "a saved VQGAN", "config.json",
+                                  lambda config: isinstance(config, dict) and config.get("_class_name") == "VQGAN",
+                                  also=re.compile(r"README\.md"))
         return Path(save_directory).expanduser().resolve()
 
     def push_to_hub(self, repo_id: str, *, model_card_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> str:

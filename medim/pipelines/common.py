@@ -28,12 +28,14 @@ from medim.models.medim import MeDiMModel
 from medim.models.vqgan import VQGAN
 from medim.utils.checks import check_choice, check_int
 
-__all__ = ["MeDiMOutput", "Runtime", "RunSettings", "GeneratorInput", "StepCallback", "OUTPUT_TYPES", "check_text",
-           "check_prompts", "check_report_lengths",
-           "check_image_size", "run_settings", "sampler_settings", "row_generators", "run_chunks",
-           "per_image", "image_list", "encode_images", "decode_images", "shown_inputs"]
+__all__ = ["MAX_OUTPUTS", "MeDiMOutput", "Runtime", "RunSettings", "GeneratorInput", "StepCallback", "OUTPUT_TYPES",
+           "check_text", "check_prompts", "check_report_lengths", "check_image_size", "run_settings", "sampler_settings",
+           "row_generators", "run_chunks", "per_image", "image_list", "encode_images", "decode_images", "shown_inputs"]
 
 OUTPUT_TYPES = ("pil", "pt", "tokens")
+# Outputs of one task call: they are all held in memory at once (a bound, not a budget: 65536 images
+# of 64 px take ~0.8 GB); `medim generate` makes any number, writing each batch to disk.
+MAX_OUTPUTS = 65536
 
 GeneratorInput = torch.Generator | Sequence[torch.Generator] | None
 StepCallback = Callable[[int, float, torch.Tensor], None]
@@ -158,6 +160,9 @@ def run_settings(defaults: SamplerConfig, rows: int, *, num_inference_steps: int
                  options: Mapping[str, Any]) -> RunSettings:
     """The options every sampling task takes, checked for a call making `rows` outputs (the
     generator once here: one, or one per output)."""
+    if rows > MAX_OUTPUTS:
+        raise ValueError(f"{rows} outputs in one call; at most {MAX_OUTPUTS} (they are all held in memory): "
+                         "call again for more, or use `medim generate`, which writes any number to disk")
     check_int(batch_size, "batch_size", minimum=1, allow_none=True)
     check_choice(output_type, "output_type", OUTPUT_TYPES)
     check_generator(generator, rows)

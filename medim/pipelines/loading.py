@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,9 @@ from medim.utils.hub import (
     HubOptions,
     atomic_directory,
     bundled_model_path,
+    check_replaceable,
     looks_like_a_path,
+    refuse_outside_links,
     resolve_file,
     resolve_snapshot,
 )
@@ -198,17 +201,7 @@ def check_inside(root: Path) -> None:
     tokenizer/ resolves outside the folder (a symlink to another model, to a system file): nothing
     outside a model folder is read, and no outside content reaches an error message. (A Hub
     snapshot is not checked: the cache links its files to blobs, and huggingface_hub fills it.)"""
-    top = root.resolve()
-    for name in (MODEL_INDEX, *PARTS):
-        start = root / name
-        paths = [start]
-        if start.is_dir() and start.resolve().is_relative_to(top):
-            for folder, dirs, files in os.walk(start):
-                paths += [Path(folder) / entry for entry in (*dirs, *files)]
-        for path in paths:
-            if (path.exists() or path.is_symlink()) and not path.resolve().is_relative_to(top):
-                raise ValueError(f"{root}: {path.relative_to(root)} resolves outside the pipeline folder; "
-                                 "refused (a saved pipeline reads only its own files)")
+    refuse_outside_links(root, (MODEL_INDEX, *PARTS), "the pipeline folder")
 
 
 def saved_pipeline_index(repo_or_dir: str | os.PathLike, hub: HubOptions,
@@ -403,3 +396,17 @@ def save_parts(directory: str | os.PathLike, parts: Parts, index: dict[str, Any]
         _portable_tokenizer_class(tmp / "tokenizer")
         (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return Path(directory).expanduser().resolve()
+
+
+# Files one save writes and another save of the same pipeline may not: the shard layout follows
+# max_shard_size. The card (README.md) is kept or replaced by the caller.
+_ALSO_SAVED = re.compile(r"model/model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?|README\.md")
+
+
+def check_pipeline_replaceable(target: Path, written: Path) -> None:
+    """Before `overwrite=True` replaces `target` with the new save `written`: refuse (FileExistsError)
+    when `target` is not a saved pipeline (no model_index.json of medim's) or holds files a save
+    does not write, naming them; a user's files are never deleted by a save."""
+    check_replaceable(target, written, "a saved pipeline", MODEL_INDEX,
+                      lambda index: isinstance(index, dict) and {"_class_name", "_medim_version"} <= set(index),
+                      also=_ALSO_SAVED)

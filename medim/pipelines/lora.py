@@ -41,7 +41,7 @@ from torch import nn
 
 from medim.models.medim import AdaLNModulation
 from medim.utils.checks import check_int, check_number, check_state_shapes
-from medim.utils.hub import HubOptions, atomic_directory, resolve_file
+from medim.utils.hub import HubOptions, atomic_directory, check_replaceable, refuse_outside_links, resolve_file
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LoadedAdapter", "lora_config", "token_ids", "check_targets",
            "add_adapter",
@@ -227,6 +227,9 @@ def save_adapter(directory: str | os.PathLike, model: nn.Module, config, *, stat
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata=meta)
         _card(config, base_model=base_model, repo_id=str(directory), training=training,
               num_params=sum(t.numel() for t in state.values())).save(tmp / "README.md")
+        if overwrite:  # an adapter folder is replaced; a user's files in it never are
+            check_replaceable(directory, tmp, "an adapter folder", ADAPTER_CONFIG,
+                              lambda config: isinstance(config, dict) and "peft_type" in config)
     return directory.resolve()
 
 
@@ -245,6 +248,8 @@ def read_adapter(source: str | os.PathLike, hub: HubOptions | None = None) -> Ad
     """Read adapter_config.json and adapter_model.safetensors from a folder or a Hub repo (only
     those two files are fetched). Pickled weights (`adapter_model.bin`) are refused."""
     path = Path(source).expanduser()
+    if path.is_dir():
+        refuse_outside_links(path, (ADAPTER_CONFIG, ADAPTER_WEIGHTS), "the adapter folder")
     if path.is_dir() and not (path / ADAPTER_WEIGHTS).is_file():
         found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
         raise ValueError(f"{source}: no {ADAPTER_WEIGHTS}" + (f" ({found} found: pickled weights are never loaded, "

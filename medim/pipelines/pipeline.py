@@ -43,6 +43,7 @@ from medim.models.vqgan import VQGAN
 from medim.pipelines import editing, generation, loading, scoring
 from medim.pipelines import lora as lora_adapters
 from medim.pipelines.common import (
+    MAX_OUTPUTS,
     GeneratorInput,
     MeDiMOutput,
     RunSettings,
@@ -203,6 +204,13 @@ class MeDiMPipeline:
         if index.get("_class_name") != cls.__name__:
             raise ValueError(f"{repo_or_dir}: {loading.MODEL_INDEX} describes a {index.get('_class_name')!r}, "
                              f"not a {cls.__name__}")
+        # The parts are always read as medim's own classes; an index naming others was not written by medim.
+        for part, loaded in zip(("model", "vqgan", "tokenizer"), parts):
+            named, library = index.get(part), "transformers" if part == "tokenizer" else "medim"
+            if named is not None and not (isinstance(named, list) and len(named) == 2 and named[0] == library
+                                          and (part == "tokenizer" or named[1] == type(loaded).__name__)):
+                raise ValueError(f"{repo_or_dir}: {loading.MODEL_INDEX} \"{part}\" names {named!r}, but {part}/ is "
+                                 f"read only as {library}'s {type(loaded).__name__}: the file was edited")
         try:
             sampler = SamplerConfig.from_dict(index.get("sampler") or {})
         except (TypeError, ValueError) as e:  # a tampered or hand-edited file: blame it, not the weights
@@ -303,7 +311,9 @@ class MeDiMPipeline:
     ) -> Path:
         """Write model_index.json + model/ + vqgan/ + tokenizer/ (safetensors and JSON only) and a
         model card (README.md) atomically: an existing non-empty folder is replaced only with
-        `overwrite=True`, and a README.md already in it is kept unless `overwrite_card=True`.
+        `overwrite=True`, and only when it is a saved pipeline holding nothing a save does not write
+        (a user's file in it is never deleted); a README.md already in it is kept unless
+        `overwrite_card=True`.
 
         Args:
             model_card: True (a card from what the pipeline knows), False (none), or what to add to
@@ -341,6 +351,8 @@ class MeDiMPipeline:
                 logger.info("kept the existing %s (overwrite_card=True replaces it)", old_card)
             elif info is not None:
                 write_card(self, tmp, info, repo_id=str(save_directory))
+            if overwrite:
+                loading.check_pipeline_replaceable(Path(save_directory).expanduser(), tmp)
         return Path(save_directory).expanduser().resolve()
 
     def push_to_hub(
@@ -388,9 +400,10 @@ class MeDiMPipeline:
     def _run_settings(self, rows: int, *, num_inference_steps: int | None, guidance_scale: float | None,
                       generator: GeneratorInput, batch_size: int | None, output_type: str,
                       callback_on_step_end: Callable[..., None] | None, sampler: SamplerConfig | None,
-                      sampler_options: Mapping[str, Any]) -> RunSettings:
+                      sampler_options: Mapping[str, Any], return_dict: bool) -> RunSettings:
         """The checked common options of a call making `rows` outputs; the step callback is called
         with the pipeline first."""
+        check_bool(return_dict, "return_dict")
         settings = run_settings(self.sampler_config, rows, num_inference_steps=num_inference_steps,
                                 guidance_scale=guidance_scale, generator=generator, batch_size=batch_size,
                                 output_type=output_type, callback=callback_on_step_end, sampler=sampler,
@@ -440,7 +453,8 @@ class MeDiMPipeline:
         settings = self._run_settings(len(prompts), num_inference_steps=num_inference_steps,
                                       guidance_scale=guidance_scale, generator=generator, batch_size=batch_size,
                                       output_type=output_type, callback_on_step_end=callback_on_step_end,
-                                      sampler=sampler, sampler_options=sampler_options)
+                                      sampler=sampler, sampler_options=sampler_options,
+                                      return_dict=return_dict)
         out = generation.text_to_image(self._runtime(), prompts, size, settings)
         return out if return_dict else (out.images, out.reports)
 
@@ -486,7 +500,8 @@ class MeDiMPipeline:
         settings = self._run_settings(len(rgb), num_inference_steps=num_inference_steps,
                                       guidance_scale=guidance_scale, generator=generator, batch_size=batch_size,
                                       output_type=output_type, callback_on_step_end=callback_on_step_end,
-                                      sampler=sampler, sampler_options=sampler_options)
+                                      sampler=sampler, sampler_options=sampler_options,
+                                      return_dict=return_dict)
         out = generation.image_to_report(self._runtime(), rgb, prompts, settings)
         return out if return_dict else (out.images, out.reports)
 
@@ -516,13 +531,14 @@ class MeDiMPipeline:
             >>> out = pipe.generate_pairs(["Frontal chest radiograph."], num_pairs_per_prompt=4)
             >>> out.images[0], out.reports[0]
         """
-        check_int(num_pairs_per_prompt, "num_pairs_per_prompt", minimum=1)
+        check_int(num_pairs_per_prompt, "num_pairs_per_prompt", minimum=1, maximum=MAX_OUTPUTS)
         prompts = [p for p in check_prompts(prompts, allow_empty_text=True) for _ in range(num_pairs_per_prompt)]
         size = check_image_size(image_size)
         settings = self._run_settings(len(prompts), num_inference_steps=num_inference_steps,
                                       guidance_scale=guidance_scale, generator=generator, batch_size=batch_size,
                                       output_type=output_type, callback_on_step_end=callback_on_step_end,
-                                      sampler=sampler, sampler_options=sampler_options)
+                                      sampler=sampler, sampler_options=sampler_options,
+                                      return_dict=return_dict)
         out = generation.generate_pairs(self._runtime(), prompts, size, settings)
         return out if return_dict else (out.images, out.reports)
 
@@ -590,7 +606,8 @@ class MeDiMPipeline:
         settings = self._run_settings(len(rgb), num_inference_steps=num_inference_steps,
                                       guidance_scale=guidance_scale, generator=generator, batch_size=batch_size,
                                       output_type=output_type, callback_on_step_end=callback_on_step_end,
-                                      sampler=sampler, sampler_options=sampler_options)
+                                      sampler=sampler, sampler_options=sampler_options,
+                                      return_dict=return_dict)
         out = editing.inpaint(self._runtime(), rgb, regions, prompts, settings, num_candidates)
         return out if return_dict else (out.images, out.reports)
 
@@ -646,7 +663,8 @@ class MeDiMPipeline:
         settings = self._run_settings(len(templates), num_inference_steps=num_inference_steps,
                                       guidance_scale=guidance_scale, generator=generator, batch_size=batch_size,
                                       output_type=output_type, callback_on_step_end=callback_on_step_end,
-                                      sampler=sampler, sampler_options=sampler_options)
+                                      sampler=sampler, sampler_options=sampler_options,
+                                      return_dict=return_dict)
         out = editing.infill(self._runtime(), parsed, rows, rgb, settings, num_samples=num_samples,
                              image_size=check_image_size(image_size))
         return out if return_dict else (out.images, out.reports)

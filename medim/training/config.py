@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from medim.diffusion.config import MAX_STEPS
+from medim.diffusion.schedule import SCHEDULES
 from medim.utils.checks import check_int, check_number
 
 __all__ = ["TrainConfig", "load_config", "resume_differences", "SCHEDULERS", "PARALLEL_MODES", "PRECISIONS",
@@ -187,6 +188,8 @@ class TrainConfig:
         _check(self.optim.num_cycles >= 1, "optim.num_cycles", "an integer >= 1")
         _check(self.optim.ema_decay is None or 0 < self.optim.ema_decay < 1,
                "optim.ema_decay", "null or a float in (0, 1)")
+        _check(isinstance(self.data.shuffle, bool), "data.shuffle", "true or false")
+        _check(self.diffusion.schedule in SCHEDULES, "diffusion.schedule", f"one of {sorted(SCHEDULES)}")
         _check(0 <= self.diffusion.keep_prefix_prob <= 1, "diffusion.keep_prefix_prob", "a float in [0, 1]")
         _check(0 <= self.diffusion.cond_drop_prob <= 1, "diffusion.cond_drop_prob", "a float in [0, 1]")
         _check(0 <= self.diffusion.cond_keep_prob <= 1, "diffusion.cond_keep_prob", "a float in [0, 1]")
@@ -197,6 +200,8 @@ class TrainConfig:
         _check(self.train.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}")
         _check(self.train.parallel in PARALLEL_MODES, "train.parallel", f"one of {PARALLEL_MODES}")
         _check(self.train.reduce_precision in PRECISIONS, "train.reduce_precision", f"one of {PRECISIONS}")
+        _check(self.train.device == "auto" or _device_name(self.train.device), "train.device",
+               "auto, cpu, or a device torch knows and this machine has (e.g. cuda:0)")
         _check(self.train.max_bad_steps >= 1, "train.max_bad_steps", "an integer >= 1")
         _check(self.log.every >= 1, "log.every", "an integer >= 1")
         _check(self.eval.every >= 0, "eval.every", "an integer >= 0")
@@ -313,6 +318,19 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _device_name(name: str) -> bool:
+    """Whether `name` is a device torch parses and, for CUDA, one this machine has."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index is None or device.index < torch.cuda.device_count())
+    return device.type != "meta"
+
+
 def load_config(
     path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> TrainConfig:
@@ -336,7 +354,12 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        data = OmegaConf.load(path)
+        try:
+            data = OmegaConf.create(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"config file {path} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        except (yaml.YAMLError, OmegaConfBaseException) as e:
+            raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(data, DictConfig):
             raise ValueError(f"config file {path}: expected a mapping of sections at the top level")
         pieces += _file_options(OmegaConf.to_container(data))

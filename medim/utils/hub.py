@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import re
 import secrets
@@ -36,6 +37,8 @@ __all__ = [
     "atomic_directory",
     "atomic_file",
     "temporary_names",
+    "refuse_outside_links",
+    "check_replaceable",
 ]
 
 # Models that ship inside the package, by the name users load them with -> folder under medim/.
@@ -301,3 +304,47 @@ def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def refuse_outside_links(root: Path, names: Sequence[str], what: str) -> None:
+    """Refuse (ValueError) a local folder in which one of `names`, or anything under one that is a
+    folder, resolves outside `root` (a symlink to another model, to a system file): a model or
+    adapter folder reads only its own files, and no outside content reaches an error message.
+
+    Example:
+        >>> refuse_outside_links(Path("adapter"), ["adapter_config.json"], "the adapter folder")
+    """
+    top = root.resolve()
+    for name in names:
+        start = root / name
+        paths = [start]
+        if start.is_dir() and start.resolve().is_relative_to(top):
+            for folder, dirs, files in os.walk(start):
+                paths += [Path(folder) / entry for entry in (*dirs, *files)]
+        for path in paths:
+            if (path.exists() or path.is_symlink()) and not path.resolve().is_relative_to(top):
+                raise ValueError(f"{root}: {path.relative_to(root)} resolves outside {what}; "
+                                 "refused (only the folder's own files are read)")
+
+
+def check_replaceable(target: Path, written: Path, what: str, marker: str, is_ours: Callable[[Any], bool],
+                      also: re.Pattern | None = None) -> None:
+    """Before a save with `overwrite=True` replaces `target` by the new save `written`: refuse
+    (FileExistsError) unless `target` is empty, or is `what` (its JSON file `marker` passes
+    `is_ours`) holding only files the new save writes or `also` matches: a save never deletes a
+    user's file."""
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    try:
+        ours = is_ours(json.loads((target / marker).read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise FileExistsError(f"{target} is not {what} (no {marker} written by medim); overwrite=True replaces only "
+                              f"{what}: choose an empty or new folder")
+    new = {p.relative_to(written).as_posix() for p in written.rglob("*") if p.is_file()}
+    foreign = sorted(rel for p in target.rglob("*") if (p.is_file() or p.is_symlink())
+                     and (rel := p.relative_to(target).as_posix()) not in new and not (also and also.fullmatch(rel)))
+    if foreign:
+        raise FileExistsError(f"{target} holds files a save does not write ({', '.join(foreign[:5])}); they are "
+                              "left as they are: move them out, or save to an empty or new folder")

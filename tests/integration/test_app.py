@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -249,3 +250,90 @@ def test_command_serves_the_demo(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+# ---- issue 27: every failure a message naming the problem ------------------------------------------
+
+
+def _garbage_files(folder):
+    """Uploads that are not images: text named .png, a truncated PNG, a DICOM without pixels."""
+    (folder / "text.png").write_text("not an image")
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(folder / "ok.png")
+    whole = (folder / "ok.png").read_bytes()
+    (folder / "trunc.png").write_bytes(whole[: len(whole) // 2])
+    (folder / "report.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 20)
+    return folder
+
+
+def test_unreadable_images_are_named_before_any_compute(pipe, tmp_path, monkeypatch):
+    files = _garbage_files(tmp_path)
+    monkeypatch.setattr(pipe.model, "forward", lambda *a, **k: pytest.fail("the model ran"))
+    truncated = Image.open(files / "trunc.png")  # PIL decodes lazily: the damage shows on load
+    with pytest.raises(ValueError, match="the image cannot be decoded: image file is truncated"):
+        tasks.image_to_report(pipe, truncated, "", FAST)
+    with pytest.raises(TypeError, match="the image must be an image, got int"):
+        tasks.image_to_report(pipe, 3, "", FAST)
+    with pytest.raises(ValueError, match="the uploaded file 'trunc.png' cannot be read as an image"):
+        tasks.image_to_report(pipe, str(files / "trunc.png"), "", FAST)
+    with pytest.raises(ValueError, match="DICOM object without pixel data"):
+        tasks.read_upload(files / "report.dcm", "report.dcm")
+    with pytest.raises(ValueError, match="the image cannot be decoded"):
+        tasks.inpaint(pipe, {"background": Image.open(files / "trunc.png"), "layers": [PAINT]}, "", 0, FAST)
+
+
+@pytest.mark.parametrize("layer", [np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32), np.uint8),
+                                   Image.new("RGBA", (64, 32))])
+def test_a_layer_of_another_size_is_refused_not_read_as_nothing_painted(layer):
+    with pytest.raises(ValueError, match="a painted layer is 32x32|a painted layer is 64x32"):
+        tasks.mask_from_editor({"background": Image.new("RGB", (64, 64)), "layers": [layer]})
+
+
+def test_a_layer_without_alpha_is_read_by_whiteness():
+    layer = np.zeros((8, 8, 3), np.uint8)
+    layer[:2, :3] = 255
+    _, mask = tasks.mask_from_editor({"background": Image.new("RGB", (8, 8)), "layers": [layer]})
+    assert (np.asarray(mask) > 0).sum() == 6
+    with pytest.raises(ValueError, match="a painted layer is not an image: array of shape \\[8, 8, 3\\]"):
+        tasks.mask_from_editor({"background": Image.new("RGB", (8, 8)), "layers": [np.zeros((8, 8, 3), object)]})
+
+
+@needs_gradio
+def test_api_garbage_and_wrong_types_are_messages(pipe, tmp_path):
+    """Through the Gradio API, as a client script would call it: each failure says what is wrong
+    (not "has not enabled verbose error reporting" or an empty error)."""
+    from gradio_client import Client, handle_file
+
+    from medim.app.browser import serve
+
+    files = _garbage_files(tmp_path)
+    Image.new("RGBA", (32, 32)).save(files / "small.png")
+    up = {name: handle_file(str(files / name)) for name in ("text.png", "trunc.png", "report.dcm", "ok.png",
+                                                           "small.png")}
+    sampler = (4, 0, "maskgit", 0)
+
+    def editor(background, *layers):
+        return {"background": up[background], "layers": [up[x] for x in layers], "composite": None}
+
+    cases = [
+        ("/image_to_report", (up["text.png"], "", *sampler), "Image: the uploaded file 'text.png' cannot be read"),
+        ("/image_to_report", (up["trunc.png"], "", *sampler), "'trunc.png' could not be decoded: image file is trunc"),
+        ("/image_to_report", (up["report.dcm"], "", *sampler), "'report.dcm': DICOM object without pixel data"),
+        ("/image_to_report", (None, "", *sampler), "no image: upload one"),
+        ("/image_to_report", (up["ok.png"], "", "abc", 0, "maskgit", 0), "Steps must be a number, got 'abc'"),
+        ("/text_to_image", ("a nodule", "x", *sampler), "Images must be a number, got 'x'"),
+        ("/text_to_image", ("a nodule", 1, 4, 0, "maskgit", "s"), "Seed must be a number, got 's'"),
+        ("/text_to_image", ("a nodule", 1, 4, 0, "greedy", 0), "greedy"),
+        ("/generate_pairs", ("a", None, *sampler), "Pairs must be a number, got None"),
+        ("/inpaint", (editor("text.png"), "", 0, *sampler), "the uploaded file 'text.png' cannot be read"),
+        ("/inpaint", (editor("ok.png", "trunc.png"), "", 0, *sampler), "'trunc.png' could not be decoded"),
+        ("/inpaint", (editor("ok.png", "small.png"), "", 0, *sampler), "a painted layer is 32x32 but the image is"),
+        ("/inpaint", ("abc", "", 0, *sampler), "input_value='abc'"),
+        ("/inpaint", (editor("ok.png"), "", "x", *sampler), "Grow the region by \\(codes\\) must be a number"),
+    ]
+    with serve(build_app(pipe)) as url:
+        client = Client(url, verbose=False, download_files=False)
+        for api_name, args, match in cases:
+            with pytest.raises(Exception) as failed:
+                client.predict(*args, api_name=api_name)
+            message = str(failed.value)
+            assert re.search(match, message) and "verbose error reporting" not in message, (api_name, message)

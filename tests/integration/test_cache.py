@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,10 @@ def test_cli_records_the_absolute_data_root(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=re.escape(f'source.args.root: "{tmp_path / "a"}" in the cache, '
                                                    f'"{tmp_path / "b"}" now')):
         main([*args, "--data-root", "b"])
+    # Found by benchmarks/probe_reliability.py: an image rewritten under its name was not noticed.
+    shutil.copy(tmp_path / "b" / "p1.png", tmp_path / "a" / "p0.png")
+    with pytest.raises(SystemExit, match=r"dataset_fingerprint.records: .* in the cache, .* now"):
+        main([*args, "--data-root", "a"])
 
 
 def test_cli_model_argument(tmp_path, capsys):

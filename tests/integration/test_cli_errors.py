@@ -3,6 +3,7 @@ without a traceback, unexpected ones said to be bugs, `--debug` / MEDIM_DEBUG=1 
 and the `medim evaluate`, `medim train` and `medim generate` cases that used to end in tracebacks."""
 
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -121,6 +122,10 @@ def test_fid_names_an_unreadable_image(tmp_path):
     ("checkpoint.allow_changed=x", "checkpoint.allow_changed: expected a list of strings"),
     ("checkpoint.allow_changed=[[1]]", "checkpoint.allow_changed: expected a list of option names"),
     ("checkpoint.allow_changed=[optim.lrr]", "unknown: \\['optim.lrr'\\]"),
+    ("diffusion.schedule=x", "diffusion.schedule: expected one of \\['cosine', 'linear', 'loglinear'\\]"),
+    ("data.shuffle=maybe", "data.shuffle"),
+    ("train.device=tpu", "train.device: expected auto, cpu, or a device torch knows and this machine has"),
+    ("train.device=cuda:99", "train.device: expected auto, cpu, or a device"),
 ])
 def test_train_config_values_are_checked_when_read(override, match):
     message = stop("train", "model.init=x", "data.cache=y", override)
@@ -158,3 +163,92 @@ def test_generate_empty_mask_is_named_by_file_before_the_model_loads(tmp_path, m
     message = stop("generate", "inpaint", "--model", "medim-demo", "--images", tmp_path / "image.png",
                    "--masks", tmp_path / "blank.png", "--out", tmp_path / "o")
     assert message.startswith(f"--masks: {tmp_path / 'blank.png'} selects nothing")
+
+
+# ---- found by benchmarks/probe_reliability.py ------------------------------------------------------
+
+
+def test_result_files_are_written_only_over_medims_own(tmp_path):
+    """`score --out` and `evaluate --output` named a user's file: it was replaced. Now refused
+    before any compute; a previous result of medim's is replaced."""
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    (pred / "a.txt").write_text("no finding")
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"my": "own results"}\n')
+    args = ["evaluate", "reports", "--pred", pred, "--ref", pred, "--wordnet", "none", "--output"]
+    assert "--output: " + str(mine) + " exists and is not a result medim wrote" in stop(*args, mine)
+    assert mine.read_text() == '{"my": "own results"}\n'
+    result = tmp_path / "result.json"
+    assert main([*map(str, args), str(result)]) == 0
+    assert json.loads(result.read_text())["medim"] == "evaluate reports"
+    assert main([*map(str, args), str(result)]) == 0  # medim's own result: replaced
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    (tmp_path / "r.txt").write_text("no finding\n")
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("my scores\n")
+    score = ["score", "--model", "medim-demo", "--images", tmp_path / "a.png", "--reports", tmp_path / "r.txt",
+             "--num-samples", "2", "--device", "cpu", "--out", scores]
+    assert "exists and is not a result medim wrote" in stop(*score)
+    assert scores.read_text() == "my scores\n"
+    scores.unlink()
+    assert main(list(map(str, score))) == 0 and main(list(map(str, score))) == 0
+    assert json.loads(scores.read_text().splitlines()[0])["medim"] == "score"
+
+
+def test_evaluate_refuses_an_empty_metric_list_and_an_unknown_device(tmp_path):
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    (pred / "a.txt").write_text("no finding")
+    assert "--metrics ',' names no metric" in stop("evaluate", "reports", "--pred", pred, "--ref", pred, "--metrics",
+                                                   ",")
+    assert "--device: device must be a torch.device" in stop("evaluate", "fid", "--real", pred, "--fake", pred,
+                                                             "--device", "tpu")
+
+
+@pytest.mark.parametrize("name, text", [("log.jsonl", "my log\n"), ("final/README.md", "my notes\n"),
+                                        ("checkpoints/notes.txt", "my notes\n"), ("notes.txt", "my notes\n")])
+def test_train_output_dir_holding_a_users_files_is_refused(name, text, tmp_path, monkeypatch):
+    from medim import training
+
+    monkeypatch.setattr(training, "train", lambda cfg: pytest.fail("training started"))
+    (tmp_path / "run" / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "run" / name).write_text(text)
+    message = stop("train", "model.init=x", "data.cache=y", f"train.output_dir={tmp_path / 'run'}")
+    assert message.startswith("medim train: config option train.output_dir:") and "did not write" in message
+    assert (tmp_path / "run" / name).read_text() == text
+
+
+def test_train_output_dir_of_a_run_is_accepted(tmp_path):
+    from medim.commands.train import check_output_dir
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "checkpoint_00000002").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("checkpoint_00000002\n")
+    (run / "final").mkdir()
+    (run / "final" / "model_index.json").write_text("{}")
+    (run / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (run / "samples" / "step_00000002").mkdir(parents=True)
+    check_output_dir(run)
+    (run / "log.jsonl").write_text('"a step"\n')  # JSON, but not a run log's line
+    with pytest.raises(ValueError, match="holds log.jsonl"):
+        check_output_dir(run)
+
+
+def test_train_config_file_errors_name_the_file(tmp_path):
+    (tmp_path / "bad.yaml").write_text("a: [1\n")
+    assert f"config file {tmp_path / 'bad.yaml'} is not valid YAML" in stop("train", "--config", tmp_path / "bad.yaml")
+    (tmp_path / "latin.yaml").write_bytes("optim: {lr: 1}\n# l\xe9sion\n".encode("latin-1"))
+    assert f"config file {tmp_path / 'latin.yaml'} is not valid UTF-8" in stop("train", "--config",
+                                                                               tmp_path / "latin.yaml")
+
+
+def test_a_taming_config_that_is_not_one_names_its_file(tmp_path):
+    from medim.models.vqgan import VQGANConfig
+
+    (tmp_path / "notes.txt").write_text("just text\n")
+    with pytest.raises(ValueError, match=f"taming config {tmp_path / 'notes.txt'} must be a mapping, got str"):
+        VQGANConfig.from_taming(tmp_path / "notes.txt")
+    (tmp_path / "list.yaml").write_text("model: [1, 2]\n")
+    with pytest.raises(ValueError, match="has no model.params.ddconfig section"):
+        VQGANConfig.from_taming(tmp_path / "list.yaml")

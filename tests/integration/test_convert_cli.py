@@ -78,10 +78,14 @@ def test_refuses_to_overwrite_before_loading(upstream, tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match="not a directory"):
         main(["convert", "vqgan", "--ckpt", "x", "--out", str(tmp_path / "file")])
+    with pytest.raises(SystemExit, match=r"is not a previous output of medim convert \(keep.txt\)"):
+        main(original_args(upstream, out, "--overwrite"))  # --overwrite never deletes a user's file
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
     monkeypatch.undo()
 
-    assert main(original_args(upstream, out, "--overwrite", "--dtype", "bfloat16")) == 0
-    assert not (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
+    assert main(original_args(upstream, out, "--dtype", "float32")) == 0
+    assert main(original_args(upstream, out, "--overwrite", "--dtype", "bfloat16")) == 0  # a previous output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "v1"]  # no temp folders left
     with safe_open(str(next((out / "model").glob("*.safetensors"))), framework="pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}

@@ -438,3 +438,16 @@ def test_missing_or_empty_outputs_of_a_finished_run_are_made_again(model_dir, pr
     (out / "000002.txt").write_text("")
     assert generate("pairs", model_dir, out, *args) == 0
     assert {p.name: p.read_bytes() for p in out.iterdir()} == whole
+
+
+def test_an_output_cut_short_since_it_was_written_is_made_again(model_dir, prompts, tmp_path):
+    """Found by benchmarks/probe_reliability.py: a PNG cut to 40 bytes (a failed copy) passed as finished."""
+    out = tmp_path / "o"
+    args = ("--prompts", prompts, "--num-per-prompt", 2)
+    assert generate("pairs", model_dir, out, *args) == 0
+    whole = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert all(e["bytes"] == {e["image"]: len(whole[e["image"]]), e["report"]: len(whole[e["report"]])}
+               for e in manifest(out))
+    (out / "000003.png").write_bytes(whole["000003.png"][:40])
+    assert generate("pairs", model_dir, out, *args) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == whole

@@ -205,3 +205,112 @@ def test_inpainting_returns_the_inputs_size():
     square = pipe.inpaint([images(1)[0]], [np.ones((side, side), dtype=bool)], ["no"], generator=seeded(0),
                           num_inference_steps=2, output_type="pt")
     assert square.images.shape[-2:] == (side, side)
+
+
+# ------------------------------------------------------- found by benchmarks/probe_reliability.py
+
+
+@pytest.mark.parametrize("part, named", [("model", ["os", "system"]), ("model", ["medim", "Nope"]),
+                                         ("vqgan", "VQGAN"), ("tokenizer", ["builtins", "eval"])])
+def test_model_index_naming_other_classes_is_refused(part, named, tmp_path):
+    folder = _demo_copy(tmp_path)
+    index = json.loads((folder / "model_index.json").read_text())
+    index[part] = named
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f'model_index.json "{part}" names .* the file was edited'):
+        MeDiMPipeline.from_pretrained(folder)
+
+
+def test_noise_schedule_as_model_index_stores_it():
+    config = SamplerConfig(noise_schedule={"name": "cosine", "eps": 1e-3})
+    assert config.noise_schedule == get_schedule("cosine", eps=1e-3)
+    assert SamplerConfig.from_dict(config.to_dict()) == config
+    for bad, match in (({"name": "loglinear", "eps": 5.0}, "noise_schedule: eps must be a number in"),
+                       ({"name": "loglinear", "rate": 1}, "noise_schedule: schedule 'loglinear' takes the options"),
+                       ({"eps": 0.1}, "noise_schedule: schedule must be one of"), (3, "noise_schedule must be one of")):
+        with pytest.raises(ValueError, match=match):
+            SamplerConfig(noise_schedule=bad)
+
+
+def test_return_dict_and_the_number_of_outputs_are_checked_before_any_compute(monkeypatch):
+    from medim.pipelines.common import MAX_OUTPUTS
+    from tests.helpers.editing import fail_if_called
+
+    pipe = native_pipe()
+    fail_if_called(monkeypatch, pipe)
+    with pytest.raises(TypeError, match="return_dict must be a bool, got str"):
+        pipe.text_to_image(["no"], return_dict="yes")
+    with pytest.raises(ValueError, match=rf"num_pairs_per_prompt must be an int in \[1, {MAX_OUTPUTS}\]"):
+        pipe.generate_pairs(["no"], num_pairs_per_prompt=10**9)  # refused at once, not after building 10**9 rows
+    with pytest.raises(ValueError, match=f"{MAX_OUTPUTS + 1} outputs in one call; at most {MAX_OUTPUTS}"):
+        pipe.text_to_image(["no"] * (MAX_OUTPUTS + 1))
+
+
+@pytest.mark.parametrize("user", ["notes.txt", "model/notes.txt", "model_index.json"])
+def test_save_pretrained_overwrite_keeps_a_users_files(user, tmp_path):
+    pipe = native_pipe()
+    folder = tmp_path / "saved"
+    if user != "model_index.json":
+        pipe.save_pretrained(folder)  # a saved pipeline, then a file of the user's put in it
+    (folder / user).parent.mkdir(parents=True, exist_ok=True)
+    (folder / user).write_text("the user's own file\n")
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match="holds files a save does not write|is not a saved pipeline"):
+        pipe.save_pretrained(folder, overwrite=True)
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    (folder / user).unlink()
+    if user != "model_index.json":
+        pipe.save_pretrained(folder, overwrite=True, max_shard_size="100KB")  # a saved pipeline is replaced
+        assert len(list((folder / "model").glob("model-*-of-*.safetensors"))) > 1
+        pipe.save_pretrained(folder, overwrite=True)  # another shard layout: still medim's files
+        assert MeDiMPipeline.from_pretrained(folder).layout.to_dict() == pipe.layout.to_dict()
+
+
+def _adapter(folder, overwrite=False):
+    """A LoRA adapter folder of `native_pipe()`'s model, written by the writer `save_lora_weights`
+    and the trainer use."""
+    from medim.pipelines import lora
+
+    pipe = native_pipe()
+    config = lora.lora_config(r=2, alpha=2, target_modules=["q_proj", "v_proj"])
+    lora.add_adapter(pipe.model, config)
+    return lora.save_adapter(folder, pipe.model, config, state=lora.adapter_state_dict(pipe.model), base_model=None,
+                             overwrite=overwrite)
+
+
+@pytest.mark.parametrize("part", ["adapter_config.json", "adapter_model.safetensors"])
+def test_an_adapter_part_linked_outside_its_folder_is_refused(part, tmp_path):
+    folder = _adapter(tmp_path / "adapter")
+    native_pipe().load_lora_weights(folder)  # whole: loads
+    (tmp_path / "outside").mkdir()
+    (folder / part).rename(tmp_path / "outside" / part)
+    (folder / part).symlink_to(tmp_path / "outside" / part)
+    with pytest.raises(ValueError, match=f"{part} resolves outside the adapter folder"):
+        native_pipe().load_lora_weights(folder)
+
+
+def test_an_adapter_save_with_overwrite_keeps_a_users_files(tmp_path):
+    folder = _adapter(tmp_path / "adapter")
+    (folder / "notes.txt").write_text("the user's own notes\n")
+    with pytest.raises(FileExistsError, match=r"holds files a save does not write \(notes.txt\)"):
+        _adapter(folder, overwrite=True)
+    assert (folder / "notes.txt").read_text() == "the user's own notes\n"
+    (folder / "notes.txt").unlink()
+    _adapter(folder, overwrite=True)  # an adapter folder alone is replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "adapter_config.json").write_text("my config\n")
+    with pytest.raises(FileExistsError, match="is not an adapter folder"):
+        _adapter(tmp_path / "mine", overwrite=True)
+    assert (tmp_path / "mine" / "adapter_config.json").read_text() == "my config\n"
+
+
+def test_a_vqgan_save_with_overwrite_keeps_a_users_files(tmp_path):
+    from tests.helpers.vqgan import tiny_model
+
+    folder = tiny_model(seed=1).save_pretrained(tmp_path / "vq")
+    (folder / "notes.txt").write_text("mine\n")
+    with pytest.raises(FileExistsError, match=r"holds files a save does not write \(notes.txt\)"):
+        tiny_model(seed=2).save_pretrained(folder, overwrite=True)
+    assert (folder / "notes.txt").read_text() == "mine\n"
+    (folder / "notes.txt").unlink()
+    tiny_model(seed=2).save_pretrained(folder, overwrite=True)

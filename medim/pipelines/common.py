@@ -29,8 +29,9 @@ from medim.models.vqgan import VQGAN
 from medim.utils.checks import check_choice, check_int
 
 __all__ = ["MAX_OUTPUTS", "MeDiMOutput", "Runtime", "RunSettings", "GeneratorInput", "StepCallback", "OUTPUT_TYPES",
-           "check_text", "check_prompts", "check_report_lengths", "check_image_size", "run_settings", "sampler_settings",
-           "row_generators", "run_chunks", "per_image", "image_list", "encode_images", "decode_images", "shown_inputs"]
+           "check_text", "check_prompts", "check_report_lengths", "check_image_size", "run_settings",
+           "sampler_settings", "row_generators", "run_chunks", "per_image", "image_list", "encode_images",
+           "decode_images", "shown_inputs"]
 
 OUTPUT_TYPES = ("pil", "pt", "tokens")
 # Outputs of one task call: they are all held in memory at once (a bound, not a budget: 65536 images

@@ -218,10 +218,16 @@ class MeDiMModel(PreTrainedModel):
         """Recompute each block's activations in the backward pass (less memory, one more forward).
 
         Goes through transformers' `activation_checkpointing_enable` / `_disable` (5.x), or the
-        `gradient_checkpointing_*` names they replace (4.57; deprecated in 5.x, gone in v6).
+        `gradient_checkpointing_*` names they replace (4.57; deprecated in 5.x, gone in v6). Always
+        non-reentrant (5.x's default; 4.57 defaults to reentrant, which needs an input that requires
+        grad: with LoRA the frozen embedding's output does not, and nothing would train).
         """
-        name = "enable" if enabled else "disable"
-        (getattr(self, f"activation_checkpointing_{name}", None) or getattr(self, f"gradient_checkpointing_{name}"))()
+        if not enabled:
+            (getattr(self, "activation_checkpointing_disable", None) or self.gradient_checkpointing_disable)()
+        elif hasattr(self, "activation_checkpointing_enable"):
+            self.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, AdaLNModulation):

@@ -74,7 +74,9 @@ def test_train_says_where_final_is_and_the_last_losses(tmp_path, monkeypatch, ca
 
     history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "loss_text": 1.25}, {"step": 2, "val_loss": 1.75}]
     out = SimpleNamespace(step=2, final_dir=tmp_path / "final", history=history)
-    monkeypatch.setattr(medim.training, "load_config", lambda path, overrides: None)
+    config = SimpleNamespace(train=SimpleNamespace(output_dir=str(tmp_path / "run")),
+                             distill=SimpleNamespace(teacher=""))
+    monkeypatch.setattr(medim.training, "load_config", lambda path, overrides: config)
     monkeypatch.setattr(medim.training, "train", lambda config: out)
     assert main(["train"]) == 0
     assert capsys.readouterr().out == (f"medim train: finished at step 2; trained pipeline in {tmp_path / 'final'} "

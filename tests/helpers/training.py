@@ -124,3 +124,13 @@ class HostSyncCounter(TorchDispatchMode):
                 self.calls.append(name)
             return original(tensor, *args, **kwargs)
         return method
+
+
+def assert_same_tensors(a: Path, b: Path, files: list[str]) -> None:
+    """The safetensors files `files` (relative paths) of runs `a` and `b` hold the same tensors, bit for bit
+    (a run killed and resumed against one that was not)."""
+    from safetensors.torch import load_file
+
+    for rel in files:
+        ta, tb = load_file(a / rel), load_file(b / rel)
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), rel

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from safetensors.torch import load_file
 
 from medim.cli import main
 from medim.diffusion import SamplerConfig, masked_before, rollout, sample, text_to_image, unconditional
@@ -24,7 +23,7 @@ from medim.pipelines.pipeline import MeDiMPipeline
 from medim.training import load_config
 from medim.training.config import DistillSection
 from medim.training.distill import METHOD, distill_loss
-from tests.helpers.training import REPO, tiny_run
+from tests.helpers.training import REPO, assert_same_tensors, tiny_run
 from tests.integration.test_training_faults import DRIVER
 
 
@@ -241,10 +240,8 @@ def test_sigkill_between_steps_resumes_to_the_same_bits(tmp_path):
     assert not (tmp_path / "killed" / "final").exists()
     assert run("killed") == 0
     a, b = tmp_path / "straight", tmp_path / "killed"
-    for rel in ["checkpoints/checkpoint_00000006/model.safetensors", "checkpoints/checkpoint_00000006/ema.safetensors",
-                "checkpoints/checkpoint_00000006/optimizer.safetensors", "final/model/model.safetensors"]:
-        ta, tb = load_file(a / rel), load_file(b / rel)
-        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), rel
+    assert_same_tensors(a, b, [f"checkpoints/checkpoint_00000006/{name}.safetensors"
+                               for name in ("model", "ema", "optimizer")] + ["final/model/model.safetensors"])
     strip = [[{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
               for line in (p / "log.jsonl").read_text().splitlines()] for p in (a, b)]
     assert strip[0] == strip[1] and all(math.isfinite(r["loss"]) for r in strip[0] if "loss" in r)

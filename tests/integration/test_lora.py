@@ -29,7 +29,7 @@ from medim.training import Trainer
 from medim.training import checkpoint as ckpt
 from medim.training.config import load_config
 from tests.helpers.pipeline import IMAGE_LEN, TEXT_LEN, V1_LAYOUT, write_upstream
-from tests.helpers.training import REPO, tiny_config, tiny_run
+from tests.helpers.training import REPO, assert_same_tensors, tiny_config, tiny_run
 
 PROMPTS = ["A large dense nodule in the right upper zone.", "No focal lesion."]
 # A high learning rate, so that four steps move the adapters far enough to change sampled tokens.
@@ -296,10 +296,8 @@ def test_lora_resume_after_sigkill_is_bit_exact(tmp_path):
     assert train("killed", at=3) == -signal.SIGKILL  # step 3 lost, checkpoint_2 the newest
     assert train("killed") == 0
     a, b = tmp_path / "straight", tmp_path / "killed"
-    for rel in ["checkpoints/checkpoint_00000006/model.safetensors", "checkpoints/checkpoint_00000006/ema.safetensors",
-                "checkpoints/checkpoint_00000006/optimizer.safetensors", "final/adapter_model.safetensors"]:
-        ta, tb = load_file(a / rel), load_file(b / rel)
-        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), rel
+    assert_same_tensors(a, b, [f"checkpoints/checkpoint_00000006/{name}.safetensors"
+                               for name in ("model", "ema", "optimizer")] + ["final/adapter_model.safetensors"])
     assert all(".lora_" in k for k in load_file(a / "checkpoints/checkpoint_00000006/model.safetensors"))
 
 

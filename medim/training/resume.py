@@ -1,5 +1,7 @@
 """Resuming a run: the newest intact checkpoint (verified once, on rank 0), and the settings check that
-refuses a resume which would train differently from the uninterrupted run (docs/training.md, "Resuming").
+refuses a resume which would train differently from the uninterrupted run (docs/training.md, "Resuming"),
+and the rule for `train.output_dir`: written into only when it is new, empty or a run's own folder (a resume
+trims log.jsonl and replaces final/, so a folder holding anything else is refused before anything loads).
 """
 
 from __future__ import annotations
@@ -7,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch.distributed as dist
@@ -18,7 +21,7 @@ from medim.training.distributed import DistInfo
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ResumeRefused", "choose_checkpoint", "check_settings", "data_identity"]
+__all__ = ["ResumeRefused", "choose_checkpoint", "check_settings", "check_output_dir", "data_identity"]
 
 
 class ResumeRefused(ValueError):
@@ -92,3 +95,44 @@ def check_settings(path: Path, cfg: TrainConfig, world_size: int, data: dict) ->
         logger.warning("resuming from %s with changed settings (checkpoint.allow_changed): %s", path,
                        "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes))
     return changes
+
+
+# What a run writes in train.output_dir (trainer.py, logs.py, checkpoint.py) and, per
+# folder, the names it writes inside; a leading "." is an atomic writer's temporary sibling.
+RUN_ENTRIES = {"log.jsonl": None, "final": None, "tensorboard": None,
+               "checkpoints": re.compile(r"checkpoint_\d+|latest|\..+"), "samples": re.compile(r"step_\d+|\..+")}
+
+
+def check_output_dir(path: Path) -> None:
+    """Refuse a `train.output_dir` holding anything a run did not write (a user's file, a
+    log.jsonl that is not a run log, a final/ that is not a saved pipeline or adapter)."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ValueError(f"config option train.output_dir: {path} exists and is not a folder")
+    foreign = []
+    for entry in sorted(path.iterdir()):
+        inside = RUN_ENTRIES.get(entry.name, False)
+        if entry.name.startswith("."):
+            continue  # an atomic writer's temporary sibling (the trainer removes its own)
+        if inside is False or (entry.name == "log.jsonl" and not _run_log(entry)):
+            foreign.append(entry.name)
+        elif entry.name == "final" and not any((entry / n).is_file() for n in ("model_index.json",
+                                                                                "adapter_config.json")):
+            foreign.append("final (not a saved pipeline or adapter)")
+        elif inside is not None and entry.is_dir():
+            foreign += [f"{entry.name}/{p.name}" for p in entry.iterdir() if not inside.fullmatch(p.name)]
+    if foreign:
+        raise ValueError(f"config option train.output_dir: {path} holds {', '.join(foreign[:5])}, which medim "
+                         "train did not write; nothing there is changed: use an empty or new folder")
+
+
+def _run_log(path: Path) -> bool:
+    """Whether `path` is a run log: empty, or its first line a JSON object with a "step"."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 20)
+        row = json.loads(first) if first.strip() else {"step": None}
+    except (OSError, ValueError):
+        return False
+    return isinstance(row, dict) and "step" in row

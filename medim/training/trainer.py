@@ -37,7 +37,7 @@ from medim.training.guard import StepGuard, TrainingDiverged
 from medim.training.logs import RunLog, training_summary
 from medim.training.lora import apply_lora, export_adapter, peft_config
 from medim.training.optim import EMA, apply_hyperparameters, build_optimizer, lr_table
-from medim.training.resume import check_settings, choose_checkpoint, data_identity
+from medim.training.resume import check_output_dir, check_settings, choose_checkpoint, data_identity
 from medim.utils.checks import check_state_shapes
 from medim.utils.hub import atomic_directory
 
@@ -85,6 +85,7 @@ class Trainer:
         self.info = info = setup_distributed(cfg.train.device)
         self.accum = cfg.accumulation_steps(info.world_size)
         self.out_dir = Path(cfg.train.output_dir)
+        check_output_dir(self.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
 
         data = dataset if dataset is not None else TokenCacheDataset(cfg.data.cache)

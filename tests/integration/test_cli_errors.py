@@ -220,7 +220,7 @@ def test_train_output_dir_holding_a_users_files_is_refused(name, text, tmp_path,
 
 
 def test_train_output_dir_of_a_run_is_accepted(tmp_path):
-    from medim.commands.train import check_output_dir
+    from medim.training.resume import check_output_dir
 
     run = tmp_path / "run"
     (run / "checkpoints" / "checkpoint_00000002").mkdir(parents=True)

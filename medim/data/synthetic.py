@@ -321,33 +321,21 @@ _EFFUSION_TEMPLATES = (  # short ones: with an opener and a lesion at most 39 to
 def write_report(spec: PhantomSpec, rng: np.random.Generator, *, variant: str | None = None) -> str:
     """A short report stating exactly the lesions of `spec`, then its effusion (sides are the patient's);
     `variant="structured"` writes the structured form (see the module docstring)."""
+    for lesion in spec.lesions:
+        if lesion.size is None or lesion.density is None:
+            raise ValueError(f"spec: lesion {lesion} has no size or density to report")
     if variant == "structured":
         return _structured_report(spec, rng)
     sentences = [_OPENERS[rng.integers(len(_OPENERS))]] if rng.random() < 0.5 else []
     if not spec.lesions and spec.effusion is None:
         sentences.append(_NORMAL[rng.integers(len(_NORMAL))])
-    for lesion in spec.lesions:
-        if lesion.size is None or lesion.density is None:
-            raise ValueError(f"spec: lesion {lesion} has no size or density to report")
     if len(spec.lesions) > 2:
         sentences.append(_multiple_sentence(spec.lesions, rng))
-    # Findings in a fixed reading order (right before left, upper before lower), as a systematic
-    # report would list them: a small generative model then only has to bind each sentence to
-    # its quadrant, not also guess the order.
-    for lesion in spec.lesions if len(spec.lesions) <= 2 else ():
-        size = _SIZE_WORDS[lesion.size][rng.integers(2)]
-        template = _TEMPLATES[rng.integers(len(_TEMPLATES))]
-        sentences.append(
-            template.format(
-                size=size,
-                Size=size.capitalize(),
-                density=_DENSITY_WORDS[lesion.density][rng.integers(3)],
-                noun=_NOUNS[rng.integers(len(_NOUNS))],
-                side=lesion.side,
-                level=lesion.level,
-                zone=("zone", "lung")[rng.integers(2)],
-            )
-        )
+    else:
+        # Findings in a fixed reading order (right before left, upper before lower), as a systematic
+        # report would list them: a small generative model then only has to bind each sentence to
+        # its quadrant, not also guess the order.
+        sentences += [_lesion_sentence(lesion, rng) for lesion in spec.lesions]
     if spec.effusion is not None:
         if spec.effusion.size is None:
             raise ValueError(f"spec: effusion {spec.effusion} has no size to report")
@@ -357,16 +345,21 @@ def write_report(spec: PhantomSpec, rng: np.random.Generator, *, variant: str | 
     return " ".join(sentences)
 
 
+def _lesion_sentence(lesion: Lesion, rng: np.random.Generator) -> str:
+    size = _SIZE_WORDS[lesion.size][rng.integers(2)]
+    template = _TEMPLATES[rng.integers(len(_TEMPLATES))]
+    return template.format(size=size, Size=size.capitalize(), density=_DENSITY_WORDS[lesion.density][rng.integers(3)],
+                           noun=_NOUNS[rng.integers(len(_NOUNS))], side=lesion.side, level=lesion.level,
+                           zone=("zone", "lung")[rng.integers(2)])
+
+
 def _structured_report(spec: PhantomSpec, rng: np.random.Generator) -> str:
     """"Findings: RUL small dense nodule; LLL big lucent focus." (or "Findings: none.")."""
     if spec.effusion is not None:
         raise ValueError("spec: the structured report form has no effusion sentence")
-    clauses = []
-    for lesion in spec.lesions:
-        if lesion.size is None or lesion.density is None:
-            raise ValueError(f"spec: lesion {lesion} has no size or density to report")
-        clauses.append(f"{_LOBES[lesion.quadrant]} {_SIZE_WORDS[lesion.size][rng.integers(2)]} "
-                       f"{_DENSITY_WORDS[lesion.density][rng.integers(3)]} {_NOUNS[rng.integers(len(_NOUNS))]}")
+    clauses = [f"{_LOBES[lesion.quadrant]} {_SIZE_WORDS[lesion.size][rng.integers(2)]} "
+               f"{_DENSITY_WORDS[lesion.density][rng.integers(3)]} {_NOUNS[rng.integers(len(_NOUNS))]}"
+               for lesion in spec.lesions]
     return "Findings: " + ("; ".join(clauses) if clauses else "none") + "."
 
 

@@ -1,7 +1,7 @@
 """The sampler's quality-per-cost map on the shipped demo model: the three demo accuracies (image to
 report, text to image, pair consistency) and the share of pairs with lesions, against network
-evaluations, FLOPs and seconds per sample, for each strategy and step count, context caching and
-the Halton order.
+evaluations, FLOPs and seconds per sample, for each strategy and step count, context caching, the
+Halton order and the distilled 4-step student (medim-demo-4step).
 
     python benchmarks/bench_quality.py                     # the whole map: table + docs/sampling_map.png
     python benchmarks/bench_quality.py --only halton,cache-4 --n 100
@@ -61,7 +61,11 @@ LINES: list[tuple[str, dict[str, Any], tuple[int, ...]]] = [
     # steps and with caching.
     ("release", {"guidance_scale": 5.0, "confidence_temperature": 10.0}, (32, 64, 128)),
     ("release+cache-4", {"guidance_scale": 5.0, "confidence_temperature": 10.0, "cache_interval": 4}, (32, 64, 128)),
+    # The distilled student (`medim distill`, configs/distill_demo.yaml) with its saved settings.
+    ("distilled-4step", {"schedule": "cosine", "confidence_temperature": 1.0}, (4, 8, 16)),
 ]
+# Lines measured on another bundled model than --model.
+LINE_MODELS = {"distilled-4step": "medim-demo-4step"}
 ACCURACIES = ("image_to_report", "text_to_image", "pairs")
 
 
@@ -184,8 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from medim.pipelines.pipeline import MeDiMPipeline
 
-    pipe = MeDiMPipeline.from_pretrained(args.model)
-    pipe.set_progress_bar_config(disable=True)
+    pipes = {}
+
+    def pipeline(model: str):
+        if model not in pipes:
+            pipes[model] = MeDiMPipeline.from_pretrained(model)
+            pipes[model].set_progress_bar_config(disable=True)
+        return pipes[model]
+
     done = {} if args.fresh else load_cache(args.cache, args.n)
     for name, overrides, steps_list in LINES:
         if name not in only:
@@ -194,12 +204,12 @@ def main(argv: list[str] | None = None) -> int:
             if (name, steps) in done:
                 continue
             logger.info("%s at %d steps (n=%d)", name, steps, args.n)
-            row = measure(pipe, name, overrides, steps, args.n)
+            row = measure(pipeline(LINE_MODELS.get(name, args.model)), name, overrides, steps, args.n)
             done[(name, steps)] = row
             with open(args.cache, "a") as f:  # one line per point: a kill loses at most the point running
                 f.write(json.dumps(row) + "\n")
     rows = [done[(name, s)] for name, _, steps in LINES for s in steps if (name, s) in done]
-    unit = whole_forward_gflops(pipe.model)
+    unit = whole_forward_gflops(pipeline(args.model).model)
     plot(rows, unit, args.plot, args.n)
     columns = ("line", "steps", "nfe", "gflops", "s_per_sample", *ACCURACIES, "pairs_with_lesions")
     table = [{**{k: r[k] for k in columns}, "load": r["load_average"][0]} for r in rows]
@@ -226,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"cheapest point within 1 point of the release settings (or better) on all three: "
                      f"{cheapest['line']} at {cheapest['steps']} steps: {release['gflops'] / cheapest['gflops']:.1f}x "
                      f"fewer FLOPs, {release['s_per_sample'] / cheapest['s_per_sample']:.1f}x fewer seconds")
+    teacher = done.get(("maskgit-cosine", 32))  # the demo's own settings
+    for steps in (4, 8):
+        if teacher and (student := done.get(("distilled-4step", steps))):
+            notes.append(f"distilled-4step at {steps} steps against the teacher at 32: " + ", ".join(
+                f"{k} {student[k]:.3f} vs {teacher[k]:.3f}" for k in (*ACCURACIES, "pairs_with_lesions")))
     report(f"Sampler quality map (demo, n={args.n})", {"model": args.model, "n": args.n}, table,
            machine_info(), notes, results=None if args.no_record else RESULTS)
     return 0

@@ -1,8 +1,8 @@
 """`medim distill --config cfg.yaml [section.key=value ...]`: a few-step student of a MeDiM pipeline.
 
-Self-distillation through time (docs/training.md, "Distillation") on medim's trainer: the same
-config file and dotted overrides as `medim train` plus the `distill` section, one process or
-torchrun (`torchrun -m medim.training --config cfg.yaml` with `distill.teacher` set is the same
+Self-distillation through time or sequence-level distillation (docs/training.md, "Distillation")
+on medim's trainer: the same config file and dotted overrides as `medim train` plus the `distill`
+section, one process or torchrun (`torchrun -m medim.training --config cfg.yaml` with `distill.teacher` set is the same
 run). The result, `train.output_dir/final`, is a normal pipeline that samples in
 `distill.student_steps` steps.
 """
@@ -20,6 +20,9 @@ DISTILL_OPTIONS = {
     "teacher": "the pipeline to distil: a folder, a bundled name (medim-demo) or a Hub id (required); the "
                "student starts from its weights (model.init defaults to it)",
     "teacher_revision": "Hub revision of the teacher (default: null)",
+    "method": "sdtt (the student matches the teacher's step distributions, self-distillation through time) or "
+              "sequence (the teacher writes every training image's report once, under shared noise, and the "
+              "student learns them with the diffusion loss) (default: sdtt)",
     "student_steps": "sampler steps of the student, saved as its num_inference_steps (default: 4)",
     "teacher_steps": "teacher steps the student's run replaces: a multiple of student_steps, at least twice it; "
                      "each student step learns teacher_steps / student_steps teacher steps (default: 32)",
@@ -28,6 +31,11 @@ DISTILL_OPTIONS = {
     "divergence": "kl (KL(teacher || student) over the masked positions, as SDTT) or mse (squared log-prob "
                   "error) (default: kl)",
     "task_mix": "relative weights of text-to-image, image-to-report and pair rows (default: [1, 1, 1])",
+    "noise_scale": "sequence: weight of the shared Gumbel noise the teacher's reports are written under; 0 "
+                   "writes greedily (default: 0.5)",
+    "noise_seed": "sequence: seed of that noise, which picks the phrasing the student learns (default: 0)",
+    "student_sampler": "sampler settings the student saves over the teacher's at student_steps, e.g. "
+                       "distill.student_sampler.confidence_temperature=1.0; may change on resume (default: {})",
 }
 
 

@@ -87,7 +87,7 @@ def _first_sentence(text: str) -> str:
     return (text[:cut] if cut >= 0 else text).strip()
 
 
-def _state_sha256(module: torch.nn.Module) -> str:
+def state_sha256(module: torch.nn.Module) -> str:
     """sha256 over a module's tensors (names, dtypes, shapes and bytes): the identity of its weights."""
     digest = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
@@ -122,7 +122,7 @@ def _shown(value: Any, limit: int = 100) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _read_index(out: Path) -> dict | None:
+def read_index(out: Path) -> dict | None:
     path = out / INDEX
     if not path.is_file():
         return None
@@ -136,7 +136,7 @@ def _read_index(out: Path) -> dict | None:
     return index
 
 
-def _write_index(out: Path, index: dict) -> None:
+def write_index(out: Path, index: dict) -> None:
     with atomic_file(out / INDEX) as f:
         json.dump(index, f, indent=1)
 
@@ -201,7 +201,7 @@ def build_token_cache(
         _check_resumable(out, index, dataset)
     written = _write_shards(dataset, out, index, encoder, show_progress=show_progress)
     index["complete"] = True
-    _write_index(out, index)
+    write_index(out, index)
     summary = _summary(out, index, written=written, reused=reused)
     logger.info("token cache %s: %d items, skipped %s", out, summary.num_items, summary.skipped)
     return summary
@@ -220,7 +220,7 @@ def _header(dataset: torch.utils.data.Dataset, encoder: _ShardEncoder, *, source
         "tokenizer": tokenizer_name,
         "tokenizer_sha256": _tokenizer_sha256(encoder.tokenizer),
         "vqgan": encoder.vqgan.config.to_dict(),
-        "vqgan_sha256": _state_sha256(encoder.vqgan),
+        "vqgan_sha256": state_sha256(encoder.vqgan),
         "image_size": encoder.image_size,
         "resize": encoder.resize,
         "shard_size": shard_size,
@@ -237,7 +237,7 @@ def _as_json(value: Mapping[str, Any] | None) -> dict | None:
 def _open_index(out: Path, header: dict, *, overwrite: bool) -> dict:
     """The index to continue: the existing one if it was built from the same inputs, else a new one
     (after clearing old shards when `overwrite`)."""
-    index = None if overwrite else _read_index(out)
+    index = None if overwrite else read_index(out)
     if index is not None:
         _check_same_inputs(out, index, header)
         return index
@@ -248,7 +248,7 @@ def _open_index(out: Path, header: dict, *, overwrite: bool) -> dict:
             p.unlink()
     index = {**header, "shards": [], "complete": False}
     out.mkdir(parents=True, exist_ok=True)
-    _write_index(out, index)
+    write_index(out, index)
     return index
 
 
@@ -274,17 +274,24 @@ def _write_shards(dataset: torch.utils.data.Dataset, out: Path, index: dict, enc
     written = 0
     while rows := list(itertools.islice(loaders, index["shard_size"])):
         tensors, ids, skipped = encoder.encode(rows)
-        name = f"shard_{len(index['shards']):05d}.safetensors"
-        if ids:
-            with atomic_file(out / name, mode="wb") as f:
-                f.write(save(tensors, metadata={"ids": json.dumps(ids)}))
-        index["shards"].append({"file": name if ids else None, "num_items": len(ids),
-                                "items_read": len(rows), "skipped": skipped})
-        _write_index(out, index)  # only now is the shard part of the cache
+        append_shard(out, index, tensors, ids, items_read=len(rows), skipped=skipped)
         written += 1
         bar.update(len(rows))
     bar.close()
     return written
+
+
+def append_shard(out: Path, index: dict, tensors: dict[str, torch.Tensor], ids: list[str], *, items_read: int,
+                 skipped: dict) -> None:
+    """Write the next shard of the cache in `out` atomically, then list it in index.json: only then is
+    it part of the cache (a kill in between leaves the cache as it was)."""
+    name = f"shard_{len(index['shards']):05d}.safetensors"
+    if ids:
+        with atomic_file(out / name, mode="wb") as f:
+            f.write(save(tensors, metadata={"ids": json.dumps(ids)}))
+    index["shards"].append({"file": name if ids else None, "num_items": len(ids), "items_read": items_read,
+                            "skipped": skipped})
+    write_index(out, index)
 
 
 def _check_same_inputs(out: Path, index: dict, header: dict) -> None:
@@ -382,7 +389,7 @@ class TokenCacheDataset(torch.utils.data.Dataset):
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        index = _read_index(self.path)
+        index = read_index(self.path)
         if index is None:
             raise FileNotFoundError(f"{self.path} holds no token cache ({INDEX} missing); build it with `medim cache`")
         if not index["complete"]:

@@ -52,6 +52,8 @@ TRAINING_LABELS = {
     "student_steps": "student sampler steps",
     "teacher_guidance_scale": "teacher guidance in the targets (folded in when > 0)",
     "divergence": "distillation divergence",
+    "noise_scale": "shared noise the teacher wrote reports under (scale)",
+    "noise_seed": "shared noise the teacher wrote reports under (seed)",
 }
 EXAMPLE_REPORT = "A large dense nodule in the right upper zone."
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from medim.diffusion.config import MAX_STEPS
+from medim.diffusion.config import MAX_STEPS, SamplerConfig
 from medim.diffusion.schedule import SCHEDULES
 from medim.utils.checks import check_int, check_number
 
@@ -34,8 +34,9 @@ PRECISIONS = ("bf16", "fp32")
 # Distillation (medim distill): how a student's step distribution is compared with its teacher's, and
 # the tasks whose rows `distill.task_mix` weighs, in its order.
 DIVERGENCES = ("kl", "mse")
+DISTILL_METHODS = ("sdtt", "sequence")
 DISTILL_TASKS = ("text_to_image", "image_to_report", "pairs")
-FREE_ON_RESUME = ("log.", "eval.", "checkpoint.", "train.output_dir", "train.max_bad_steps")
+FREE_ON_RESUME = ("log.", "eval.", "checkpoint.", "train.output_dir", "train.max_bad_steps", "distill.student_sampler.")
 
 
 @dataclass
@@ -116,11 +117,16 @@ class DistillSection:
 
     teacher: str = ""  # pipeline to distil: a folder, a bundled name (medim-demo) or a Hub id; "" = plain training
     teacher_revision: str | None = None  # Hub revision of `teacher`
+    method: str = "sdtt"  # one of DISTILL_METHODS: sdtt (step distributions) or sequence (the teacher's reports)
     student_steps: int = 4  # sampler steps of the student (saved as its num_inference_steps)
     teacher_steps: int = 32  # teacher steps each run covers: a multiple of student_steps, at least twice it
     guidance_scale: float | None = None  # teacher's CFG weight in the targets (null: its saved one); > 0 is folded in
     divergence: str = "kl"  # one of DIVERGENCES: kl = KL(teacher || student), mse = squared log-prob error
     task_mix: tuple[float, float, float] = (1.0, 1.0, 1.0)  # weights of text-to-image, image-to-report, pair rows
+    noise_scale: float = 0.5  # sequence: weight of the shared Gumbel noise the teacher writes reports under
+    noise_seed: int = 0  # sequence: seed of that noise (it picks the phrasing the student learns)
+    # The student's saved sampler settings over the teacher's at student_steps (e.g. confidence_temperature).
+    student_sampler: dict[str, typing.Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -247,11 +253,21 @@ class TrainConfig:
             check_int(d.student_steps, "distill.student_steps", minimum=1, maximum=MAX_STEPS)
             check_int(d.teacher_steps, "distill.teacher_steps", minimum=1, maximum=MAX_STEPS)
             check_number(d.guidance_scale, "distill.guidance_scale", minimum=0, allow_none=True)
+            check_number(d.noise_scale, "distill.noise_scale", minimum=0)
+            check_int(d.noise_seed, "distill.noise_seed", minimum=0)
         except ValueError as e:
             raise ValueError(f"config option {e}") from None
         _check(d.teacher_steps % d.student_steps == 0 and d.teacher_steps >= 2 * d.student_steps,
                "distill.teacher_steps", f"a multiple of distill.student_steps={d.student_steps}, at least twice it "
                f"(each student step replaces teacher_steps / student_steps teacher steps), got {d.teacher_steps}")
+        _check(d.method in DISTILL_METHODS, "distill.method", f"one of {DISTILL_METHODS}")
+        fields = {f.name for f in dataclasses.fields(SamplerConfig)} - {"num_inference_steps"}
+        _check(isinstance(d.student_sampler, dict) and set(d.student_sampler) <= fields, "distill.student_sampler",
+               f"a mapping of sampler settings, of {sorted(fields)} (the steps are distill.student_steps)")
+        try:
+            SamplerConfig(num_inference_steps=d.student_steps, **d.student_sampler)
+        except ValueError as e:
+            raise ValueError(f"config option distill.student_sampler: {e}") from None
         _check(d.divergence in DIVERGENCES, "distill.divergence", f"one of {DIVERGENCES}")
         _check(len(d.task_mix) == 3 and all(_is_number(w) and w >= 0 and math.isfinite(w) for w in d.task_mix)
                and sum(d.task_mix) > 0, "distill.task_mix",

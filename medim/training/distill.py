@@ -1,9 +1,16 @@
-"""Few-step students by self-distillation through time (SDTT; Deschenaux & Gulcehre, "Beyond
-Autoregression: Fast LLMs via Self-Distillation Through Time", ICLR 2025), on the trainer.
+"""Few-step students on the trainer, by one of two methods (`distill.method`, docs/training.md,
+"Distillation").
 
 A `Distiller` is a `Trainer` whose loss is the distillation objective; everything else (config and
 overrides, torchrun DDP/FSDP2, bf16, the non-finite guard, checksummed checkpoints, bit-exact
-resume, the token cache, final/) is the trainer's. One loss evaluation, per micro-batch:
+resume, the token cache, final/) is the trainer's.
+
+`sequence` (sequence-level knowledge distillation, medim.training.sequence): before training, the
+teacher writes every training image's report under one shared noise draw (one phrasing per
+finding); the loss is the diffusion loss on them, one task per row.
+
+`sdtt` (self-distillation through time; Deschenaux & Gulcehre, "Beyond Autoregression: Fast LLMs
+via Self-Distillation Through Time", ICLR 2025). One loss evaluation, per micro-batch:
 
 1. each row of cached (clean) data becomes a task, drawn with `distill.task_mix`: text-to-image
    (report given), image-to-report (image given) or a pair (the report's first sentence given);
@@ -15,11 +22,11 @@ resume, the token cache, final/) is the trainer's. One loss evaluation, per micr
    for every masked position the distribution it was drawn from when it was committed;
 4. the student, in one forward at the same state and time, is pulled towards those
    distributions: KL(teacher || student) (or the squared log-prob error) over the masked positions.
+Rounds of SDTT (32 -> 16 -> 8 -> 4) are successive runs, each student the next teacher.
 
 The student starts from the teacher's weights and its exported pipeline samples with the
-teacher's settings at `student_steps` steps (unguided when the targets were guided: guidance is
-folded in). Rounds of SDTT (32 -> 16 -> 8 -> 4) are successive runs, each student the next
-teacher (docs/training.md, "Distillation").
+teacher's settings at `student_steps` steps, unguided (guidance the targets had is folded in),
+with `distill.student_sampler` over them.
 """
 
 from __future__ import annotations
@@ -30,19 +37,24 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.distributed as dist
 
+from medim.data.cache import TokenCacheDataset, state_sha256
 from medim.diffusion.config import SamplerConfig
 from medim.diffusion.draw import ranks
-from medim.diffusion.loss import LossOutput
+from medim.diffusion.loss import LossOutput, diffusion_loss
 from medim.diffusion.sampler import masked_before, rollout
 from medim.models.denoiser import ModelDenoiser
 from medim.training.config import TrainConfig
+from medim.training.sequence import TARGETS, build_targets
 from medim.training.trainer import Trainer, TrainOutput
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Distiller", "distill", "METHOD"]
+__all__ = ["Distiller", "distill", "METHODS"]
 
-METHOD = "SDTT (self-distillation through time, Deschenaux & Gulcehre 2025)"
+# distill.method -> what the model card says.
+METHODS = {"sdtt": "SDTT (self-distillation through time, Deschenaux & Gulcehre 2025)",
+           "sequence": "sequence-level knowledge distillation (Kim & Rush 2016) of reports the teacher writes "
+                       "under shared noise"}
 
 
 class Distiller(Trainer):
@@ -66,20 +78,20 @@ class Distiller(Trainer):
 
     def __init__(self, config: TrainConfig, pipeline=None, dataset=None,
                  evaluate: Callable[..., Mapping[str, float]] | None = None):
-        from medim.pipelines.pipeline import MeDiMPipeline
-
         d = config.distill
         if not d.teacher:
             raise ValueError("config option distill.teacher: expected the pipeline to distil (a folder, a bundled "
                              "name such as medim-demo, or a Hub id)")
-        super().__init__(config, pipeline=pipeline, dataset=dataset)
-        teacher = MeDiMPipeline.from_pretrained(d.teacher, revision=d.teacher_revision, dtype=torch.float32,
-                                                device=self.info.device)
+        super().__init__(config, pipeline=pipeline, dataset=dataset)  # loads the teacher: see _identity
+        teacher = self._teacher
         if teacher.layout != self.layout:
             raise ValueError(f"distill.teacher uses layout {teacher.layout.to_dict()}, the student (model.init) "
                              f"{self.layout.to_dict()}: a student must share its teacher's layout")
         self.teacher = teacher.model.to(self.info.device).eval().requires_grad_(False)
         self.teacher_config, self.student_config = sampler_configs(teacher.sampler_config, config)
+        if d.method == "sequence":
+            self.source, self.data = self.data, self._sequence_targets(teacher)
+        del self._teacher  # its VQGAN is not needed
         self.k = d.teacher_steps // d.student_steps
         self.evaluate = evaluate
         self.pipe.sampler_config = self.student_config  # validation samples (eval.prompts) as the student will
@@ -89,11 +101,46 @@ class Distiller(Trainer):
                     d.teacher_steps, d.student_steps, self.k, self.teacher_config.guidance_scale,
                     " folded in" if self.teacher_config.guidance_scale else "")
 
+    def _identity(self, data) -> dict:
+        """The trainer's, and the teacher's weights: a resume with another teacher (a folder or Hub
+        revision that changed) would not continue the run. So the teacher is loaded here, once the
+        output folder and the checkpoint to resume are known and before the checkpoint is compared."""
+        from medim.pipelines.pipeline import MeDiMPipeline
+
+        d = self.cfg.distill
+        self._teacher = MeDiMPipeline.from_pretrained(d.teacher, revision=d.teacher_revision, dtype=torch.float32,
+                                                      device=self.info.device)
+        return {**super()._identity(data), "teacher": {"weights_sha256": state_sha256(self._teacher.model)}}
+
+    def _sequence_targets(self, teacher) -> TokenCacheDataset:
+        """distill.method=sequence: the training data becomes the cache's images with the reports the
+        teacher writes for them (medim.training.sequence), in train.output_dir/targets."""
+        d = self.cfg.distill
+        if not isinstance(self.data, TokenCacheDataset):
+            raise ValueError("distill.method=sequence: the teacher writes reports for the images of a token cache; "
+                             "give data.cache")
+        if self.teacher_config.guidance_scale:
+            raise ValueError(f"distill.method=sequence: the teacher writes reports unguided, but its guidance is "
+                             f"{self.teacher_config.guidance_scale:g}; set distill.guidance_scale=0 or use "
+                             "distill.method=sdtt")
+        return build_targets(teacher, self.data, self.out_dir / TARGETS, noise_scale=d.noise_scale,
+                             noise_seed=d.noise_seed, teacher_sha256=self.identity["teacher"]["weights_sha256"],
+                             is_main=self.info.is_main)
+
     # ------------------------------------------------------------------ the objective
+    def _device_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = super()._device_batch(indices)
+        if self.cfg.distill.method == "sequence":  # the cache's own reports, for text-to-image rows
+            text = self.layout.text_segment
+            batch["data_text"] = self.source.batch(indices)["x0"][:, text.start : text.stop].to(self.info.device)
+        return batch
+
     def _loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossOutput:
+        if self.cfg.distill.method == "sequence":
+            return self._sequence_loss(batch, generator)
         x0 = batch["x0"]
         condition = {k: v for k, v in batch.items() if k not in ("x0", "prefix_len")}
-        known = self._task_known(x0, batch["prefix_len"], generator)
+        known, _ = self._task_known(x0, batch["prefix_len"], generator)
         # Student steps stratified over the rows (row r: step (r + offset) mod student_steps), so every
         # micro-batch covers the whole trajectory; the teacher runs one window per step.
         steps = self.cfg.distill.student_steps
@@ -119,11 +166,29 @@ class Distiller(Trainer):
         return distill_loss([({k: v[rows] for k, v in student.items()}, t.logprobs, t.positions, masked[rows])
                              for rows, t in groups], self.layout.segments, self.cfg.distill.divergence)
 
+    def _sequence_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossOutput:
+        """The diffusion loss, one task per row (`distill.task_mix`): image-to-report and pair rows
+        on the teacher's reports; text-to-image rows on the cache's own, so the student keeps
+        reading reports phrased every way (the prompts people write)."""
+        known, task = self._task_known(batch["x0"], batch["prefix_len"], generator)
+        text = self.layout.text_segment
+        x0 = batch["x0"].clone()
+        x0[:, text.start : text.stop] = torch.where((task == 0)[:, None], batch["data_text"],
+                                                    x0[:, text.start : text.stop])
+        condition = {k: v for k, v in batch.items() if k not in ("x0", "prefix_len", "data_text")}
+        with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
+            return diffusion_loss(self._denoiser, x0, self.layout.segments, self.layout.mask_id,
+                                  schedule=self.cfg.diffusion.schedule, known=known,
+                                  loss_mask=None if self.layout.supervise_padding else x0 != self.layout.pad_id,
+                                  generator=generator, model_kwargs=condition, validate_tokens=False)
+
     def _rand(self, shape: tuple, generator: torch.Generator) -> torch.Tensor:
         return torch.rand(shape, generator=generator, device=generator.device).to(self.info.device)
 
-    def _task_known(self, x0: torch.Tensor, prefix_len: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Each row's task, drawn with `distill.task_mix`, as its given positions [B, N]."""
+    def _task_known(self, x0: torch.Tensor, prefix_len: torch.Tensor,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's task, drawn with `distill.task_mix`: its given positions [B, N] and its index
+        into DISTILL_TASKS [B]."""
         text, image = self.layout.segments
         # An index into DISTILL_TASKS: 0 text-to-image, 1 image-to-report, 2 pairs.
         task = torch.bucketize(self._rand((x0.shape[0],), generator), self.task_edges, right=True)
@@ -131,7 +196,8 @@ class Distiller(Trainer):
         in_text = (pos >= text.start) & (pos < text.stop)
         in_image = (pos >= image.start) & (pos < image.stop)
         prefix = in_text & (pos - text.start < prefix_len[:, None])
-        return torch.where((task == 0)[:, None], in_text, torch.where((task == 1)[:, None], in_image, prefix))
+        known = torch.where((task == 0)[:, None], in_text, torch.where((task == 1)[:, None], in_image, prefix))
+        return known, task
 
     def _masked_state(self, x0: torch.Tensor, known: torch.Tensor, step: int,
                       generator: torch.Generator) -> torch.Tensor:
@@ -147,9 +213,13 @@ class Distiller(Trainer):
         method, the steps and, with `evaluate`, the measured quality."""
         d = self.cfg.distill
         pipe.sampler_config = self.student_config
-        training = {**card["training"], "teacher": d.teacher, "method": METHOD, "teacher_steps": d.teacher_steps,
-                    "student_steps": d.student_steps, "teacher_guidance_scale": self.teacher_config.guidance_scale,
-                    "divergence": d.divergence}
+        training = {**card["training"], "teacher": d.teacher, "method": METHODS[d.method],
+                    "student_steps": d.student_steps}
+        if d.method == "sdtt":
+            training |= {"teacher_steps": d.teacher_steps, "teacher_guidance_scale": self.teacher_config.guidance_scale,
+                         "divergence": d.divergence}
+        else:
+            training |= {"noise_scale": d.noise_scale, "noise_seed": d.noise_seed}
         if self.evaluate is not None:
             was_training = pipe.model.training
             pipe.model.eval()
@@ -161,7 +231,7 @@ class Distiller(Trainer):
 def sampler_configs(teacher: SamplerConfig, config: TrainConfig) -> tuple[SamplerConfig, SamplerConfig]:
     """The teacher's settings for the targets (its own, at `distill.teacher_steps`, guided by
     `distill.guidance_scale` when set) and the student's (the same at `distill.student_steps`,
-    unguided when the targets are guided)."""
+    unguided, with `distill.student_sampler` over them)."""
     d = config.distill
     if teacher.strategy == "threshold":
         raise ValueError("distill.teacher samples with strategy='threshold', whose steps commit adaptively: "
@@ -169,8 +239,9 @@ def sampler_configs(teacher: SamplerConfig, config: TrainConfig) -> tuple[Sample
     guidance = teacher.guidance_scale if d.guidance_scale is None else d.guidance_scale
     teacher_config = teacher.replace(num_inference_steps=d.teacher_steps, guidance_scale=guidance,
                                      cache_interval=None)
-    student_config = teacher.replace(num_inference_steps=d.student_steps,
-                                     guidance_scale=0.0 if guidance > 0 else teacher.guidance_scale)
+    # Unguided: the student learnt the targets' distributions, guided (folded in) or not.
+    student_config = teacher.replace(num_inference_steps=d.student_steps, guidance_scale=0.0,
+                                     **dict(d.student_sampler))
     return teacher_config, student_config
 
 

@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["ResumeRefused", "choose_checkpoint", "check_settings", "check_output_dir", "data_identity"]
 
 
+# The inputs a checkpoint records by identity (trainer_state.json) -> the option a change is reported as
+# (and that checkpoint.allow_changed names to accept it).
+IDENTITY_OPTIONS = {"data": "data.cache (contents)", "teacher": "distill.teacher (weights)"}
+
+
 class ResumeRefused(ValueError):
     """The checkpoint was written under settings that would make the resumed run differ."""
 
@@ -59,11 +64,13 @@ def choose_checkpoint(root: Path, resume: str, info: DistInfo) -> Path | None:
     return None if value is None else Path(value)
 
 
-def check_settings(path: Path, cfg: TrainConfig, world_size: int, data: dict) -> list[tuple[str, object, object]]:
+def check_settings(path: Path, cfg: TrainConfig, world_size: int, identity: dict) -> list[tuple[str, object, object]]:
     """Compare this run with the one that wrote checkpoint `path`: its options (config.yaml), world
-    size and data identity (trainer_state.json). Raises ResumeRefused listing every difference that
-    can change the trained weights and is not named in `checkpoint.allow_changed`; returns the
-    allowed ones (after logging them), which the trainer then applies."""
+    size and the identity of its inputs (trainer_state.json; `identity`: the trainer's `_identity`,
+    e.g. {"data": data_identity(data)} and, for a distillation, the teacher's weights). Raises
+    ResumeRefused listing every difference that can change the trained weights and is not named in
+    `checkpoint.allow_changed`; returns the allowed ones (after logging them), which the trainer
+    then applies."""
     with ckpt.reading(path / "config.yaml"):
         saved = yaml.safe_load((path / "config.yaml").read_text())
         if not isinstance(saved, dict):
@@ -73,8 +80,9 @@ def check_settings(path: Path, cfg: TrainConfig, world_size: int, data: dict) ->
     changes = resume_differences(saved, cfg)
     if state.get("world_size", world_size) != world_size:
         changes.append(("world_size", state["world_size"], world_size))
-    if "data" in state and state["data"] != data:
-        changes.append(("data.cache (contents)", state["data"], data))
+    for key, now in identity.items():  # a key the checkpoint lacks was not recorded by its medim
+        if key in state and state[key] != now:
+            changes.append((IDENTITY_OPTIONS[key], state[key], now))
     allowed = cfg.checkpoint.allow_changed
 
     def is_allowed(key: str) -> bool:
@@ -100,6 +108,7 @@ def check_settings(path: Path, cfg: TrainConfig, world_size: int, data: dict) ->
 # What a run writes in train.output_dir (trainer.py, logs.py, checkpoint.py) and, per
 # folder, the names it writes inside; a leading "." is an atomic writer's temporary sibling.
 RUN_ENTRIES = {"log.jsonl": None, "final": None, "tensorboard": None,
+               "targets": re.compile(r"shard_\d+\.safetensors|index\.json|\..+"),
                "checkpoints": re.compile(r"checkpoint_\d+|latest|\..+"), "samples": re.compile(r"step_\d+|\..+")}
 
 

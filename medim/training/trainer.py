@@ -95,8 +95,9 @@ class Trainer:
         self.num_train = len(data) - cfg.data.val_size
         # Checksums and settings of the checkpoint to resume from, before any model is built.
         resume_from = choose_checkpoint(self.ckpt_dir, cfg.checkpoint.resume, info) if cfg.checkpoint.resume else None
+        self.identity = self._identity(data)
         if resume_from is not None:
-            check_settings(resume_from, cfg, info.world_size, data_identity(data))
+            check_settings(resume_from, cfg, info.world_size, self.identity)
         elif cfg.checkpoint.resume:
             logger.info("resume=%s: no checkpoint in %s yet, starting from step 0", cfg.checkpoint.resume,
                         self.ckpt_dir)
@@ -196,6 +197,11 @@ class Trainer:
         if self.info.device.type == "cuda":
             return {k: v.pin_memory().to(self.info.device, non_blocking=True) for k, v in tensors.items()}
         return {k: v.to(self.info.device) for k, v in tensors.items()}
+
+    def _identity(self, data) -> dict:
+        """What a checkpoint records about the run's inputs beyond its options, and a resume must match
+        (`resume.check_settings`): the training data."""
+        return {"data": data_identity(data)}
 
     def _loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator):
         x0 = batch["x0"]
@@ -406,8 +412,7 @@ class Trainer:
         path = None
         if self.info.is_main:
             trainer_state = {"step": self.step, "samples_seen": self.samples_seen, "updates": updates,
-                             "skipped": skipped, "world_size": self.info.world_size,
-                             "data": data_identity(self.data)}
+                             "skipped": skipped, "world_size": self.info.world_size, **self.identity}
             path = ckpt.save_checkpoint(
                 self.ckpt_dir, self.step, model_state=model_state, optim_state=optim_state,
                 trainer_state=trainer_state, rng_states=rng_states, ema_state=ema_state,

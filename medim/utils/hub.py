@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 # Models that ship inside the package, by the name users load them with -> folder under medim/.
-BUNDLED_MODELS = {"medim-demo": "demo_model"}
+BUNDLED_MODELS = {"medim-demo": "demo_model", "medim-demo-4step": "demo_model_4step"}
 # Seconds the one reachability probe of the Hub may take. Without it, a machine with no route to the
 # Hub spends about a minute in huggingface_hub's retries of its first request before failing.
 HUB_PROBE_TIMEOUT_S = 3.0

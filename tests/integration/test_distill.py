@@ -16,13 +16,16 @@ import torch
 from huggingface_hub import ModelCard
 
 from medim.cli import main
-from medim.diffusion import SamplerConfig, masked_before, rollout, sample, text_to_image, unconditional
+from medim.data.cache import TokenCacheDataset, first_sentence_length, state_sha256
+from medim.diffusion import SamplerConfig, masked_before, rollout, sample, tasks, text_to_image, unconditional
 from medim.diffusion.schedule import get_schedule
 from medim.models.denoiser import ModelDenoiser
 from medim.pipelines.pipeline import MeDiMPipeline
 from medim.training import load_config
 from medim.training.config import DistillSection
-from medim.training.distill import METHOD, distill_loss
+from medim.training.distill import METHODS, Distiller, distill_loss
+from medim.training.resume import ResumeRefused
+from medim.training.sequence import shared_noise, write_reports
 from tests.helpers.training import REPO, assert_same_tensors, tiny_run
 from tests.integration.test_training_faults import DRIVER
 
@@ -170,7 +173,7 @@ def test_distill_writes_a_few_step_pipeline_that_generates(tmp_path, capsys):
     entry = json.loads((tmp_path / "gen" / "manifest.jsonl").read_text().splitlines()[-1])
     assert entry["settings"]["num_inference_steps"] is None and (tmp_path / "gen" / entry["image"]).is_file()
     card = ModelCard.load(final / "README.md").text
-    for row in (f"| distilled from (teacher) | {tmp_path / 'base'} |", f"| distillation method | {METHOD} |",
+    for row in (f"| distilled from (teacher) | {tmp_path / 'base'} |", f"| distillation method | {METHODS['sdtt']} |",
                 "| student sampler steps | 2 |", "| teacher sampler steps | 4 |", "(`medim distill`)"):
         assert row in card, row
 
@@ -195,6 +198,12 @@ def test_help_explains_every_distill_option(capsys):
     ("distill.task_mix=[0,0,0]", "distill.task_mix"),
     ("distill.task_mix=[1,-1,1]", "distill.task_mix"),
     ("distill.guidance_scale=-1", "distill.guidance_scale"),
+    ("distill.method=dmd", "distill.method"),
+    ("distill.noise_scale=-0.5", "distill.noise_scale"),
+    ("distill.noise_seed=-1", "distill.noise_seed"),
+    ("distill.student_sampler.steps=3", "distill.student_sampler"),
+    ("distill.student_sampler.num_inference_steps=8", "distill.student_sampler"),  # that is student_steps
+    ("distill.student_sampler.temperature=-1", "distill.student_sampler"),
     ("distill.guidance_scale=nan", "distill.guidance_scale"),
     ("lora.r=4", "lora.r"),
     ("distill.teachr=x", "distill.teachr"),
@@ -217,6 +226,75 @@ def test_command_refuses_a_missing_teacher_and_a_threshold_teacher():
 
     with pytest.raises(ValueError, match=r"distill\.teacher is set"):  # plain training would ignore the section
         Trainer(config)
+
+
+# ---------------------------------------------------------------- distill.method=sequence
+@pytest.mark.parametrize("name", ["native", "v1"])
+def test_reports_are_written_left_to_right_under_the_shared_noise(request, name):
+    pipe = request.getfixturevalue(name)
+    model, layout = pipe.model.eval(), pipe.layout
+    text, image = layout.text_segment, layout.image_segment
+    codes = torch.randint(0, image.vocab_size, (3, layout.image_len), generator=torch.Generator().manual_seed(0))
+    noise = shared_noise(layout.text_len, text.vocab_size, seed=4)
+    condition = layout.condition(pipe.tokenizer, [(512, 640)] * 3)  # medim-v1's size prompt; none for native
+    written = write_reports(model, codes, noise, 0.5, **condition)
+    assert torch.equal(written, write_reports(model, codes, noise, 0.5, **condition))
+    state = tasks.image_to_report(layout, codes).x
+    state[:, text.start : text.stop] = written
+    schedule = get_schedule("loglinear")
+    for i in (0, 1, 5):  # each token: the argmax at its position with the report masked from there on
+        x = state.clone()
+        x[:, text.start + i : text.stop] = layout.mask_id
+        t = torch.full((3,), (text.length - i) / text.length)
+        logits = ModelDenoiser(model)(x, schedule.sigma(t), {"text": torch.tensor([text.start + i])},
+                                      **condition)["text"][:, 0]
+        expected = (logits.float().log_softmax(-1) + 0.5 * noise[i]).argmax(-1) + text.vocab_start
+        assert torch.equal(written[:, i], expected)
+    # The noise is shared: where it outweighs the model, every image gets the same report.
+    loud = write_reports(model, codes, noise, 1e6, **condition)
+    assert (loud == loud[0]).all()
+
+
+@pytest.mark.usefixtures("tiny_run_copy")
+def test_sequence_distillation_trains_on_the_teachers_reports(tmp_path):
+    args = _distill_args(tmp_path, "run", "distill.method=sequence", "distill.guidance_scale=0", "train.max_steps=2",
+                         "checkpoint.every=1", "checkpoint.resume=latest",
+                         "distill.student_sampler.confidence_temperature=1.5")
+    assert main(["distill", *args]) == 0
+    targets, cache = TokenCacheDataset(tmp_path / "run/targets"), TokenCacheDataset(tmp_path / "cache")
+    teacher = MeDiMPipeline.from_pretrained(tmp_path / "base")
+    layout = teacher.layout
+    # The cache's images, with the reports the teacher writes for them.
+    assert targets.ids == cache.ids and torch.equal(targets.tensors["image_codes"], cache.tensors["image_codes"])
+    codes = cache.tensors["image_codes"][:4].long()
+    noise = shared_noise(layout.text_len, layout.text_segment.vocab_size, seed=0)
+    assert torch.equal(targets.tensors["text_ids"][:4].long(), write_reports(teacher.model, codes, noise, 0.5))
+    reports = layout.decode_reports(teacher.tokenizer, targets.tensors["text_ids"][:4].long())
+    assert torch.equal(targets.tensors["prefix_len"][:4].long(),
+                       first_sentence_length(layout, teacher.tokenizer, reports).long())
+    card = ModelCard.load(tmp_path / "run/final/README.md").text
+    assert f"| distillation method | {METHODS['sequence']} |" in card and "teacher sampler steps" not in card
+    # The student's saved settings: the teacher's at 2 steps, with distill.student_sampler over them.
+    assert MeDiMPipeline.from_pretrained(tmp_path / "run/final").sampler_config == teacher.sampler_config.replace(
+        num_inference_steps=2, guidance_scale=0.0, confidence_temperature=1.5)
+    # A resume reuses them; reports written under other settings are refused, not mixed in.
+    shard = tmp_path / "run/targets/shard_00000.safetensors"
+    before = shard.stat().st_mtime_ns
+    config = load_config(REPO / "configs/tiny.yaml", args[2:])
+    assert Distiller(config).step == 2 and shard.stat().st_mtime_ns == before
+    index = json.loads((tmp_path / "run/targets/index.json").read_text())
+    index["source"]["noise_seed"] = 1
+    (tmp_path / "run/targets/index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="delete the folder to write them again"):
+        Distiller(config)
+
+
+def test_sequence_distillation_refuses_a_guided_teacher(tmp_path, tiny_run_copy):
+    config = load_config(REPO / "configs/tiny.yaml", _distill_args(tmp_path, "run", "distill.method=sequence",
+                                                                   "distill.guidance_scale=2")[2:])
+    with pytest.raises(ValueError, match="distill.method=sequence: the teacher writes reports unguided"):
+        Distiller(config)
+    assert not (tmp_path / "run" / "targets").exists()
 
 
 # ---------------------------------------------------------------- killed, resumed: the same bits
@@ -245,6 +323,24 @@ def test_sigkill_between_steps_resumes_to_the_same_bits(tmp_path):
     strip = [[{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
               for line in (p / "log.jsonl").read_text().splitlines()] for p in (a, b)]
     assert strip[0] == strip[1] and all(math.isfinite(r["loss"]) for r in strip[0] if "loss" in r)
+
+
+@pytest.mark.usefixtures("tiny_run_copy")
+def test_resume_with_a_changed_teacher_is_refused(tmp_path):
+    args = _distill_args(tmp_path, "run", "train.max_steps=2", "checkpoint.every=1", "checkpoint.resume=latest")
+    assert main(["distill", *args]) == 0
+    state = json.loads((tmp_path / "run/checkpoints/checkpoint_00000002/trainer_state.json").read_text())
+    teacher = MeDiMPipeline.from_pretrained(tmp_path / "base")
+    assert state["teacher"] == {"weights_sha256": state_sha256(teacher.model)}
+    # The same folder, other weights (a teacher retrained in place): a resume would not continue the run.
+    with torch.no_grad():
+        next(teacher.model.parameters()).add_(1e-3)
+    teacher.save_pretrained(tmp_path / "base", overwrite=True)
+    config = load_config(REPO / "configs/tiny.yaml", args[2:])  # args: --config FILE overrides...
+    with pytest.raises(ResumeRefused, match=r"distill.teacher \(weights\)"):
+        Distiller(config)
+    config.checkpoint.allow_changed = ["distill.teacher"]
+    assert Distiller(config).step == 2
 
 
 # ---------------------------------------------------------------- two processes: DDP and FSDP2, bf16

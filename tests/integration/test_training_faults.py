@@ -115,11 +115,11 @@ def test_resume_refuses_changed_settings_unless_allowed(tmp_path, caplog):
     path = trainer.last_checkpoint
     cfg, data = trainer.cfg, json.loads((path / "trainer_state.json").read_text())["data"]
     with pytest.raises(ResumeRefused, match=r"world_size: 1 -> 2"):
-        check_settings(path, cfg, 2, data)
+        check_settings(path, cfg, 2, {"data": data})
     with pytest.raises(ResumeRefused, match=r"data.cache \(contents\)"):
-        check_settings(path, cfg, 1, {**data, "items": 99})
+        check_settings(path, cfg, 1, {"data": {**data, "items": 99}})
     cfg.checkpoint.allow_changed = ["optim", "world_size", "data.cache"]
-    assert len(check_settings(path, cfg, 2, {**data, "items": 99})) == 3
+    assert len(check_settings(path, cfg, 2, {"data": {**data, "items": 99}})) == 3
 
 
 # ---------------------------------------------------------------- damaged checkpoints and logs (item 7)

@@ -2,9 +2,9 @@
 
 Self-distillation through time or sequence-level distillation (docs/training.md, "Distillation")
 on medim's trainer: the same config file and dotted overrides as `medim train` plus the `distill`
-section, one process or torchrun (`torchrun -m medim.training --config cfg.yaml` with `distill.teacher` set is the same
-run). The result, `train.output_dir/final`, is a normal pipeline that samples in
-`distill.student_steps` steps.
+section, one process or torchrun (`torchrun -m medim.training --config cfg.yaml` with
+`distill.teacher` set is the same run). The result, `train.output_dir/final`, is a normal pipeline
+that samples in `distill.student_steps` steps.
 """
 
 from __future__ import annotations

@@ -97,9 +97,13 @@ class Distiller(Trainer):
         self.pipe.sampler_config = self.student_config  # validation samples (eval.prompts) as the student will
         mix = torch.tensor(d.task_mix, dtype=torch.float64)
         self.task_edges = (mix.cumsum(0) / mix.sum()).float()[:-1].to(self.info.device)
-        logger.info("distilling %s: %d teacher steps -> %d student steps (k=%d), guidance %g%s", d.teacher,
-                    d.teacher_steps, d.student_steps, self.k, self.teacher_config.guidance_scale,
-                    " folded in" if self.teacher_config.guidance_scale else "")
+        if d.method == "sdtt":
+            logger.info("distilling %s: %d teacher steps -> %d student steps (k=%d), guidance %g%s", d.teacher,
+                        d.teacher_steps, d.student_steps, self.k, self.teacher_config.guidance_scale,
+                        " folded in" if self.teacher_config.guidance_scale else "")
+        else:
+            logger.info("distilling %s into %d student steps on its reports (%s)", d.teacher, d.student_steps,
+                        self.out_dir / TARGETS)
 
     def _identity(self, data) -> dict:
         """The trainer's, and the teacher's weights: a resume with another teacher (a folder or Hub

@@ -300,14 +300,16 @@ def test_sequence_distillation_refuses_a_guided_teacher(tmp_path, tiny_run_copy)
 # ---------------------------------------------------------------- killed, resumed: the same bits
 @pytest.mark.slow
 @pytest.mark.usefixtures("tiny_run_copy")
-def test_sigkill_between_steps_resumes_to_the_same_bits(tmp_path):
+@pytest.mark.parametrize("method", [[], ["distill.method=sequence", "distill.guidance_scale=0"]],
+                         ids=["sdtt", "sequence"])
+def test_sigkill_between_steps_resumes_to_the_same_bits(tmp_path, method):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.replace('main(["train", *args])', 'main(["distill", *args])'))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 
     def run(out: str, point: str = "none", at: int = 0) -> int:
         args = _distill_args(tmp_path, out, "train.max_steps=6", "checkpoint.every=2", "optim.ema_decay=0.9",
-                             "checkpoint.resume=latest")
+                             "checkpoint.resume=latest", *method)
         done = subprocess.run([sys.executable, str(driver), point, str(at), *args], env=env, capture_output=True,
                               text=True, timeout=600)
         assert done.returncode in (0, -signal.SIGKILL), done.stderr[-3000:]

@@ -7,7 +7,7 @@ Sequence-level knowledge distillation (Kim & Rush, "Sequence-Level Knowledge Dis
 teacher's outputs have fewer modes than the data, and a decoder that writes many tokens at once
 can only be coherent where each step's tokens are nearly decided by what is already written.
 
-A report sampled in 4 steps commits about ten tokens per step, each drawn on its own. The same
+A report sampled in 4 steps commits up to 16 tokens in a step, each drawn on its own. The same
 findings come in many phrasings, so per-position distributions mix them ("in in right right");
 matching the teacher's step distributions (SDTT) keeps that mixture. Here the teacher writes each
 report left to right, one position per forward, taking argmax(log p + noise_scale * g) with one

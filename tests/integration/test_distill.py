@@ -289,7 +289,8 @@ def test_sequence_distillation_trains_on_the_teachers_reports(tmp_path):
         Distiller(config)
 
 
-def test_sequence_distillation_refuses_a_guided_teacher(tmp_path, tiny_run_copy):
+@pytest.mark.usefixtures("tiny_run_copy")
+def test_sequence_distillation_refuses_a_guided_teacher(tmp_path):
     config = load_config(REPO / "configs/tiny.yaml", _distill_args(tmp_path, "run", "distill.method=sequence",
                                                                    "distill.guidance_scale=2")[2:])
     with pytest.raises(ValueError, match="distill.method=sequence: the teacher writes reports unguided"):

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from medim.data.cache import TokenCacheDataset, state_sha256
 from medim.diffusion.config import SamplerConfig
 from medim.diffusion.draw import ranks
-from medim.diffusion.loss import LossOutput, diffusion_loss
+from medim.diffusion.loss import LossOutput
 from medim.diffusion.sampler import masked_before, rollout
 from medim.models.denoiser import ModelDenoiser
 from medim.training.config import TrainConfig
@@ -179,12 +179,8 @@ class Distiller(Trainer):
         x0 = batch["x0"].clone()
         x0[:, text.start : text.stop] = torch.where((task == 0)[:, None], batch["data_text"],
                                                     x0[:, text.start : text.stop])
-        condition = {k: v for k, v in batch.items() if k not in ("x0", "prefix_len", "data_text")}
-        with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
-            return diffusion_loss(self._denoiser, x0, self.layout.segments, self.layout.mask_id,
-                                  schedule=self.cfg.diffusion.schedule, known=known,
-                                  loss_mask=None if self.layout.supervise_padding else x0 != self.layout.pad_id,
-                                  generator=generator, model_kwargs=condition, validate_tokens=False)
+        rest = {k: v for k, v in batch.items() if k not in ("x0", "data_text")}
+        return super()._loss({**rest, "x0": x0}, generator, known=known)
 
     def _rand(self, shape: tuple, generator: torch.Generator) -> torch.Tensor:
         return torch.rand(shape, generator=generator, device=generator.device).to(self.info.device)

@@ -203,10 +203,16 @@ class Trainer:
         (`resume.check_settings`): the training data."""
         return {"data": data_identity(data)}
 
-    def _loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator):
+    def _loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator,
+              known: torch.Tensor | None = None):
+        """The diffusion loss of a micro-batch. `known` [B, N]: each row's given positions (a task per
+        row, as a distillation draws them), in place of the random keep/drop options of `diffusion`."""
         x0 = batch["x0"]
         condition = {k: v for k, v in batch.items() if k not in ("x0", "prefix_len")}
         d = self.cfg.diffusion
+        tasks = {"known": known} if known is not None else dict(
+            keep_prefix_prob=d.keep_prefix_prob, prefix_len=batch["prefix_len"], cond_drop_prob=d.cond_drop_prob,
+            cond_keep_prob=d.cond_keep_prob)
         autocast = torch.autocast(self.info.device.type, dtype=torch.bfloat16,
                                   enabled=self.cfg.train.precision == "bf16")
         with autocast:
@@ -214,13 +220,10 @@ class Trainer:
                 self._denoiser, x0, self.layout.segments, self.layout.mask_id,
                 schedule=d.schedule,
                 loss_mask=None if self.layout.supervise_padding else x0 != self.layout.pad_id,
-                keep_prefix_prob=d.keep_prefix_prob,
-                prefix_len=batch["prefix_len"],
-                cond_drop_prob=d.cond_drop_prob,
-                cond_keep_prob=d.cond_keep_prob,
                 generator=generator,
                 model_kwargs=condition,
                 validate_tokens=False,  # checked on the host in _device_batch: no sync here
+                **tasks,
             )
 
     def _sync_context(self, last: bool):

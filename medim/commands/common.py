@@ -32,8 +32,8 @@ RELEASED_CHECKPOINT = "JiaMao/medim_ckpts"
 LOADERS = ("auto", "pretrained", "original")
 DTYPES = ("float32", "bfloat16", "float16")
 # The SamplerConfig fields a command line sets (`add_sampler_arguments`), each by its own name.
-SAMPLER_FIELDS = ("num_inference_steps", "guidance_scale", "strategy", "temperature", "top_k", "top_p",
-                  "cache_interval", "order")
+SAMPLER_FIELDS = ("num_inference_steps", "guidance_scale", "strategy", "schedule", "temperature", "top_k", "top_p",
+                  "cache_interval", "order", "text_share")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -223,12 +223,17 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
                        help="denoising steps")
     group.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale, 0 = off")
     group.add_argument("--strategy", help="maskgit, threshold or ddpm")
+    group.add_argument("--schedule", help="maskgit's commit schedule: arccos, cosine, linear or cosine_ratio "
+                                          "(its first step commits more than one token; for few steps)")
     group.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
     group.add_argument("--top-k", type=int, help="keep the k most likely tokens")
     group.add_argument("--top-p", type=float, help="nucleus sampling mass, in (0, 1]")
     group.add_argument("--cache-interval", type=int,
                        help="context caching: refresh the cached keys/values every k steps (approximate; 1 = exact)")
-    group.add_argument("--order", help="maskgit's image commit order: confidence or halton")
+    group.add_argument("--order", help="maskgit's commit order: confidence, halton (image codes in a spread-out "
+                                       "spatial order) or text_first (a pair's report first, then its image)")
+    group.add_argument("--text-share", type=float, metavar="F",
+                       help="with --order text_first: the share of the steps that write the report, in (0, 1)")
 
 
 def sampler_options(args: argparse.Namespace) -> dict[str, Any]:

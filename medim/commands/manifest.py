@@ -27,8 +27,8 @@ SIGNATURE = json.dumps(MARK)[:-1]
 # Settings that change what a sample looks like: a resumed run must use the same ones.
 SETTING_KEYS = (
     "task", "model", "loader", "revision", "lora", "fuse_lora", "num_inference_steps", "guidance_scale", "strategy",
-    "temperature", "top_k", "top_p", "cache_interval", "order", "image_size", "prompt", "dtype", "seed",
-    "num_per_prompt", "mask_dilation",
+    "schedule", "temperature", "top_k", "top_p", "cache_interval", "order", "text_share", "image_size", "prompt",
+    "dtype", "seed", "num_per_prompt", "mask_dilation",
 )
 # What a killed run can leave in the folder: exactly the temporary files of the atomic writers.
 LEFTOVER = temporary_names(r"\d{6,}\.(?:png|txt)|manifest(?:\.rank\d+)?\.jsonl")

@@ -22,9 +22,9 @@ __all__ = ["SamplerConfig", "RELEASE_SAMPLER", "FAST_OPTIONS", "STRATEGIES", "CO
            "ORDERS", "MAX_STEPS"]
 
 STRATEGIES = ("maskgit", "threshold", "ddpm")
-COMMIT_SCHEDULES = ("arccos", "cosine", "linear")
+COMMIT_SCHEDULES = ("arccos", "cosine", "linear", "cosine_ratio")
 GUIDANCE_SCHEDULES = ("constant", "linear")
-ORDERS = ("confidence", "halton")
+ORDERS = ("confidence", "halton", "text_first")
 # More steps than any state has positions can never commit anything new (maskgit and threshold
 # commit at least one token per step), and the per-step tables grow with the count: a typo such
 # as 10**9 would allocate gigabytes before the first forward.
@@ -44,7 +44,10 @@ class SamplerConfig:
         strategy: "maskgit" (commit the most confident tokens, `schedule` says how many per
             step), "threshold" (commit every token whose probability exceeds `threshold`, at
             least `min_per_step`; stops early when done) or "ddpm" (MDLM ancestral update).
-        schedule: maskgit's commit-count schedule: "arccos" (release), "cosine", "linear".
+        schedule: maskgit's commit-count schedule: "arccos" (release), "cosine", "linear" (these three
+            share the release's normalisation, whose first step commits a single token), or
+            "cosine_ratio" (MaskGIT's mask ratio: cos(pi/2 * i/S) of the tokens stay masked after step
+            i of S, so the first of 4 steps commits about 8 %: a step not spent on one token).
         noise_schedule: the schedule giving the sigma fed to the model (a name of
             `medim.diffusion.SCHEDULES`, a `NoiseSchedule`, or a mapping `{"name": ..., **options}`
             as model_index.json stores it, made into its schedule).
@@ -56,7 +59,13 @@ class SamplerConfig:
         time_eps: the last time of the grid linspace(1, time_eps, num_inference_steps + 1).
         order: maskgit's commit order for image tokens: "confidence" (release: the most confident
             tokens of the whole state) or "halton" (image tokens in a low-discrepancy spatial order
-            over the square grid, text by confidence; each modality gets its own commit counts).
+            over the square grid, text by confidence; each modality gets its own commit counts) or
+            "text_first" (a state where both the report and the image are unknown, as a pair's,
+            writes the report in the first round(text_share * steps) steps with the image hidden,
+            then draws the image given it; each phase has its own time grid and commit counts, and
+            asks the network for its own modality only. Other tasks sample as with "confidence").
+        text_share: with order="text_first", the share of the steps that write the report (each
+            phase gets at least one step; a 1-step call samples both at once).
         cache_interval: context caching (approximate; needs a denoiser with a `cached` method, as
             the pipeline's). None: off, every step runs the whole sequence. k >= 1: refresh the
             cached keys/values every k steps (and early, see docs/sampling.md); between refreshes
@@ -82,6 +91,7 @@ class SamplerConfig:
     top_p: float | None = None
     time_eps: float = 1e-5
     order: str = "confidence"
+    text_share: float = 0.75
     cache_interval: int | None = None
 
     def __post_init__(self) -> None:
@@ -110,8 +120,10 @@ class SamplerConfig:
         if not (_number(self.time_eps) and 0 < self.time_eps < 1):
             raise ValueError(f"time_eps must be a number in (0, 1), got {self.time_eps!r}")
         check_int(self.cache_interval, "cache_interval", minimum=1, maximum=MAX_STEPS, allow_none=True)
-        if self.order == "halton" and self.strategy != "maskgit":  # the others commit by their own rule
-            raise ValueError(f"order='halton' is maskgit's image commit order; strategy={self.strategy!r} does not "
+        if not (_number(self.text_share) and 0 < self.text_share < 1):
+            raise ValueError(f"text_share must be a number in (0, 1), got {self.text_share!r}")
+        if self.order != "confidence" and self.strategy != "maskgit":  # the others commit by their own rule
+            raise ValueError(f"order={self.order!r} is a maskgit commit order; strategy={self.strategy!r} does not "
                              "use it: set order='confidence' (the default) or strategy='maskgit'")
 
     @classmethod

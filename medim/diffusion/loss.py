@@ -67,6 +67,13 @@ def _as_mask(m: torch.Tensor | None, shape: torch.Size, name: str, default: bool
     return m
 
 
+def _position_masks(x0: torch.Tensor, known: Any, hidden: Any, loss_mask: Any) -> tuple[torch.Tensor, ...]:
+    """`diffusion_loss`'s known, hidden (not known) and counted (neither) positions, checked, [B, N]."""
+    known = _as_mask(known, x0.shape, "known", False, x0.device)
+    hidden = _as_mask(hidden, x0.shape, "hidden", False, x0.device) & ~known
+    return known, hidden, _as_mask(loss_mask, x0.shape, "loss_mask", True, x0.device) & ~known & ~hidden
+
+
 def _check_states(x0: Any, segments: Sequence[Segment], mask_id: int, validate_tokens: bool) -> tuple[Segment, ...]:
     """`x0` is a LongTensor [B, N] that `segments` tile (and, if `validate_tokens`, whose ids lie in
     their segments' vocabularies); returns the segments as a tuple."""
@@ -193,6 +200,7 @@ def diffusion_loss(
     *,
     schedule: str | NoiseSchedule = "loglinear",
     known: torch.BoolTensor | None = None,
+    hidden: torch.BoolTensor | None = None,
     loss_mask: torch.BoolTensor | None = None,
     keep_prefix_prob: float = 0.0,
     prefix_len: torch.Tensor | Sequence[int] | int | None = None,
@@ -213,6 +221,7 @@ def diffusion_loss(
         x0: clean states `[B, N]` of backbone ids.
         segments, mask_id: `layout.segments`, `layout.mask_id`.
         known: positions that are never masked and never counted (e.g. fixed conditioning).
+        hidden: positions always masked, never counted (a report-first pair's image, drawn later).
         loss_mask: positions that count (default all). medim-v1 passes "not padding"; the native
             layout supervises padding and end-of-report, so it passes None.
         keep_prefix_prob, prefix_len: with this probability per row, state positions
@@ -251,8 +260,7 @@ def diffusion_loss(
     """
     segments = _check_states(x0, segments, mask_id, validate_tokens)
     sched = get_schedule(schedule)
-    known = _as_mask(known, x0.shape, "known", False, x0.device)
-    counted = _as_mask(loss_mask, x0.shape, "loss_mask", True, x0.device) & ~known
+    known, hidden, counted = _position_masks(x0, known, hidden, loss_mask)
     _check_options(keep_prefix_prob=keep_prefix_prob, cond_drop_prob=cond_drop_prob, cond_keep_prob=cond_keep_prob,
                    time_eps=time_eps, snr_cap=snr_cap)
     weights = _modality_weights(segments, modality_weights)
@@ -261,7 +269,7 @@ def diffusion_loss(
     masked, counted = _mask(x0, t, known, counted, schedule=sched, segments=segments, generator=generator,
                             keep_prefix_prob=keep_prefix_prob, prefix_len=prefix_len,
                             cond_drop_prob=cond_drop_prob, cond_keep_prob=cond_keep_prob)
-    logprobs = denoiser(torch.where(masked, mask_id, x0), sched.sigma(t), None, **(model_kwargs or {}))
+    logprobs = denoiser(torch.where(masked | hidden, mask_id, x0), sched.sigma(t), None, **(model_kwargs or {}))
     sums = _segment_sums(logprobs, x0, segments, masked & counted, _loss_weight(sched, t, snr_cap))
     return _reduce(sums, weights, segments, masked, counted, t)
 

@@ -65,6 +65,11 @@ def commit_counts(
     m = torch.as_tensor(num_unknown, dtype=torch.long).reshape(-1, 1)
     if num_steps == 1:
         return m.clone()
+    if schedule == "cosine_ratio":  # committed after step i: (1 - cos(pi/2 * i/S)) m, at least i, at most m
+        i = torch.arange(1, num_steps + 1)
+        done = torch.maximum(((1 - torch.cos(i / num_steps * math.pi * 0.5)) * m).round().long(), i).clamp(max=m)
+        done[:, -1] = m[:, 0]
+        return torch.diff(done, dim=-1, prepend=torch.zeros_like(m))
     r = torch.linspace(1, 0, num_steps)
     frac = {
         "arccos": lambda: torch.arccos(r) / (math.pi * 0.5),
@@ -239,11 +244,14 @@ class _Plan:
         config, segments, mask_id, halton: the call's settings and layout (`halton`: maskgit's
             Halton order is on).
         every: the columns unknown in some row.
+        columns: per step, the columns its forward asks for: `every`, or with the text-first order
+            the phase's modality.
         counts: tokens each row commits per step, `{None: [B, S]}` on the device (with the Halton
-            order one table per segment name: each modality commits on its own schedule).
+            and text-first orders one table per segment name: each modality commits on its own
+            schedule).
         active: per step, whether it runs a forward (maskgit: some row commits something).
-        t, sigma, move: the time grid linspace(1, time_eps, S + 1), the model's sigma on it (on the
-            device) and the move chance.
+        t, sigma, move: the time grid linspace(1, time_eps, S + 1) (text first: one such grid per
+            phase, each from 1), the model's sigma on it (on the device) and the move chance.
         weight, guided: per step, the guidance weight and whether the step runs the guided batch.
         unknown: tokens to fill per row, float64 [B].
         left: tokens still masked per row before each step as far as the host knows without reading
@@ -256,6 +264,7 @@ class _Plan:
     mask_id: int
     halton: bool
     every: _Columns
+    columns: list[_Columns]
     counts: dict[str | None, torch.Tensor]
     active: list[bool]
     t: list[float]
@@ -275,22 +284,47 @@ def _plan(known: torch.Tensor, every: _Columns, *, halton: bool, segments: tuple
           config: SamplerConfig) -> _Plan:
     """The host-side tables of a call whose unknown columns are `every`."""
     steps = config.num_inference_steps
-    if halton:
-        host_counts = {seg.name: commit_counts((~known[:, seg.start : seg.stop]).sum(-1).cpu(), steps, config.schedule)
-                       for seg, _, _ in every.requested}
-    else:
-        host_counts = {None: commit_counts((~known).sum(-1).cpu(), steps, config.schedule)}
+    host_counts, t_grid, spans = _counts(known, every, config)
+    columns = [every] * steps
+    for name, (lo, hi) in spans.items():  # text first: each phase asks for its own modality only
+        phase = every.subset(torch.cat([torch.full((p.numel(),), s.name == name) for s, p, _ in every.requested]
+                                       ).to(known.device), segments, halton)
+        columns[lo:hi] = [phase] * (hi - lo)
     per_step = sum(host_counts.values())  # [B, steps]
     active = (per_step.sum(0) > 0).tolist() if config.strategy == "maskgit" else [True] * steps
     noise = get_schedule(config.noise_schedule)
-    t_grid = torch.linspace(1, config.time_eps, steps + 1, dtype=torch.float32)
     t, move = t_grid.tolist(), noise.move_chance(t_grid).tolist()
     weight, guided = _guidance(config, t, any_known=bool(known.any()))
     unknown = (~known).sum(-1).cpu().double()
-    return _Plan(config=config, segments=segments, mask_id=mask_id, halton=halton, every=every,
+    return _Plan(config=config, segments=segments, mask_id=mask_id, halton=halton, every=every, columns=columns,
                  counts={name: n.to(known.device) for name, n in host_counts.items()}, active=active, t=t,
                  sigma=noise.sigma(t_grid).to(known.device), move=move, weight=weight, guided=guided,
                  unknown=unknown, left=_tokens_left(config.strategy, unknown, per_step, move))
+
+
+def _counts(known: torch.Tensor, every: _Columns, config: SamplerConfig
+            ) -> tuple[dict[str | None, torch.Tensor], torch.Tensor, dict[str, tuple[int, int]]]:
+    """Commit counts on the host (`{None: [B, S]}`, or one table per segment name), the time grid
+    [S + 1] and, with the text-first order splitting a pair, each phase's steps `{name: (lo, hi)}`."""
+    steps, schedule = config.num_inference_steps, config.schedule
+    per_segment = config.strategy == "maskgit" and config.order != "confidence"
+    names = [seg.name for seg, _, _ in every.requested]
+    grid = torch.linspace(1, config.time_eps, steps + 1, dtype=torch.float32)
+    if not per_segment:
+        return {None: commit_counts((~known).sum(-1).cpu(), steps, schedule)}, grid, {}
+    unknown = {seg.name: (~known[:, seg.start : seg.stop]).sum(-1).cpu() for seg, _, _ in every.requested}
+    if config.order == "halton" or len(names) < 2 or steps < 2:
+        return {name: commit_counts(unknown[name], steps, schedule) for name in names}, grid, {}
+    # Text first: the report's phase, then the image's, each a run of its own from t = 1.
+    a = min(max(round(config.text_share * steps), 1), steps - 1)
+    spans = {"text": (0, a), "image": (a, steps)}
+    counts = {}
+    for name, (lo, hi) in spans.items():
+        counts[name] = torch.zeros(len(unknown[name]), steps, dtype=torch.long)
+        counts[name][:, lo:hi] = commit_counts(unknown[name], hi - lo, schedule)
+    eps = config.time_eps
+    grid = torch.cat([torch.linspace(1, eps, a + 1)[:-1], torch.linspace(1, eps, steps - a + 1)])
+    return counts, grid, spans
 
 
 def _guidance(config: SamplerConfig, t: list[float], *, any_known: bool) -> tuple[list[float], list[bool]]:
@@ -399,15 +433,16 @@ def _commit_maskgit(plan: _Plan, columns: _Columns, step: int, logprobs: torch.T
                     coin: torch.Tensor) -> torch.Tensor:
     """The most confident masked tokens of each row, as many as the step's commit count; confidence
     = log p + confidence_temperature * t * Gumbel (from `coin`). With the Halton order image columns
-    rank by their Halton priority and text by confidence, each modality on its own counts."""
+    rank by their Halton priority and text by confidence, each modality on its own counts (as with
+    the text-first order, whose columns all rank by confidence)."""
     gumbel = -torch.log(-torch.log(coin.clamp(1e-20, 1 - 1e-7)))
     conf = torch.where(masked, logprobs + (plan.config.confidence_temperature * plan.t[step]) * gumbel, -math.inf)
-    if not plan.halton:
+    if None in plan.counts:
         return masked & (ranks(conf) < plan.counts[None][:, step : step + 1])
     commit = torch.empty_like(masked)
     for seg, pos, off in columns.requested:
         block = slice(off, off + pos.numel())
-        image = seg.name == "image"
+        image = plan.halton and seg.name == "image"
         score = torch.where(masked[:, block], columns.priority[block], -math.inf) if image else conf[:, block]
         commit[:, block] = masked[:, block] & (ranks(score) < plan.counts[seg.name][:, step : step + 1])
     return commit
@@ -453,18 +488,19 @@ class _CacheState:
     refreshed: int = 0
 
     def due(self, plan: _Plan, step: int) -> bool:
-        """Refresh at `step`: no cache yet, the batch changes (guided or not), `cache_interval`
-        steps passed, or some row committed `CACHE_REFRESH_FRACTION` of its unknowns since the last
-        refresh (by the host's estimate `plan.left`: no device read)."""
+        """Refresh at `step`: no cache yet, the batch changes (guided or not), a text-first phase
+        begins, `cache_interval` steps passed, or some row committed `CACHE_REFRESH_FRACTION` of its
+        unknowns since the last refresh (by the host's estimate `plan.left`: no device read)."""
         done = (plan.left[self.refreshed] - plan.left[step]) / plan.unknown.clamp(min=1)
         return (self.cache is None or self.guided != plan.guided[step]
+                or plan.columns[step] is not plan.columns[self.refreshed]
                 or step - self.refreshed >= plan.config.cache_interval or float(done.max()) > CACHE_REFRESH_FRACTION)
 
     def forward(self, network: _Network, x: torch.Tensor, plan: _Plan, step: int) -> Mapping[str, torch.Tensor] | None:
         """The step's forward, refreshing first when due; None when nothing is left to fill."""
         if self.due(plan, step):
             # Host reads at a refresh only: the columns still masked in some row.
-            every = plan.every
+            every = plan.columns[step]
             self.columns = every.subset((x[:, every.pos_all] == plan.mask_id).any(0), plan.segments, plan.halton)
             self.cache, self.guided, self.refreshed = None, plan.guided[step], step
         if not self.columns.requested:  # ddpm can finish early
@@ -540,7 +576,7 @@ def _denoise(network: _Network, x: torch.Tensor, plan: _Plan, generator: Generat
         u = _uniforms(generator, x.shape[0], x.shape[1], x.device)
         if plan.active[i]:
             if cache is None:
-                columns = plan.every
+                columns = plan.columns[i]
                 out, _ = network(x, plan.sigma[i], columns, guided=plan.guided[i])
             else:
                 out = cache.forward(network, x, plan, i)
@@ -604,6 +640,9 @@ def masked_before(known: torch.BoolTensor, config: SamplerConfig, step: int) -> 
     if config.strategy == "threshold":
         raise ValueError("strategy='threshold' commits adaptively: no fixed count of masked tokens per step; "
                          "use maskgit or ddpm")
+    if config.strategy == "maskgit" and config.order != "confidence":
+        raise ValueError(f"order={config.order!r} commits each modality on its own counts, which `masked_before` "
+                         "does not follow; use order='confidence'")
     check_int(step, "step", minimum=0, maximum=config.num_inference_steps)
     unknown = (~known).sum(-1).cpu()
     per_step = commit_counts(unknown, config.num_inference_steps, config.schedule)

@@ -37,6 +37,8 @@ DIVERGENCES = ("kl", "mse")
 DISTILL_METHODS = ("sdtt", "sequence")
 DISTILL_TASKS = ("text_to_image", "image_to_report", "pairs")
 FREE_ON_RESUME = ("log.", "eval.", "checkpoint.", "train.output_dir", "train.max_bad_steps", "distill.student_sampler.")
+# ... except the student's commit order: it decides what a distillation's pair rows are (distill.py).
+BOUND_ON_RESUME = ("distill.student_sampler.order",)
 
 
 @dataclass
@@ -303,8 +305,10 @@ def resume_differences(saved: dict, config: TrainConfig) -> list[tuple[str, obje
     free = FREE_ON_RESUME
     if old.get("optim.scheduler") == new["optim.scheduler"] == "constant_with_warmup":
         free = (*free, "train.max_steps")
-    return [(key, old.get(key), value) for key, value in new.items()
-            if old.get(key) != value and not any(key == f or (f.endswith(".") and key.startswith(f)) for f in free)]
+    def is_free(key: str) -> bool:
+        return key not in BOUND_ON_RESUME and any(key == f or (f.endswith(".") and key.startswith(f)) for f in free)
+
+    return [(key, old.get(key), value) for key, value in new.items() if old.get(key) != value and not is_free(key)]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -92,12 +92,12 @@ class Distiller(Trainer):
         if d.method == "sequence":
             self.source, self.data = self.data, self._sequence_targets(teacher)
         del self._teacher  # its VQGAN is not needed
-        self.k = d.teacher_steps // d.student_steps
         self.evaluate = evaluate
         self.pipe.sampler_config = self.student_config  # validation samples (eval.prompts) as the student will
         mix = torch.tensor(d.task_mix, dtype=torch.float64)
         self.task_edges = (mix.cumsum(0) / mix.sum()).float()[:-1].to(self.info.device)
         if d.method == "sdtt":
+            self.k = d.teacher_steps // d.student_steps  # teacher steps per student step
             logger.info("distilling %s: %d teacher steps -> %d student steps (k=%d), guidance %g%s", d.teacher,
                         d.teacher_steps, d.student_steps, self.k, self.teacher_config.guidance_scale,
                         " folded in" if self.teacher_config.guidance_scale else "")
@@ -175,12 +175,18 @@ class Distiller(Trainer):
         on the teacher's reports; text-to-image rows on the cache's own, so the student keeps
         reading reports phrased every way (the prompts people write)."""
         known, task = self._task_known(batch["x0"], batch["prefix_len"], generator)
-        text = self.layout.text_segment
+        text, image = self.layout.text_segment, self.layout.image_segment
         x0 = batch["x0"].clone()
         x0[:, text.start : text.stop] = torch.where((task == 0)[:, None], batch["data_text"],
                                                     x0[:, text.start : text.stop])
+        hidden = None
+        if self.student_config.order == "text_first":
+            # The student writes a pair's report with the image hidden, then draws the image as
+            # text-to-image: its pair rows are those report states.
+            pos = torch.arange(x0.shape[1], device=x0.device)
+            hidden = (task == 2)[:, None] & (pos >= image.start) & (pos < image.stop)
         rest = {k: v for k, v in batch.items() if k not in ("x0", "data_text")}
-        return super()._loss({**rest, "x0": x0}, generator, known=known)
+        return super()._loss({**rest, "x0": x0}, generator, known=known, hidden=hidden)
 
     def _rand(self, shape: tuple, generator: torch.Generator) -> torch.Tensor:
         return torch.rand(shape, generator=generator, device=generator.device).to(self.info.device)
@@ -242,6 +248,10 @@ def sampler_configs(teacher: SamplerConfig, config: TrainConfig) -> tuple[Sample
     # Unguided: the student learnt the targets' distributions, guided (folded in) or not.
     student_config = teacher.replace(num_inference_steps=d.student_steps, guidance_scale=0.0,
                                      **dict(d.student_sampler))
+    for who, c in (("the teacher's sampler", teacher_config), ("distill.student_sampler", student_config)):
+        if d.method == "sdtt" and c.strategy == "maskgit" and c.order != "confidence":
+            raise ValueError(f"distill.method=sdtt: {who} has order={c.order!r}, but sdtt's student replaces windows "
+                             "of one joint commit order; use order='confidence' or distill.method=sequence")
     return teacher_config, student_config
 
 

@@ -204,13 +204,14 @@ class Trainer:
         return {"data": data_identity(data)}
 
     def _loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator,
-              known: torch.Tensor | None = None):
+              known: torch.Tensor | None = None, hidden: torch.Tensor | None = None):
         """The diffusion loss of a micro-batch. `known` [B, N]: each row's given positions (a task per
-        row, as a distillation draws them), in place of the random keep/drop options of `diffusion`."""
+        row, as a distillation draws them), in place of the random keep/drop options of `diffusion`;
+        `hidden` [B, N]: positions masked and not scored (see `diffusion_loss`)."""
         x0 = batch["x0"]
         condition = {k: v for k, v in batch.items() if k not in ("x0", "prefix_len")}
         d = self.cfg.diffusion
-        tasks = {"known": known} if known is not None else dict(
+        tasks = {"known": known, "hidden": hidden} if known is not None else dict(
             keep_prefix_prob=d.keep_prefix_prob, prefix_len=batch["prefix_len"], cond_drop_prob=d.cond_drop_prob,
             cond_keep_prob=d.cond_keep_prob)
         autocast = torch.autocast(self.info.device.type, dtype=torch.bfloat16,

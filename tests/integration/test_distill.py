@@ -22,7 +22,7 @@ from medim.diffusion.schedule import get_schedule
 from medim.models.denoiser import ModelDenoiser
 from medim.pipelines.pipeline import MeDiMPipeline
 from medim.training import load_config
-from medim.training.config import DistillSection
+from medim.training.config import DistillSection, resume_differences
 from medim.training.distill import METHODS, Distiller, distill_loss
 from medim.training.resume import ResumeRefused
 from medim.training.sequence import shared_noise, write_reports
@@ -76,6 +76,9 @@ def test_masked_before_follows_each_strategy():
         masked_before(known, maskgit.replace(strategy="threshold"), 1)
     with pytest.raises(ValueError, match="step"):
         masked_before(known, maskgit, 5)
+    for order in ("halton", "text_first"):  # each modality on its own counts: not what it computes
+        with pytest.raises(ValueError, match=f"order='{order}' commits each modality on its own counts"):
+            masked_before(known, maskgit.replace(order=order), 1)
 
 
 class _StepDenoiser:
@@ -222,6 +225,11 @@ def test_command_refuses_a_missing_teacher_and_a_threshold_teacher():
     assert config.model.init == "medim-demo"  # the student starts from the teacher
     with pytest.raises(ValueError, match="threshold"):
         sampler_configs(SamplerConfig(strategy="threshold"), config)
+    sdtt = load_config(REPO / "configs/distill_demo.yaml", ["data.cache=y", "distill.method=sdtt"])
+    for teacher, student in ((SamplerConfig(order="halton"), {}), (SamplerConfig(), {"order": "text_first"})):
+        sdtt.distill.student_sampler = student
+        with pytest.raises(ValueError, match="distill.method=sdtt: .* has order=.*use order='confidence'"):
+            sampler_configs(teacher, sdtt)
     from medim.training import Trainer
 
     with pytest.raises(ValueError, match=r"distill\.teacher is set"):  # plain training would ignore the section
@@ -287,6 +295,35 @@ def test_sequence_distillation_trains_on_the_teachers_reports(tmp_path):
     (tmp_path / "run/targets/index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="delete the folder to write them again"):
         Distiller(config)
+
+
+@pytest.mark.usefixtures("tiny_run_copy")
+def test_a_text_first_student_learns_pair_reports_with_the_image_hidden(tmp_path, monkeypatch):
+    import medim.training.trainer as trainer_module
+
+    seen, real = [], trainer_module.diffusion_loss
+    monkeypatch.setattr(trainer_module, "diffusion_loss", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    for out, order in (("joint", "confidence"), ("text-first", "text_first")):
+        args = _distill_args(tmp_path, out, "distill.method=sequence", "distill.guidance_scale=0",
+                             "distill.task_mix=[1,1,2]", f"distill.student_sampler.order={order}")
+        distiller = Distiller(load_config(REPO / "configs/tiny.yaml", args[2:]))
+        assert distiller.student_config.order == order
+        seen.clear()
+        distiller.train_step()
+        known, hidden = seen[0]["known"], seen[0]["hidden"]
+        if order == "confidence":
+            assert hidden is None
+            continue
+        text, image = distiller.layout.text_segment, distiller.layout.image_segment
+        pairs = ~known[:, text.stop - 1] & ~known[:, image.start]  # rows where both modalities are unknown
+        assert pairs.any() and (~pairs).any()
+        assert torch.equal(hidden[:, image.start : image.stop], pairs[:, None].expand(-1, image.length))
+        assert not hidden[:, text.start : text.stop].any()
+    # The order decides the pair rows, so a resume may not change it (the rest of the sampler may).
+    saved = load_config(REPO / "configs/tiny.yaml", args[2:]).to_dict()
+    saved["distill"]["student_sampler"] = {"order": "confidence", "confidence_temperature": 2.0}
+    changed = resume_differences(saved, load_config(REPO / "configs/tiny.yaml", args[2:]))
+    assert changed == [("distill.student_sampler.order", "confidence", "text_first")]
 
 
 @pytest.mark.usefixtures("tiny_run_copy")

@@ -145,7 +145,8 @@ def test_help_explains_every_option():
         assert action.help, f"{action.option_strings or action.dest} has no help"
     text = sub.format_help()
     for option in ("--model", "--prompts", "--images", "--num-per-prompt", "--out", "--seed", "--batch-size",
-                   "--num-inference-steps N, --steps N", "--guidance-scale", "--cache-interval", "--order"):
+                   "--num-inference-steps N, --steps N", "--guidance-scale", "--cache-interval", "--order",
+                   "--schedule", "--text-share"):
         assert option in text
     # Each default said once: none that says nothing ("(default: None)"), the released model named once.
     assert "(default: None)" not in text and "(default: False)" not in text
@@ -244,7 +245,9 @@ def test_prompts_file_that_is_not_utf8(tmp_path, model_dir):
     (("--strategy", "beam"), "--strategy: strategy must be one of"),
     (("--cache-interval", 0),
      r"--cache-interval: cache_interval must be None or an int in \[1, 65536\]"),
-    (("--order", "spiral"), r"--order: order must be one of \['confidence', 'halton'\]"),
+    (("--order", "spiral"), r"--order: order must be one of \['confidence', 'halton', 'text_first'\]"),
+    (("--schedule", "square"), r"--schedule: schedule must be one of"),
+    (("--text-share", "1.5"), r"--text-share: text_share must be a number in \(0, 1\)"),
     (("--device", "meta"), "--device: .*meta"),
 ])
 def test_out_of_range_options(extra, match, prompts, tmp_path):

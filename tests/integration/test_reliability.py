@@ -179,7 +179,7 @@ def test_a_checkpoint_manifest_lists_only_its_own_files(tamper, match, tmp_path)
 
 @pytest.mark.parametrize("strategy", ["threshold", "ddpm"])
 def test_halton_order_is_refused_where_it_would_be_ignored(strategy, tmp_path):
-    with pytest.raises(ValueError, match=f"order='halton' is maskgit's image commit order; strategy='{strategy}'"):
+    with pytest.raises(ValueError, match=f"order='halton' is a maskgit commit order; strategy='{strategy}'"):
         SamplerConfig(strategy=strategy, order="halton")
     pipe = native_pipe()
     with pytest.raises(ValueError, match="order='halton'"):

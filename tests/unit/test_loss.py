@@ -109,6 +109,24 @@ def test_condition_dropout_rate_and_exclusion():
     assert out.num_tokens.item() == 4000 * 7 - 3 * text_dropped.sum().item() - 4 * image_dropped.sum().item()
 
 
+def test_hidden_positions_are_masked_and_not_scored():
+    hidden = torch.zeros_like(X0, dtype=torch.bool)
+    hidden[0, 3:] = True  # row 0: the image hidden (a text-first pair's report state)
+    known = torch.zeros_like(hidden)
+    known[0, 3] = True  # known wins over hidden
+    seen = []
+    out = diffusion_loss(_recording(seen), X0, SEGS, MASK, known=known, hidden=hidden,
+                         generator=torch.Generator().manual_seed(3))
+    assert (seen[0][0, 4:] == MASK).all() and seen[0][0, 3] == X0[0, 3]
+    assert out.num_tokens.item() == 2 * 7 - 4
+    # The rest is the loss without the hidden positions: the same draws, the hidden ones not counted.
+    ref = diffusion_loss(table_denoiser, X0, SEGS, MASK, known=known, loss_mask=~hidden,
+                         generator=torch.Generator().manual_seed(3))
+    assert math.isclose(out.loss.item(), ref.loss.item(), rel_tol=1e-6)
+    with pytest.raises(ValueError, match="hidden"):
+        diffusion_loss(table_denoiser, X0, SEGS, MASK, hidden=hidden[:, :3])
+
+
 def test_condition_keeping_rate_and_exclusion():
     # sigma huge: everything is masked except a kept modality, which stays clean whole.
     x0 = X0[:1].expand(4000, -1).contiguous()

@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
-from medim.diffusion import commit_counts, pair_from_prompt, sample, text_to_image
+from medim.diffusion import commit_counts, image_to_report, pair_from_prompt, sample, text_to_image
 from medim.diffusion.draw import filter_logprobs
 from medim.diffusion.halton import halton_order, halton_rank
+from medim.diffusion.schedule import get_schedule
 from medim.layout import NativeLayout
 
 LAYOUT = NativeLayout(text_vocab_size=12, image_offset=12, image_vocab_size=10, mask_id=22, text_len=6, image_len=20)
@@ -63,7 +64,7 @@ def test_fills_everything_and_keeps_known(strategy):
         assert ((ids >= s.vocab_start) & (ids < s.vocab_start + s.vocab_size)).all()
 
 
-@pytest.mark.parametrize("schedule", ["arccos", "cosine", "linear"])
+@pytest.mark.parametrize("schedule", ["arccos", "cosine", "linear", "cosine_ratio"])
 def test_commit_counts_followed_exactly(schedule):
     task = pair_from_prompt(LAYOUT, torch.arange(6).repeat(2, 1), [1, 4])
     masked_counts = []
@@ -86,6 +87,55 @@ def test_commit_counts_release_formula():
     assert (c[0] >= 1).all() and c[0, 0] == 1
     with pytest.raises(ValueError, match="schedule"):
         commit_counts([3], 2, "square")
+
+
+def test_commit_counts_cosine_ratio_is_maskgits_mask_ratio():
+    # After step i of S, round(cos(pi/2 * i/S) * m) tokens stay masked; at least one commit per step.
+    m, S = 98, 4
+    left = [round(math.cos(math.pi / 2 * i / S) * m) for i in range(S + 1)]
+    assert commit_counts([m], S, "cosine_ratio").tolist() == [[a - b for a, b in zip(left, left[1:])]]
+    assert commit_counts([m], S, "cosine_ratio")[0, 0] > 1 == commit_counts([m], S, "cosine")[0, 0]
+    c = commit_counts([300, 5, 0], 128, "cosine_ratio")
+    assert c.sum(-1).tolist() == [300, 5, 0] and (c[0] >= 1).all()
+    assert c[1].tolist() == [1] * 5 + [0] * 123
+
+
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+def test_text_first_writes_the_report_then_draws_the_image(guidance):
+    task = pair_from_prompt(LAYOUT, torch.arange(6).repeat(2, 1), [1, 3])
+    toy, states, sigmas = Toy(scale=0.3), [], []
+
+    def denoiser(x, sigma, positions, **kw):
+        sigmas.append(float(sigma[0]))
+        return toy(x, sigma, positions, **kw)
+
+    out = run(denoiser, task, num_inference_steps=8, order="text_first", text_share=0.6, guidance_scale=guidance,
+              generator=torch.Generator().manual_seed(0), callback=lambda i, t, x: states.append(x.clone()))
+    assert not (out.tokens == M).any() and torch.equal(out.tokens[task.known], task.x[task.known])
+    text, image = LAYOUT.text_segment, LAYOUT.image_segment
+    a = round(0.6 * 8)  # the report's steps
+    # Each phase asks for its own modality only, and commits on its own counts.
+    assert [set(c["positions"]) for c in toy.calls] == [{"text"}] * a + [{"image"}] * (8 - a)
+    masked = torch.stack([torch.where(task.known, task.x, M)] + states) == M
+    for seg, (lo, hi) in ((text, (0, a)), (image, (a, 8))):
+        per_step = (masked[:-1, :, seg.start : seg.stop].sum(-1) - masked[1:, :, seg.start : seg.stop].sum(-1)).T
+        unknown = (~task.known[:, seg.start : seg.stop]).sum(-1)
+        assert torch.equal(per_step[:, lo:hi], commit_counts(unknown, hi - lo, "arccos")), seg.name
+        assert not per_step[:, :lo].any() and not per_step[:, hi:].any(), seg.name
+    assert masked[a, :, image.start : image.stop].all()  # the image is still hidden when the report is done
+    # Each phase runs its own time grid from t = 1.
+    sigma = get_schedule("loglinear").sigma
+    grid = torch.cat([torch.linspace(1, 1e-5, a + 1)[:-1], torch.linspace(1, 1e-5, 8 - a + 1)[:-1]])
+    torch.testing.assert_close(torch.tensor(sigmas), sigma(grid))
+
+
+@pytest.mark.parametrize("task", ["t2i", "i2r"])
+def test_text_first_samples_one_modality_as_the_confidence_order(task):
+    codes = torch.randint(0, 10, (2, 20), generator=torch.Generator().manual_seed(1))
+    task = t2i() if task == "t2i" else image_to_report(LAYOUT, codes)
+    ref = run(Toy(), task, generator=torch.Generator().manual_seed(4)).tokens
+    out = run(Toy(), task, order="text_first", generator=torch.Generator().manual_seed(4)).tokens
+    assert torch.equal(out, ref)
 
 
 def test_seeds():
@@ -343,7 +393,8 @@ def test_halton_commits_every_image_position_once_in_halton_order(guidance):
 
 
 @pytest.mark.parametrize("opts", [dict(strategy="maskgit"), dict(strategy="threshold"), dict(strategy="ddpm"),
-                                  dict(temperature=0.0), dict(top_k=3, top_p=0.8), dict(order="halton")])
+                                  dict(temperature=0.0), dict(top_k=3, top_p=0.8), dict(order="halton"),
+                                  dict(order="text_first", text_share=0.25)])
 def test_nan_from_the_denoiser_raises(opts):
     toy = Toy(segs=SQUARE.segments)
     nan_at = 3
@@ -351,7 +402,7 @@ def test_nan_from_the_denoiser_raises(opts):
     def broken(x, sigma, positions, **kw):
         out = toy(x, sigma, positions, **kw)
         if len(toy.calls) == nan_at + 1:
-            out["image"][0, 1, 3] = math.nan  # one entry of one position: its softmax is all NaN
+            out[next(iter(out))][0, 1, 3] = math.nan  # one entry of one position: its softmax is all NaN
         return out
 
     task = pair_from_prompt(SQUARE, torch.arange(6).repeat(2, 1), [2, 4])

@@ -53,13 +53,15 @@ class SampleOutput:
 def commit_counts(
     num_unknown: Sequence[int] | torch.Tensor, num_steps: int, schedule: str = "arccos"
 ) -> torch.LongTensor:
-    """How many tokens each row commits at each step, `[B, num_steps]` (the release's `adap_sche`
-    followed by its per-step cap): at least one per step while a row has unknowns, all of them by
-    the last step.
+    """How many tokens each row commits at each step, `[B, num_steps]` (arccos, cosine, linear: the
+    release's `adap_sche` followed by its per-step cap; cosine_ratio: MaskGIT's mask ratio): at
+    least one per step while a row has unknowns, all of them by the last step.
 
     Example:
         >>> commit_counts([10], 4).tolist()
         [[1, 2, 3, 4]]
+        >>> commit_counts([40], 4, "cosine"), commit_counts([40], 4, "cosine_ratio")  # first step: 1 or 3
+        (tensor([[ 1,  8, 15, 16]]), tensor([[ 3,  9, 13, 15]]))
     """
     check_choice(schedule, "schedule", COMMIT_SCHEDULES)
     m = torch.as_tensor(num_unknown, dtype=torch.long).reshape(-1, 1)

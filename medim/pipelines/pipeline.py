@@ -166,7 +166,8 @@ class MeDiMPipeline:
     def compile(self, *, mode: str | None = None, backend: str = "inductor", fullgraph: bool = False) -> MeDiMPipeline:
         """Opt in to `torch.compile` of the denoiser for the fixed shapes of each task (whole
         generated segments, the batch padded to `batch_size`): two graphs per task and batch size
-        (unguided, guided), then nothing recompiles across steps or chunks. `mode="reduce-overhead"`
+        (unguided, guided; a report-first pair's two phases one each), then nothing recompiles across
+        steps or chunks. `mode="reduce-overhead"`
         adds CUDA graphs on CUDA. Tokens match eager up to float rounding (docs/sampling.md).
         Context-cached steps (`cache_interval`) run eager. Returns self.
 

@@ -7,7 +7,8 @@ resume, the token cache, final/) is the trainer's.
 
 `sequence` (sequence-level knowledge distillation, medim.training.sequence): before training, the
 teacher writes every training image's report under one shared noise draw (one phrasing per
-finding); the loss is the diffusion loss on them, one task per row.
+finding); the loss is the diffusion loss on them, one task per row. A student that samples a pair
+report first (`student_sampler.order: text_first`) learns its pair rows with the image hidden.
 
 `sdtt` (self-distillation through time; Deschenaux & Gulcehre, "Beyond Autoregression: Fast LLMs
 via Self-Distillation Through Time", ICLR 2025). One loss evaluation, per micro-batch:
@@ -102,8 +103,9 @@ class Distiller(Trainer):
                         d.teacher_steps, d.student_steps, self.k, self.teacher_config.guidance_scale,
                         " folded in" if self.teacher_config.guidance_scale else "")
         else:
-            logger.info("distilling %s into %d student steps on its reports (%s)", d.teacher, d.student_steps,
-                        self.out_dir / TARGETS)
+            logger.info("distilling %s into %d student steps on its reports (%s), guidance %g%s", d.teacher,
+                        d.student_steps, self.out_dir / TARGETS, self.teacher_config.guidance_scale,
+                        " folded in" if self.teacher_config.guidance_scale else "")
 
     def _identity(self, data) -> dict:
         """The trainer's, and the teacher's weights: a resume with another teacher (a folder or Hub
@@ -123,12 +125,10 @@ class Distiller(Trainer):
         if not isinstance(self.data, TokenCacheDataset):
             raise ValueError("distill.method=sequence: the teacher writes reports for the images of a token cache; "
                              "give data.cache")
-        if self.teacher_config.guidance_scale:
-            raise ValueError(f"distill.method=sequence: the teacher writes reports unguided, but its guidance is "
-                             f"{self.teacher_config.guidance_scale:g}; set distill.guidance_scale=0 or use "
-                             "distill.method=sdtt")
+        guided = self.teacher_config
         return build_targets(teacher, self.data, self.out_dir / TARGETS, noise_scale=d.noise_scale,
                              noise_seed=d.noise_seed, teacher_sha256=self.identity["teacher"]["weights_sha256"],
+                             guidance_scale=guided.guidance_scale, guidance_schedule=guided.guidance_schedule,
                              is_main=self.info.is_main)
 
     # ------------------------------------------------------------------ the objective
@@ -221,9 +221,9 @@ class Distiller(Trainer):
         pipe.sampler_config = self.student_config
         training = {**card["training"], "teacher": d.teacher, "method": METHODS[d.method],
                     "student_steps": d.student_steps}
+        training["teacher_guidance_scale"] = self.teacher_config.guidance_scale
         if d.method == "sdtt":
-            training |= {"teacher_steps": d.teacher_steps, "teacher_guidance_scale": self.teacher_config.guidance_scale,
-                         "divergence": d.divergence}
+            training |= {"teacher_steps": d.teacher_steps, "divergence": d.divergence}
         else:
             training |= {"noise_scale": d.noise_scale, "noise_seed": d.noise_seed}
         if self.evaluate is not None:

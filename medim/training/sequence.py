@@ -53,10 +53,14 @@ def shared_noise(text_len: int, vocab_size: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def write_reports(model: torch.nn.Module, image_codes: torch.LongTensor, noise: torch.Tensor, noise_scale: float,
-                  *, noise_schedule: str = "loglinear", **condition: torch.Tensor) -> torch.LongTensor:
+                  *, guidance_scale: float = 0.0, guidance_schedule: str = "linear", noise_schedule: str = "loglinear",
+                  **condition: torch.Tensor) -> torch.LongTensor:
     """The text part [B, text_len] of the reports `model` writes for `image_codes` [B, image_len],
     left to right: one forward per position, token argmax(log p + noise_scale * noise[position]);
-    padding after the end of the report.
+    padding after the end of the report. With `guidance_scale` w > 0, p is the sampler's guided mix
+    (1 + w_t) log p(. | image) - w_t log p(. | image hidden), normalised, with w_t = w (1 - t) on the
+    "linear" schedule (t: the share of the report still masked) or w on "constant"; both halves run
+    as one batch.
 
     Example:
         >>> g = shared_noise(layout.text_len, layout.text_segment.vocab_size, seed=0)
@@ -68,12 +72,22 @@ def write_reports(model: torch.nn.Module, image_codes: torch.LongTensor, noise: 
     x, denoiser, schedule = task.x, ModelDenoiser(model), get_schedule(noise_schedule)
     noise = noise.to(x.device)
     ended = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    if guidance_scale:
+        condition = {k: torch.cat([v, v]) for k, v in condition.items()}
     for i in range(text.length):
         # The time of a state whose report is masked from position i on.
-        t = torch.full((x.shape[0],), (text.length - i) / text.length, device=x.device)
-        logits = denoiser(x, schedule.sigma(t), {text.name: torch.tensor([text.start + i], device=x.device)},
-                          **condition)[text.name][:, 0].float()
-        token = (logits.log_softmax(-1) + noise_scale * noise[i]).argmax(-1) + text.vocab_start
+        t = (text.length - i) / text.length
+        rows = x
+        if guidance_scale:  # [conditional; unconditional]: the image hidden, as the sampler's guided batch
+            rows = torch.cat([x, torch.where(task.known, layout.mask_id, x)])
+        sigma = schedule.sigma(torch.full((rows.shape[0],), t, device=x.device))
+        logp = denoiser(rows, sigma, {text.name: torch.tensor([text.start + i], device=x.device)},
+                        **condition)[text.name][:, 0].float().log_softmax(-1)
+        if guidance_scale:
+            w = guidance_scale * (1 - t) if guidance_schedule == "linear" else guidance_scale
+            cond, uncond = logp.chunk(2)
+            logp = ((1 + w) * cond - w * uncond).log_softmax(-1)
+        token = (logp + noise_scale * noise[i]).argmax(-1) + text.vocab_start
         x[:, text.start + i] = torch.where(ended, layout.pad_id, token)
         if layout.report_end_id is not None:
             ended |= token == layout.report_end_id
@@ -84,17 +98,20 @@ def write_reports(model: torch.nn.Module, image_codes: torch.LongTensor, noise: 
 
 
 def build_targets(teacher, data: TokenCacheDataset, out: Path, *, noise_scale: float, noise_seed: int,
-                  teacher_sha256: str, is_main: bool = True, batch_size: int = 256) -> TokenCacheDataset:
+                  teacher_sha256: str, guidance_scale: float = 0.0, guidance_schedule: str = "linear",
+                  is_main: bool = True, batch_size: int = 256) -> TokenCacheDataset:
     """A token cache in `out` holding `data`'s images with the reports `teacher` (a pipeline) writes
-    for them (`write_reports`), built shard by shard (a killed run continues after the last whole
-    shard) on the main rank while the others wait. A folder written with other settings is refused.
+    for them (`write_reports`, guided when `guidance_scale` > 0), built shard by shard (a killed run
+    continues after the last whole shard) on the main rank while the others wait. A folder written
+    with other settings is refused.
     """
+    guidance = {"guidance_scale": guidance_scale, "guidance_schedule": guidance_schedule} if guidance_scale else {}
     source = {"kind": "teacher-reports", "cache": data_identity(data), "teacher_weights_sha256": teacher_sha256,
-              "noise_scale": noise_scale, "noise_seed": noise_seed}
+              "noise_scale": noise_scale, "noise_seed": noise_seed, **guidance}
     header = {"format": FORMAT, "version": VERSION, "source": source, "num_items": len(data),
               **{k: data.index.get(k) for k in _COPIED}, "shard_size": 1024}
     if is_main:
-        _write_targets(teacher, data, out, header, noise_scale=noise_scale, noise_seed=noise_seed,
+        _write_targets(teacher, data, out, header, noise_scale=noise_scale, noise_seed=noise_seed, guidance=guidance,
                        batch_size=batch_size)
     if dist.is_initialized():
         dist.barrier()
@@ -102,11 +119,11 @@ def build_targets(teacher, data: TokenCacheDataset, out: Path, *, noise_scale: f
 
 
 def _write_targets(teacher, data: TokenCacheDataset, out: Path, header: dict, *, noise_scale: float,
-                   noise_seed: int, batch_size: int) -> None:
+                   noise_seed: int, guidance: dict, batch_size: int) -> None:
     index = read_index(out)
     if index is not None and {k: index.get(k) for k in header} != header:
-        raise ValueError(f"{out} holds teacher reports written from another cache, teacher or noise; delete the "
-                         "folder to write them again")
+        raise ValueError(f"{out} holds teacher reports written from another cache, teacher, noise or guidance; "
+                         "delete the folder to write them again")
     if index is None:
         index = {**header, "shards": [], "complete": False}
         out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +142,7 @@ def _write_targets(teacher, data: TokenCacheDataset, out: Path, header: dict, *,
             batch = data.batch(rows[chunk : chunk + batch_size])
             condition = layout.condition(teacher.tokenizer, [tuple(size) for size in batch["sizes"].tolist()])
             codes = batch["x0"][:, image.start : image.stop] - image.vocab_start
-            texts.append(write_reports(model, codes.to(model.device), noise, noise_scale,
+            texts.append(write_reports(model, codes.to(model.device), noise, noise_scale, **guidance,
                                        **{k: v.to(model.device) for k, v in condition.items()}).cpu())
             bar.update(codes.shape[0])
         text_ids = torch.cat(texts)

@@ -16,6 +16,7 @@ import logging
 import os
 from pathlib import Path
 
+from medim.commands.common import SAMPLER_FIELDS
 from medim.utils.hub import temporary_names
 
 logger = logging.getLogger(__name__)
@@ -25,11 +26,8 @@ MANIFEST = "manifest.jsonl"
 MARK = {"medim": "generate"}
 SIGNATURE = json.dumps(MARK)[:-1]
 # Settings that change what a sample looks like: a resumed run must use the same ones.
-SETTING_KEYS = (
-    "task", "model", "loader", "revision", "lora", "fuse_lora", "num_inference_steps", "guidance_scale", "strategy",
-    "schedule", "temperature", "top_k", "top_p", "cache_interval", "order", "text_share", "image_size", "prompt",
-    "dtype", "seed", "num_per_prompt", "mask_dilation",
-)
+SETTING_KEYS = ("task", "model", "loader", "revision", "lora", "fuse_lora", *SAMPLER_FIELDS, "image_size", "prompt",
+                "dtype", "seed", "num_per_prompt", "mask_dilation")
 # What a killed run can leave in the folder: exactly the temporary files of the atomic writers.
 LEFTOVER = temporary_names(r"\d{6,}\.(?:png|txt)|manifest(?:\.rank\d+)?\.jsonl")
 

@@ -183,8 +183,8 @@ class Distiller(Trainer):
         if self.student_config.order == "text_first":
             # The student writes a pair's report with the image hidden, then draws the image as
             # text-to-image: its pair rows are those report states.
-            pos = torch.arange(x0.shape[1], device=x0.device)
-            hidden = (task == 2)[:, None] & (pos >= image.start) & (pos < image.stop)
+            hidden = torch.zeros_like(known)
+            hidden[:, image.start : image.stop] = (task == 2)[:, None]
         rest = {k: v for k, v in batch.items() if k not in ("x0", "data_text")}
         return super()._loss({**rest, "x0": x0}, generator, known=known, hidden=hidden)
 

@@ -42,7 +42,7 @@ ALL_STEPS = (4, 8, 16, 32, 64, 128)
 # confidence noise 3, unguided), whatever the model saved, so stored points stay comparable.
 MAP_BASE = SamplerConfig(num_inference_steps=32, confidence_temperature=3.0)
 # One line of the map per setting: (name, sampler overrides over MAP_BASE, steps).
-LINES: list[tuple[str, dict[str, Any], tuple[int, ...]]] = [
+LINES: list[tuple[str, dict[str, Any] | None, tuple[int, ...]]] = [
     ("maskgit-arccos", {}, ALL_STEPS),
     ("maskgit-cosine", {"schedule": "cosine"}, ALL_STEPS),
     ("maskgit-linear", {"schedule": "linear"}, ALL_STEPS),
@@ -61,13 +61,19 @@ LINES: list[tuple[str, dict[str, Any], tuple[int, ...]]] = [
     # steps and with caching.
     ("release", {"guidance_scale": 5.0, "confidence_temperature": 10.0}, (32, 64, 128)),
     ("release+cache-4", {"guidance_scale": 5.0, "confidence_temperature": 10.0, "cache_interval": 4}, (32, 64, 128)),
-    # The distilled student (`medim distill`, configs/distill_demo.yaml) with its saved settings.
-    ("distilled-4step", {"schedule": "cosine_ratio", "order": "text_first", "temperature": 0.4,
-                         "confidence_temperature": 0.5}, (4, 8, 16)),
+    # The distilled student (`medim distill`, configs/distill_demo.yaml) with its saved settings
+    # (None: read from the model, `saved_overrides`).
+    ("distilled-4step", None, (4, 8, 16)),
 ]
 # Lines measured on another bundled model than --model.
 LINE_MODELS = {"distilled-4step": "medim-demo-4step"}
 ACCURACIES = ("image_to_report", "text_to_image", "pairs")
+
+
+def saved_overrides(pipe) -> dict[str, Any]:
+    """The pipeline's saved sampler settings as overrides of MAP_BASE (its step count aside)."""
+    base = MAP_BASE.to_dict()
+    return {k: v for k, v in pipe.sampler_config.to_dict().items() if k != "num_inference_steps" and v != base[k]}
 
 
 def measure(pipe, name: str, overrides: dict[str, Any], steps: int, n: int) -> dict[str, Any]:
@@ -153,7 +159,9 @@ def plot(rows: list[dict[str, Any]], unit: float, path: Path, n: int) -> None:
     plt.close(fig)
 
 
-def load_cache(path: Path, n: int) -> dict[tuple, dict[str, Any]]:
+def load_cache(path: Path, n: int, overrides: dict[str, dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """The finished points of `path` at `n` measured with each line's current `overrides` (a point
+    of a line whose settings changed since is measured again)."""
     done = {}
     if path.exists():
         for line in path.read_text().splitlines():
@@ -161,7 +169,7 @@ def load_cache(path: Path, n: int) -> dict[tuple, dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError:  # a line torn by a kill: measured again
                 continue
-            if row.get("n") == n:
+            if row.get("n") == n and row.get("overrides") == overrides.get(row.get("line")):
                 done[(row["line"], row["steps"])] = row
     return done
 
@@ -197,8 +205,11 @@ def main(argv: list[str] | None = None) -> int:
             pipes[model].set_progress_bar_config(disable=True)
         return pipes[model]
 
-    done = {} if args.fresh else load_cache(args.cache, args.n)
-    for name, overrides, steps_list in LINES:
+    settings = {name: saved_overrides(pipeline(LINE_MODELS[name])) if overrides is None else overrides
+                for name, overrides, _ in LINES}
+    done = {} if args.fresh else load_cache(args.cache, args.n, settings)
+    for name, _, steps_list in LINES:
+        overrides = settings[name]
         if name not in only:
             continue
         for steps in steps_list:
@@ -216,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     table = [{**{k: r[k] for k in columns}, "load": r["load_average"][0]} for r in rows]
     plot_path = args.plot.relative_to(ROOT) if args.plot.is_relative_to(ROOT) else args.plot
     notes = [f"every point: {MAP_BASE.to_dict()} with the line's overrides "
-             f"({ {name: o for name, o, _ in LINES} })",
+             f"({settings})",
              "nfe: network evaluations per sample (a cached step counts as one); gflops: network FLOPs per sample, "
              "averaged over the three tasks; s_per_sample: wall-clock, comparable only between points of similar "
              "load (the 1-minute load average when the point ended; the machine's cores: "

@@ -125,11 +125,10 @@ class Distiller(Trainer):
         if not isinstance(self.data, TokenCacheDataset):
             raise ValueError("distill.method=sequence: the teacher writes reports for the images of a token cache; "
                              "give data.cache")
-        guided = self.teacher_config
         return build_targets(teacher, self.data, self.out_dir / TARGETS, noise_scale=d.noise_scale,
                              noise_seed=d.noise_seed, teacher_sha256=self.identity["teacher"]["weights_sha256"],
-                             guidance_scale=guided.guidance_scale, guidance_schedule=guided.guidance_schedule,
-                             is_main=self.info.is_main)
+                             guidance_scale=self.teacher_config.guidance_scale,
+                             guidance_schedule=self.teacher_config.guidance_schedule, is_main=self.info.is_main)
 
     # ------------------------------------------------------------------ the objective
     def _device_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:

@@ -69,32 +69,33 @@ def write_reports(model: torch.nn.Module, image_codes: torch.LongTensor, noise: 
     layout = model.layout
     text = layout.text_segment
     task = tasks.image_to_report(layout, image_codes)
-    x, denoiser, schedule = task.x, ModelDenoiser(model), get_schedule(noise_schedule)
-    noise = noise.to(x.device)
-    ended = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    denoiser, schedule, rows = ModelDenoiser(model), get_schedule(noise_schedule), task.x.shape[0]
+    # The state the model reads, built once: with guidance [conditional; unconditional], the image
+    # hidden in the second half as in the sampler's guided batch; each written token goes to both.
+    state = torch.cat([task.x, torch.where(task.known, layout.mask_id, task.x)]) if guidance_scale else task.x
     if guidance_scale:
         condition = {k: torch.cat([v, v]) for k, v in condition.items()}
+    halves = state.shape[0] // rows
+    noise = noise.to(state.device)
+    ended = torch.zeros(rows, dtype=torch.bool, device=state.device)
     for i in range(text.length):
         # The time of a state whose report is masked from position i on.
         t = (text.length - i) / text.length
-        rows = x
-        if guidance_scale:  # [conditional; unconditional]: the image hidden, as the sampler's guided batch
-            rows = torch.cat([x, torch.where(task.known, layout.mask_id, x)])
-        sigma = schedule.sigma(torch.full((rows.shape[0],), t, device=x.device))
-        logp = denoiser(rows, sigma, {text.name: torch.tensor([text.start + i], device=x.device)},
+        sigma = schedule.sigma(torch.full((state.shape[0],), t, device=state.device))
+        logp = denoiser(state, sigma, {text.name: torch.tensor([text.start + i], device=state.device)},
                         **condition)[text.name][:, 0].float().log_softmax(-1)
         if guidance_scale:
             w = guidance_scale * (1 - t) if guidance_schedule == "linear" else guidance_scale
             cond, uncond = logp.chunk(2)
             logp = ((1 + w) * cond - w * uncond).log_softmax(-1)
         token = (logp + noise_scale * noise[i]).argmax(-1) + text.vocab_start
-        x[:, text.start + i] = torch.where(ended, layout.pad_id, token)
+        state[:, text.start + i] = torch.where(ended, layout.pad_id, token).repeat(halves)
         if layout.report_end_id is not None:
             ended |= token == layout.report_end_id
             if bool(ended.all()):  # a host read per position: this is a one-off data pass, not the sampler
-                x[:, text.start + i + 1 : text.stop] = layout.pad_id
+                state[:, text.start + i + 1 : text.stop] = layout.pad_id
                 break
-    return x[:, text.start : text.stop]
+    return state[:rows, text.start : text.stop]
 
 
 def build_targets(teacher, data: TokenCacheDataset, out: Path, *, noise_scale: float, noise_seed: int,

@@ -1,11 +1,12 @@
 """Builders shared by the training-side tests (token cache, trainer, distributed): a word-level
 tokenizer over the phantom reports, a tiny VQGAN and native layout, a random tiny pipeline, a phantom
-token cache, a saved tiny pipeline + cache + config for the trainer, and a counter of host-syncing
-operations."""
+token cache, a saved tiny pipeline + cache + config for the trainer, a counter of host-syncing
+operations, and the exit of a spawned rank."""
 
 from __future__ import annotations
 
 import functools
+import os
 import re
 from pathlib import Path
 
@@ -134,3 +135,17 @@ def assert_same_tensors(a: Path, b: Path, files: list[str]) -> None:
     for rel in files:
         ta, tb = load_file(a / rel), load_file(b / rel)
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), rel
+
+
+def leave_worker() -> None:
+    """End a spawned rank whose results are on disk: leave the process group, then exit without the
+    interpreter's teardown. gloo's worker thread drops a finished collective's tensors a moment after
+    `wait()` returns; when that last reference frees a Python tensor while the interpreter is tearing
+    down, the thread cannot take the GIL and the rank aborts ("terminate called without an active
+    exception", SIGABRT; the core shows ProcessGroupGloo::runLoop -> ~AsyncBroadcastWork ->
+    THPVariable_dealloc -> take_gil). FSDP's DTensor caches keep the group alive past
+    `destroy_process_group`, so its threads are still running then."""
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    os._exit(0)

@@ -26,7 +26,7 @@ from medim.training.config import DistillSection, resume_differences
 from medim.training.distill import METHODS, Distiller, distill_loss
 from medim.training.resume import ResumeRefused
 from medim.training.sequence import shared_noise, write_reports
-from tests.helpers.training import REPO, assert_same_tensors, tiny_run
+from tests.helpers.training import REPO, assert_same_tensors, leave_worker, tiny_run
 from tests.integration.test_training_faults import DRIVER
 
 
@@ -439,7 +439,7 @@ def _distill_worker(rank: int, tmp: str, port: int) -> None:
         result = {"same_as_rank0": bool(torch.equal(flat, ref)), "final": str(out.final_dir),
                   "losses": [r["loss"] for r in out.history if "loss" in r]}
         (Path(tmp) / f"{mode}-rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    leave_worker()
 
 
 @pytest.mark.slow

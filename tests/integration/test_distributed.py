@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.helpers.training import tiny_config, tiny_run
+from tests.helpers.training import leave_worker, tiny_config, tiny_run
 
 WORLD = 2
 
@@ -26,17 +26,13 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, tmp: str, port: int) -> None:
-    import torch.distributed as dist
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     for mode in ("ddp", "fsdp"):  # one process group, two runs: spawning is the slow part
         _train(rank, Path(tmp), mode)
-    dist.destroy_process_group()
-    # The results are on disk; leave without the interpreter's teardown, where a gloo thread once
-    # aborted a finished worker ("terminate called without an active exception", SIGABRT in CI).
-    os._exit(0)
+    leave_worker()
 
 
 def _train(rank: int, tmp: Path, mode: str) -> None:

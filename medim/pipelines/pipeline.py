@@ -314,7 +314,8 @@ class MeDiMPipeline:
         model card (README.md) atomically: an existing non-empty folder is replaced only with
         `overwrite=True`, and only when it is a saved pipeline holding nothing a save does not write
         (a user's file in it is never deleted); a README.md already in it is kept unless
-        `overwrite_card=True`.
+        `overwrite_card=True`. With a LoRA adapter loaded it refuses: save the adapter with
+        `save_lora_weights`, or bake it in first with `fuse_lora().unload_lora_weights()`.
 
         Args:
             model_card: True (a card from what the pipeline knows), False (none), or what to add to
@@ -328,6 +329,11 @@ class MeDiMPipeline:
 
         from medim import __version__
 
+        if self.lora_adapter is not None:  # peft's wrapped modules would be saved under names no load reads
+            raise ValueError(
+                f"save_pretrained: a LoRA adapter ({self.lora_adapter.source}) is loaded. Save it alone with "
+                "pipe.save_lora_weights(dir); save the adapted model as one pipeline with "
+                "pipe.fuse_lora().unload_lora_weights() first; or pipe.unload_lora_weights() to save the base")
         index = {
             "_class_name": type(self).__name__,
             "_medim_version": __version__,

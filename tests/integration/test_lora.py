@@ -29,7 +29,7 @@ from medim.training import Trainer
 from medim.training import checkpoint as ckpt
 from medim.training.config import load_config
 from tests.helpers.pipeline import IMAGE_LEN, TEXT_LEN, V1_LAYOUT, write_upstream
-from tests.helpers.training import REPO, assert_same_tensors, tiny_config, tiny_run
+from tests.helpers.training import REPO, assert_same_tensors, leave_worker, tiny_config, tiny_run
 
 PROMPTS = ["A large dense nodule in the right upper zone.", "No focal lesion."]
 # A high learning rate, so that four steps move the adapters far enough to change sampled tokens.
@@ -123,6 +123,26 @@ def test_lora_train_save_load_generate(bases, tmp_path, layout, extra):
     pipe.unload_lora_weights()
     assert same(tokens(pipe), plain)
     assert not any("lora" in n for n, _ in pipe.model.named_parameters())
+
+
+def test_save_pretrained_refuses_a_loaded_adapter_and_saves_it_baked_in(bases, tmp_path):
+    """peft's wrapped modules would be written as `base_layer` / `lora_A` keys that no load reads:
+    save_pretrained refuses (fused or not, push_to_hub too) before writing anything, and the recipe
+    its error gives saves a pipeline that samples what the adapted one did."""
+    base, cache = bases["native"]
+    final = Trainer(config(base, cache, tmp_path / "run", "checkpoint.every=0")).fit().final_dir
+    pipe = pipeline(base).load_lora_weights(final)
+    adapted = tokens(pipe)
+    for fused in (False, True):
+        if fused:
+            pipe.fuse_lora()
+        with pytest.raises(ValueError, match=r"LoRA adapter .* is loaded.*fuse_lora\(\).unload_lora_weights\(\)"):
+            pipe.save_pretrained(tmp_path / "saved")
+        assert not (tmp_path / "saved").exists()
+        with pytest.raises(ValueError, match="is loaded"):  # before any Hub call (none is reachable here)
+            pipe.push_to_hub("my-org/never-created")
+    merged = pipeline(pipe.unload_lora_weights().save_pretrained(tmp_path / "saved"))
+    assert same(tokens(merged), adapted)
 
 
 def test_adapter_with_context_caching_and_compile(bases, tmp_path):
@@ -322,10 +342,7 @@ def _worker(rank: int, tmp: str, port: int) -> None:
     dist.broadcast(ref, 0)
     (Path(tmp) / f"rank{rank}.json").write_text(json.dumps({"same": bool(torch.equal(flat, ref)),
                                                             "final": str(out.final_dir)}))
-    dist.destroy_process_group()
-    # The result is on disk; leave without the interpreter's teardown, where a gloo or tqdm thread
-    # occasionally kept a finished worker alive (seen once in CI) and the join waited forever.
-    os._exit(0)
+    leave_worker()
 
 
 @pytest.mark.slow

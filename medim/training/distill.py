@@ -91,7 +91,10 @@ class Distiller(Trainer):
         self.teacher = teacher.model.to(self.info.device).eval().requires_grad_(False)
         self.teacher_config, self.student_config = sampler_configs(teacher.sampler_config, config)
         if d.method == "sequence":
-            self.source, self.data = self.data, self._sequence_targets(teacher)
+            # The targets hold the images and the teacher's reports; of the cache, only its own
+            # reports are kept (for text-to-image rows), not a second copy of the image codes.
+            targets = self._sequence_targets(teacher)
+            self.data_text, self.data = self.data.tensors["text_ids"], targets
         del self._teacher  # its VQGAN is not needed
         self.evaluate = evaluate
         self.pipe.sampler_config = self.student_config  # validation samples (eval.prompts) as the student will
@@ -134,8 +137,7 @@ class Distiller(Trainer):
     def _device_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         batch = super()._device_batch(indices)
         if self.cfg.distill.method == "sequence":  # the cache's own reports, for text-to-image rows
-            text = self.layout.text_segment
-            batch["data_text"] = self.source.batch(indices)["x0"][:, text.start : text.stop].to(self.info.device)
+            batch["data_text"] = self.data_text[torch.as_tensor(indices)].long().to(self.info.device)
         return batch
 
     def _loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossOutput:

@@ -143,8 +143,8 @@ def leave_worker() -> None:
     `wait()` returns; when that last reference frees a Python tensor while the interpreter is tearing
     down, the thread cannot take the GIL and the rank aborts ("terminate called without an active
     exception", SIGABRT; the core shows ProcessGroupGloo::runLoop -> ~AsyncBroadcastWork ->
-    THPVariable_dealloc -> take_gil). FSDP's DTensor caches keep the group alive past
-    `destroy_process_group`, so its threads are still running then."""
+    THPVariable_dealloc -> take_gil). The group's threads outlive `destroy_process_group` while
+    anything holds the group: FSDP's DTensor caches do until the interpreter ends."""
     import torch.distributed as dist
 
     dist.destroy_process_group()

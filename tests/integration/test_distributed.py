@@ -26,7 +26,6 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, tmp: str, port: int) -> None:
-
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -122,9 +122,7 @@ def device_option(text: str | None, *, local_rank: int = 0, world_size: int = 1)
         _, device = check_dtype_device(None, text)
     except ValueError as e:
         raise SystemExit(f"--device: {e}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit(f"--device {text}: CUDA is not available")
+    if device.type == "cuda":  # available: check_dtype_device says so
         if device.index is None and world_size > 1:
             if local_rank >= torch.cuda.device_count():
                 raise SystemExit(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible; "

@@ -91,11 +91,12 @@ def check_dtype_device(
 ) -> tuple[torch.dtype | None, torch.device | None]:
     """Validate a `dtype` (a floating torch.dtype or None) and a `device` (anything torch.device
     accepts, or None); returns them with the device parsed. The meta device is refused: it holds
-    no data, so a model put there could never run.
+    no data, so a model put there could never run. So is an accelerator torch does not see
+    ("cuda" on a CPU build or a machine without a GPU, "cuda:3" with two GPUs), before any loading.
 
     Example:
-        >>> check_dtype_device(torch.bfloat16, "cuda:0")
-        (torch.bfloat16, device(type='cuda', index=0))
+        >>> check_dtype_device(torch.bfloat16, "cpu")
+        (torch.bfloat16, device(type='cpu'))
     """
     import torch
 
@@ -109,6 +110,13 @@ def check_dtype_device(
         raise ValueError(f"device must be a torch.device or a string like 'cpu' or 'cuda:0', got {device!r}") from e
     if parsed.type == "meta":
         raise ValueError("device 'meta' holds no data; load onto a real device such as 'cpu' or 'cuda'")
+    backend = getattr(torch, parsed.type, None) if parsed.type != "cpu" else None  # torch.cuda, torch.mps, ...
+    if backend is not None and hasattr(backend, "is_available") and not backend.is_available():
+        raise ValueError(f"device {str(parsed)!r}: torch sees no {parsed.type} device here "
+                         f"(torch.{parsed.type}.is_available() is False); use 'cpu'")
+    count = getattr(backend, "device_count", None)
+    if parsed.index is not None and count is not None and parsed.index >= count():
+        raise ValueError(f"device {str(parsed)!r}: only {count()} {parsed.type} device(s) are visible")
     return dtype, parsed
 
 

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from medim import MeDiMPipeline
+from medim.commands.common import device_option
 from medim.pipelines.loading import load_tokenizer
 from medim.utils.hub import HubOptions
 from tests.helpers.training import tiny_layout, tiny_tokenizer
@@ -178,6 +179,12 @@ def test_broken_files_and_bad_devices_are_named(copy):
     for device in ("meta", torch.device("meta")):
         with pytest.raises(ValueError, match="device 'meta' holds no data"):
             MeDiMPipeline.from_pretrained("medim-demo", device=device)
+    # An accelerator torch does not see is named before anything loads (not torch's assertion after).
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ValueError, match=rf"device '{missing}(:0)?': (torch sees no cuda device|only \d+ cuda)"):
+        MeDiMPipeline.from_pretrained("medim-demo", device=missing)
+    with pytest.raises(SystemExit, match=f"--device: device '{missing}"):
+        device_option(missing)
 
 
 def _calls(tree: ast.AST):

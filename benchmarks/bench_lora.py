@@ -41,12 +41,14 @@ ROW_KEYS = ("config", "layers", "batch", "trainable", "total", "trainable_pct", 
             "peak_minus_start_GiB", "per_layer_GiB", "tokens_per_s", "s_per_step", "error")
 
 
-def run_row(config: str, layers: int, device: torch.device, batch: int, steps: int) -> dict[str, Any]:
-    """Train `steps` steps (the first one untimed unless it is the only one) and measure."""
+def run_row(config: str, layers: int, device: torch.device, batch: int, steps: int,
+            size: str = "liquid") -> dict[str, Any]:
+    """Train `steps` steps (the first one untimed unless it is the only one) and measure (`size`:
+    a width of common.SIZES; "tiny" rehearses on CPU)."""
     from medim.training import Trainer, load_config
 
     base = reset_peak_memory(device)
-    pipe = random_pipeline("liquid", device, num_layers=layers)
+    pipe = random_pipeline(size, device, num_layers=layers)
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(None, [
             "model.init=random liquid-width weights", "data.cache=random tokens in memory", f"train.output_dir={out}",

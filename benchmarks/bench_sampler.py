@@ -152,7 +152,7 @@ def demo_accuracy(model: str, settings, n: int, device: str, dtype: torch.dtype)
     return rows
 
 
-def _sample_task(denoiser, model, task, steps: int, guidance: float, **options):
+def sample_task(denoiser, model, task, steps: int, guidance: float, **options):
     x, known, cond = task
     gens = [torch.Generator(x.device).manual_seed(r) for r in range(x.shape[0])]
     return sample(denoiser, x, known, segments=model.layout.segments, mask_id=model.layout.mask_id,
@@ -169,7 +169,7 @@ def cache_speed(model, tasks: list[str], batch: int, steps: int, guidance: float
         base = None
         for interval in [None, *intervals]:
             with FlopMeter(model) as meter:
-                seconds, out = timed(partial(_sample_task, ModelDenoiser(model), model, task, steps, guidance,
+                seconds, out = timed(partial(sample_task, ModelDenoiser(model), model, task, steps, guidance,
                                              cache_interval=interval), device)
             row = dict(task=name, cache_interval=interval or "off", nfe=out.nfe, s_per_sample=seconds / batch,
                        gflops_per_step=meter.flops / out.nfe / 1e9, gflops_per_sample=meter.flops / batch / 1e9)
@@ -190,12 +190,12 @@ def compile_speed(model, batch: int, steps: int, guidance: float, mode: str | No
     device = model.device
     task = task_batch(model.layout, "text_to_image", batch, device)
     eager = ModelDenoiser(model)
-    _sample_task(eager, model, task, 2, guidance)  # warm-up
-    t_eager, ref = timed(lambda: _sample_task(eager, model, task, steps, guidance), device)
+    sample_task(eager, model, task, 2, guidance)  # warm-up
+    t_eager, ref = timed(lambda: sample_task(eager, model, task, steps, guidance), device)
     torch._dynamo.reset()
     compiled = ModelDenoiser(model).compile(mode=mode)
-    t_first, _ = timed(lambda: _sample_task(compiled, model, task, 2, guidance), device)  # compiles both graphs
-    t_compiled, out = timed(lambda: _sample_task(compiled, model, task, steps, guidance), device)
+    t_first, _ = timed(lambda: sample_task(compiled, model, task, 2, guidance), device)  # compiles both graphs
+    t_compiled, out = timed(lambda: sample_task(compiled, model, task, steps, guidance), device)
     torch._dynamo.reset()
     return dict(batch=batch, steps=steps, mode=mode, eager_s_per_step=t_eager / ref.nfe,
                 compiled_s_per_step=t_compiled / out.nfe, speedup=t_eager / t_compiled,

@@ -39,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
     except (TrainingDiverged, ResumeRefused, CheckpointError) as e:  # expected stops: the message, no traceback
         raise SystemExit(f"medim train: {e}") from None
     if out.final_dir is not None:  # the main process: say where the result is and how the run ended
-        print(f"medim train: finished at step {out.step}; trained pipeline in {out.final_dir}{_last_losses(out)}")
+        what = (f"LoRA adapter in {out.final_dir} (use it with --lora {out.final_dir})" if config.lora.r
+                else f"trained pipeline in {out.final_dir}")
+        print(f"medim train: finished at step {out.step}; {what}{_last_losses(out)}")
     return 0
 
 

@@ -75,9 +75,13 @@ def test_train_says_where_final_is_and_the_last_losses(tmp_path, monkeypatch, ca
     history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "loss_text": 1.25}, {"step": 2, "val_loss": 1.75}]
     out = SimpleNamespace(step=2, final_dir=tmp_path / "final", history=history)
     config = SimpleNamespace(train=SimpleNamespace(output_dir=str(tmp_path / "run")),
-                             distill=SimpleNamespace(teacher=""))
+                             distill=SimpleNamespace(teacher=""), lora=SimpleNamespace(r=0))
     monkeypatch.setattr(medim.training, "load_config", lambda path, overrides: config)
     monkeypatch.setattr(medim.training, "train", lambda config: out)
     assert main(["train"]) == 0
     assert capsys.readouterr().out == (f"medim train: finished at step 2; trained pipeline in {tmp_path / 'final'} "
                                        "(last logged: loss 1.5, loss_text 1.25, val_loss 1.75)\n")
+    config.lora.r = 16  # a LoRA run's final/ is an adapter, used with --lora
+    assert main(["train"]) == 0
+    assert capsys.readouterr().out.startswith(f"medim train: finished at step 2; LoRA adapter in {tmp_path / 'final'} "
+                                              f"(use it with --lora {tmp_path / 'final'})")

@@ -439,3 +439,30 @@ def test_pipeline_with_nan_weights_raises():
                  lambda: pipe.generate_pairs([""], num_inference_steps=4, cache_interval=2)):
         with pytest.raises(FloatingPointError, match="denoiser returned NaN at step 0"):
             call()
+
+
+@pytest.mark.parametrize("options", [dict(), dict(guidance_scale=3.0), dict(order="text_first", guidance_scale=3.0),
+                                     dict(strategy="ddpm"), dict(top_k=3, top_p=0.9, temperature=0.7),
+                                     dict(schedule="cosine_ratio"), dict(strategy="threshold")])
+def test_the_step_loop_reads_nothing_back(monkeypatch, options):
+    """No host read inside the step loop (on an accelerator each would stall it): the only reads
+    are after it (whether the final pass must run, the NaN flag), plus the threshold strategy's
+    one count per step, which decides its length. (Context caching also reads at its refreshes,
+    by design; this toy denoiser has no cache.)"""
+    from medim.diffusion import sampler
+    from tests.helpers.training import HostSyncCounter
+
+    seen, denoise = [], sampler._denoise
+
+    def counted(*args, **kwargs):
+        with HostSyncCounter() as reads:
+            out = denoise(*args, **kwargs)
+        seen.append((reads.calls, out.nfe))
+        return out
+
+    monkeypatch.setattr(sampler, "_denoise", counted)
+    task = pair_from_prompt(LAYOUT, torch.arange(6).repeat(2, 1), [0, 2])
+    run(Toy(), task, generator=torch.Generator().manual_seed(0), **options)
+    (reads, nfe), = seen
+    per_step = nfe if options.get("strategy") == "threshold" else 0
+    assert reads == ["_local_scalar_dense"] * (per_step + 2)

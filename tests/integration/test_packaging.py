@@ -86,4 +86,5 @@ def test_train_says_where_final_is_and_the_last_losses(tmp_path, monkeypatch, ca
     assert capsys.readouterr().out.startswith(f"medim train: finished at step 2; LoRA adapter in {tmp_path / 'final'} "
                                               f"(use it with --lora {tmp_path / 'final'})")
     monkeypatch.setenv("RANK", "1")  # under torchrun every rank has final/; only rank 0 says so
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train"]) == 0 and capsys.readouterr().out == ""

@@ -9,14 +9,8 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-./device_out}; mkdir -p "$OUT"
-if [ -n "${TINY:-}" ]; then
-  python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-  timeout "${CHECK_TIMEOUT:-540}" python benchmarks/gpu_check.py --tiny --skip "${SKIP-precision,sampling}" 2>&1 \
-    | grep -v -E "it/s\]|s/it\]" | tee "$OUT/gpu_check.log"
-else
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-  python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-  timeout "${CHECK_TIMEOUT:-540}" python benchmarks/gpu_check.py --skip "${SKIP-precision,sampling}" 2>&1 \
-    | grep -v -E "it/s\]|s/it\]" | tee "$OUT/gpu_check.log"
-fi
+[ -n "${TINY:-}" ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+timeout "${CHECK_TIMEOUT:-540}" python benchmarks/gpu_check.py ${TINY:+--tiny} --skip "${SKIP-precision,sampling}" 2>&1 \
+  | grep -v -E "it/s\]|s/it\]" | tee "$OUT/gpu_check.log"
 ls -la "$OUT"

@@ -2,8 +2,8 @@
 `--token`); the pipeline to load (`--model`, `--loader`, `--device`, `--dtype`), checked before it
 loads and loaded the one way every command does; the sampler options, named as the `SamplerConfig`
 fields they set; a help formatter that states each default once; expanding `--images`-style glob
-patterns; reading a UTF-8 file of one text a line; and the rule for a result file (`--out`,
-`--output`): written over only when it is a result medim wrote.
+patterns; reading a UTF-8 file of one text a line; the rule for a result file (`--out`,
+`--output`): written over only when it is a result medim wrote; and the end of a training run.
 
 Nothing here imports torch at module level: every command's parser is built for `medim --help`.
 """
@@ -14,7 +14,9 @@ import argparse
 import contextlib
 import glob
 import json
+import logging
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,3 +316,27 @@ def _medim_result(path: Path, csv_header: str | None) -> bool:
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return isinstance(row, dict) and RESULT_KEY in row
+
+
+def finish_training_run(command: str, config: Any, out: Any, summary: str) -> int:
+    """The end of `medim train` / `medim distill` (`out`: the TrainOutput): rank 0 says where the
+    result is (`... finished at step N; <summary>`), once. A process that ran a process group
+    (torchrun, or `train.parallel` ddp/fsdp on one process) then exits without the interpreter's
+    teardown: gloo's worker threads outlive `destroy_process_group` (FSDP's DTensor caches keep the
+    group alive) and free a finished collective's tensors a moment after it completes; one doing so
+    while the interpreter tears down cannot take the GIL and aborts the process ("terminate called
+    without an active exception", about 1 in 60 finished two-rank FSDP runs on CPU), so torchrun
+    reported a finished run as failed. Everything the run writes is on disk by then (atomic writes,
+    its log closed). Returns 0 otherwise."""
+    from medim.utils.sharding import current_shard
+
+    shard = current_shard()
+    if out.final_dir is not None and shard.rank == 0:
+        print(f"{command}: finished at step {out.step}; {summary}")
+    if shard.world_size > 1 or config.train.parallel in ("ddp", "fsdp"):
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0

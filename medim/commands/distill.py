@@ -69,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
+    from medim.commands.common import finish_training_run
     from medim.training import TrainingDiverged, load_config
     from medim.training.checkpoint import CheckpointError
     from medim.training.distill import distill
@@ -87,12 +88,10 @@ def run(args: argparse.Namespace) -> int:
         out = distill(config, evaluate=_demo_scores(args.evaluate_demo) if args.evaluate_demo else None)
     except (TrainingDiverged, ResumeRefused, CheckpointError) as e:  # expected stops: the message, no traceback
         raise SystemExit(f"medim distill: {e}") from None
-    if out.final_dir is not None:
-        last = next((r for r in reversed(out.history) if "loss" in r), {})
-        loss = f" (last logged loss {last['loss']:.4g})" if "loss" in last else ""
-        print(f"medim distill: finished at step {out.step}; student pipeline ({config.distill.student_steps} steps) "
-              f"in {out.final_dir}{loss}")
-    return 0
+    last = next((r for r in reversed(out.history) if "loss" in r), {})
+    loss = f" (last logged loss {last['loss']:.4g})" if "loss" in last else ""
+    return finish_training_run("medim distill", config, out, f"student pipeline ({config.distill.student_steps} "
+                               f"steps) in {out.final_dir}{loss}")
 
 
 def _demo_scores(n: int):

@@ -25,10 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
+    from medim.commands.common import finish_training_run
     from medim.training import TrainingDiverged, distill, load_config, train
     from medim.training.checkpoint import CheckpointError
     from medim.training.resume import ResumeRefused, check_output_dir
-    from medim.utils.sharding import current_shard
 
     config = load_config(args.config, args.overrides)
     if args.print_config:
@@ -39,11 +39,9 @@ def run(args: argparse.Namespace) -> int:
         out = distill(config) if config.distill.teacher else train(config)  # torchrun -m medim.training distills too
     except (TrainingDiverged, ResumeRefused, CheckpointError) as e:  # expected stops: the message, no traceback
         raise SystemExit(f"medim train: {e}") from None
-    if out.final_dir is not None and current_shard().rank == 0:  # say where the result is, once
-        what = (f"LoRA adapter in {out.final_dir} (use it with --lora {out.final_dir})" if config.lora.r
-                else f"trained pipeline in {out.final_dir}")
-        print(f"medim train: finished at step {out.step}; {what}{_last_losses(out)}")
-    return 0
+    what = (f"LoRA adapter in {out.final_dir} (use it with --lora {out.final_dir})" if config.lora.r
+            else f"trained pipeline in {out.final_dir}")
+    return finish_training_run("medim train", config, out, what + _last_losses(out))
 
 
 def _last_losses(out) -> str:

@@ -74,7 +74,7 @@ def test_train_says_where_final_is_and_the_last_losses(tmp_path, monkeypatch, ca
 
     history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "loss_text": 1.25}, {"step": 2, "val_loss": 1.75}]
     out = SimpleNamespace(step=2, final_dir=tmp_path / "final", history=history)
-    config = SimpleNamespace(train=SimpleNamespace(output_dir=str(tmp_path / "run")),
+    config = SimpleNamespace(train=SimpleNamespace(output_dir=str(tmp_path / "run"), parallel="auto"),
                              distill=SimpleNamespace(teacher=""), lora=SimpleNamespace(r=0))
     monkeypatch.setattr(medim.training, "load_config", lambda path, overrides: config)
     monkeypatch.setattr(medim.training, "train", lambda config: out)
@@ -85,6 +85,17 @@ def test_train_says_where_final_is_and_the_last_losses(tmp_path, monkeypatch, ca
     assert main(["train"]) == 0
     assert capsys.readouterr().out.startswith(f"medim train: finished at step 2; LoRA adapter in {tmp_path / 'final'} "
                                               f"(use it with --lora {tmp_path / 'final'})")
-    monkeypatch.setenv("RANK", "1")  # under torchrun every rank has final/; only rank 0 says so
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["train"]) == 0 and capsys.readouterr().out == ""
+    # Under torchrun every rank has final/; only rank 0 says so. A process that ran a process group
+    # then leaves without the interpreter's teardown (gloo's threads abort it there at random).
+    exits = []
+    monkeypatch.setattr(os, "_exit", lambda code: exits.append((code, capsys.readouterr().out)))
+    for rank, parallel in (("1", "auto"), ("0", "fsdp")):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2" if parallel == "auto" else "1")
+        config.train.parallel = parallel
+        assert main(["train"]) == 0
+    assert [code for code, _ in exits] == [0, 0]
+    assert exits[0][1] == "" and exits[1][1].startswith("medim train: finished at step 2; LoRA adapter")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    config.train.parallel = "none"
+    assert main(["train"]) == 0 and len(exits) == 2  # no group: the usual exit

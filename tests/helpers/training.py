@@ -139,12 +139,10 @@ def assert_same_tensors(a: Path, b: Path, files: list[str]) -> None:
 
 def leave_worker() -> None:
     """End a spawned rank whose results are on disk: leave the process group, then exit without the
-    interpreter's teardown. gloo's worker thread drops a finished collective's tensors a moment after
-    `wait()` returns; when that last reference frees a Python tensor while the interpreter is tearing
-    down, the thread cannot take the GIL and the rank aborts ("terminate called without an active
-    exception", SIGABRT; the core shows ProcessGroupGloo::runLoop -> ~AsyncBroadcastWork ->
-    THPVariable_dealloc -> take_gil). The group's threads outlive `destroy_process_group` while
-    anything holds the group: FSDP's DTensor caches do until the interpreter ends."""
+    interpreter's teardown, as `medim train` does and for the same reason
+    (`medim.commands.common.finish_training_run`: gloo's threads abort a process that tears down
+    while they free a finished collective's tensors; a core dump showed ProcessGroupGloo::runLoop ->
+    ~AsyncBroadcastWork -> THPVariable_dealloc -> take_gil)."""
     import torch.distributed as dist
 
     dist.destroy_process_group()

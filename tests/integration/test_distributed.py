@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.helpers.training import leave_worker, tiny_config, tiny_run
+from tests.helpers.training import REPO, leave_worker, tiny_config, tiny_run
 
 WORLD = 2
 
@@ -93,3 +93,29 @@ def _check(tmp_path: Path, mode: str) -> None:
     assert len(results[0]["val_loss"]) == 1
     assert results[0]["skipped"] == ([0, 1, 1] if mode == "ddp" else [0, 0, 0])  # both ranks skipped it
     MeDiMPipeline.from_pretrained(results[0]["final"])
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("tiny_run_copy")
+def test_torchrun_fsdp_run_exits_zero_and_says_so_once(tmp_path):
+    """`torchrun -m medim.training` under FSDP: exit status 0, the end line printed once (rank 0),
+    and everything the run writes complete, though its processes skip the interpreter's teardown
+    (medim.commands.common.finish_training_run)."""
+    import subprocess
+    import sys
+
+    from medim.pipelines.pipeline import MeDiMPipeline
+
+    base, cache = tiny_run(tmp_path)
+    out = tmp_path / "run"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "medim.training",
+         "--config", str(REPO / "configs/tiny.yaml"), f"model.init={base}", f"data.cache={cache}",
+         f"train.output_dir={out}", "train.parallel=fsdp", "train.max_steps=2", "train.micro_batch_size=2",
+         "eval.every=0", "checkpoint.every=2", "log.every=1"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("medim train: finished at step 2; trained pipeline in") == 1
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert (out / "checkpoints" / "checkpoint_00000002").is_dir()
+    MeDiMPipeline.from_pretrained(out / "final")

@@ -112,7 +112,12 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
 
 def _inputs(args: argparse.Namespace) -> list:
     """The inputs of the run, before copies: prompts (image, pairs), image paths (report), or
-    [image, mask, prompt or None] (inpaint)."""
+    [image, mask, prompt or None] (inpaint). Options of another task are refused first: `image
+    --prompt "..."` is told what --prompt is for, not that --prompts is missing."""
+    if args.prompt is not None and args.task != "report":
+        raise SystemExit("--prompt is for 'report'; give prompts to the other tasks with --prompts")
+    if args.task != "inpaint" and (args.masks is not None or args.mask_dilation):
+        raise SystemExit("--masks and --mask-dilation are for 'inpaint'")
     if args.task in ("report", "inpaint"):
         if args.images is None:
             raise SystemExit(f"medim generate {args.task} needs --images (files or quoted glob patterns)")
@@ -162,10 +167,6 @@ def _check_options(args: argparse.Namespace, total: int) -> None:
         check_int(args.num_per_prompt, "--num-per-prompt", minimum=1)
         check_int(args.batch_size, "--batch-size", minimum=1)
         check_int(args.mask_dilation, "--mask-dilation", minimum=0)
-    if args.prompt is not None and args.task != "report":
-        raise SystemExit("--prompt is for 'report'; give prompts to the other tasks with --prompts")
-    if args.task != "inpaint" and (args.masks is not None or args.mask_dilation):
-        raise SystemExit("--masks and --mask-dilation are for 'inpaint'")
     if args.prompt is not None:
         with usage_errors():
             check_text(args.prompt, "--prompt")

@@ -131,6 +131,8 @@ def test_cache_interval_and_order_reach_the_sampler(model_dir, prompts, tmp_path
         (("pairs", "--prompts", "PROMPTS", "--num-per-prompt", "0"), "--num-per-prompt must be an int >= 1"),
         (("image", "--prompts", "PROMPTS", "--image-size", "big"), "WIDTHxHEIGHT"),
         (("image", "--prompts", "PROMPTS", "--prompt", "x"), "--prompt is for 'report'"),
+        (("image", "--prompt", "x"), "--prompt is for 'report'"),  # not "needs --prompts"
+        (("pairs", "--masks", "m.png"), "--masks and --mask-dilation are for 'inpaint'"),
     ],
 )
 def test_bad_arguments(extra, match, prompts, tmp_path):

@@ -28,8 +28,8 @@ from .halton import halton_rank
 from .schedule import get_schedule
 from .segments import Segment, check_segments, check_tokens
 
-__all__ = ["SampleOutput", "RolloutOutput", "sample", "rollout", "masked_before", "commit_counts", "STRATEGIES",
-           "COMMIT_SCHEDULES", "GUIDANCE_SCHEDULES"]
+__all__ = ["SampleOutput", "RolloutOutput", "sample", "rollout", "masked_before", "commit_counts", "guidance_weight",
+           "STRATEGIES", "COMMIT_SCHEDULES", "GUIDANCE_SCHEDULES"]
 
 logger = logging.getLogger(__name__)
 
@@ -329,11 +329,17 @@ def _counts(known: torch.Tensor, every: _Columns, config: SamplerConfig
     return counts, grid, spans
 
 
+def guidance_weight(scale: float, schedule: str, t: float) -> float:
+    """The guidance weight w at time `t` (1: all masked): `scale * (1 - t)` on the "linear"
+    schedule, `scale` on "constant"; the mix is (1 + w) cond - w uncond (`_log_weights`)."""
+    return scale * (1 - t) if schedule == "linear" else scale
+
+
 def _guidance(config: SamplerConfig, t: list[float], *, any_known: bool) -> tuple[list[float], list[bool]]:
-    """Per step, the guidance weight (linear: scale * (1 - t); constant: scale) and whether the
-    step runs the guided batch (something is known and the weight is positive)."""
+    """Per step, the guidance weight (`guidance_weight`) and whether the step runs the guided batch
+    (something is known and the weight is positive)."""
     scale = config.guidance_scale
-    weight = [scale * (1 - ti) if config.guidance_schedule == "linear" else scale for ti in t]
+    weight = [guidance_weight(scale, config.guidance_schedule, ti) for ti in t]
     guided = [any_known and w > 0 for w in weight]
     if config.cache_interval is not None and any(guided):
         # The ramp's first step (w = 0) runs the guided batch as well, so both halves get their

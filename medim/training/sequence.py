@@ -34,6 +34,7 @@ from medim.data.cache import (
     write_index,
 )
 from medim.diffusion import tasks
+from medim.diffusion.sampler import guidance_weight
 from medim.diffusion.schedule import get_schedule
 from medim.models.denoiser import ModelDenoiser
 from medim.training.resume import data_identity
@@ -85,7 +86,7 @@ def write_reports(model: torch.nn.Module, image_codes: torch.LongTensor, noise: 
         logp = denoiser(state, sigma, {text.name: torch.tensor([text.start + i], device=state.device)},
                         **condition)[text.name][:, 0].float().log_softmax(-1)
         if guidance_scale:
-            w = guidance_scale * (1 - t) if guidance_schedule == "linear" else guidance_scale
+            w = guidance_weight(guidance_scale, guidance_schedule, t)
             cond, uncond = logp.chunk(2)
             logp = ((1 + w) * cond - w * uncond).log_softmax(-1)
         token = (logp + noise_scale * noise[i]).argmax(-1) + text.vocab_start

@@ -331,7 +331,12 @@ def _counts(known: torch.Tensor, every: _Columns, config: SamplerConfig
 
 def guidance_weight(scale: float, schedule: str, t: float) -> float:
     """The guidance weight w at time `t` (1: all masked): `scale * (1 - t)` on the "linear"
-    schedule, `scale` on "constant"; the mix is (1 + w) cond - w uncond (`_log_weights`)."""
+    schedule, `scale` on "constant"; the mix is (1 + w) cond - w uncond (`_log_weights`).
+
+    Example:
+        >>> guidance_weight(5.0, "linear", 0.25), guidance_weight(5.0, "constant", 0.25)
+        (3.75, 5.0)
+    """
     return scale * (1 - t) if schedule == "linear" else scale
 
 
